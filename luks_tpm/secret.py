@@ -1,0 +1,108 @@
+"""The one container for key material: a fixed-size, mlock'd, zeroed-on-release buffer.
+
+Key bytes never become `bytes` or `str` where it can be avoided: they are written into a `Secret`
+(copied out of C buffers, which are then zeroed) and handed to C as a pointer into it.
+Only this module calls into libc (mlock, munlock, prctl, madvise).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hmac
+from types import TracebackType
+from typing import Self, TypeAlias
+
+# What key bytes may be read from or written into (Python < 3.12 has no collections.abc.Buffer).
+ReadableBuffer: TypeAlias = bytes | bytearray | memoryview | ctypes.Array[ctypes.c_char]
+WritableBuffer: TypeAlias = bytearray | memoryview | ctypes.Array[ctypes.c_char]
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mlock.restype = ctypes.c_int
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.restype = ctypes.c_int
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
+_libc.explicit_bzero.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.explicit_bzero.restype = None
+
+_PR_SET_DUMPABLE = 4
+
+
+def wipe(buffer: WritableBuffer) -> None:
+    """Zero a writable buffer (bytearray, memoryview, ctypes array) in place, in a way the compiler keeps."""
+    view = memoryview(buffer).cast("B")
+    if view.readonly:
+        raise TypeError("cannot wipe a read-only buffer")
+    if len(view):
+        _libc.explicit_bzero(ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view))
+
+
+def make_undumpable() -> None:
+    """No core dumps and no ptrace by other users' processes while this process holds key material."""
+    _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+class Secret:
+    """`size` bytes of locked memory. Zeroed by `close()`, by leaving a `with` block, and on collection."""
+
+    __slots__ = ("_buffer", "_locked")
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError("a secret needs at least one byte")
+        self._buffer = bytearray(size)
+        # Best effort: RLIMIT_MEMLOCK may be tiny for unprivileged users; the key is still zeroed.
+        self._locked = _libc.mlock(self.address, size) == 0
+
+    @classmethod
+    def copy_of(cls, source: ReadableBuffer, *, wipe_source: bool = False) -> Secret:
+        """A new secret holding the bytes of `source`; wipes `source` too when it is writable and asked to."""
+        view = memoryview(source).cast("B")
+        secret = cls(len(view))
+        secret._buffer[:] = view
+        if wipe_source:
+            wipe(view)
+        return secret
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._buffer))
+
+    def as_ctypes(self) -> ctypes.Array[ctypes.c_char]:
+        """A ctypes view of the same memory, to pass as `const char *` without copying."""
+        return (ctypes.c_char * len(self._buffer)).from_buffer(self._buffer)
+
+    def view(self) -> memoryview:
+        return memoryview(self._buffer)
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def equals(self, other: Secret) -> bool:
+        return hmac.compare_digest(self._buffer, other._buffer)
+
+    def close(self) -> None:
+        if not self._buffer:
+            return
+        wipe(self._buffer)
+        if self._locked:
+            _libc.munlock(self.address, len(self._buffer))
+            self._locked = False
+        self._buffer = bytearray()
+
+    @property
+    def closed(self) -> bool:
+        return not self._buffer
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Secret {len(self._buffer)} bytes>"
