@@ -1,0 +1,7 @@
+"""Fixtures live in one plugin module per concern so each stays readable on its own."""
+
+pytest_plugins = [
+    "tests.fixtures_tpm",
+    "tests.fixtures_luks",
+    "tests.fixtures_keyring",
+]
