@@ -1,1 +1,103 @@
-"""Fixtures: tpm."""
+"""Fixtures: a real swtpm on a Unix socket, per session and per test, checked for leaked handles."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from luks_tpm.tpm import Tpm
+
+
+class Swtpm:
+    """A swtpm process serving one state directory; `tcti` is what luks-tpm is pointed at."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.socket = state / "swtpm.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:path={self.socket}"
+
+    def start(self) -> None:
+        if shutil.which("swtpm") is None:
+            pytest.skip("swtpm is not installed (scripts/bootstrap installs it)")
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                "swtpm", "socket", "--tpm2",
+                "--tpmstate", f"dir={self.state}",
+                "--server", f"type=unixio,path={self.socket}",
+                # the swtpm TCTI finds the control channel at <path>.ctrl
+                "--ctrl", f"type=unixio,path={self.socket}.ctrl",
+                "--flags", "not-need-init,startup-clear",
+                "--log", f"file={self.state / 'swtpm.log'}",
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not (self.socket.exists() and Path(f"{self.socket}.ctrl").exists()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"swtpm did not start (exit {self.process.poll()})")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Shut down cleanly so the state is saved, as a real power-off would."""
+        if self.process is None:
+            return
+        subprocess.run(["tpm2_shutdown", "-T", self.tcti], check=False, capture_output=True)
+        subprocess.run(["swtpm_ioctl", "--unix", f"{self.socket}.ctrl", "-s"], check=False,
+                       capture_output=True)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def tpm2(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a tpm2-tools command against this TPM (e.g. clear, pcrextend), as an operator would."""
+        return subprocess.run(["tpm2_" + args[0], "-T", self.tcti, *args[1:]], check=True,
+                              capture_output=True, text=True)
+
+    def assert_clean(self) -> None:
+        with Tpm(self.tcti) as tpm:
+            left = tpm.loaded_handles()
+        assert left == [], f"the TPM still holds transient objects or sessions: {[hex(h) for h in left]}"
+
+
+@pytest.fixture(scope="session")
+def session_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    swtpm = Swtpm(tmp_path_factory.mktemp("swtpm"))
+    swtpm.start()
+    yield swtpm
+    swtpm.stop()
+
+
+@pytest.fixture
+def swtpm(session_swtpm: Swtpm) -> Iterator[Swtpm]:
+    """The shared swtpm; the test fails if it leaves objects or sessions loaded."""
+    yield session_swtpm
+    session_swtpm.assert_clean()
+
+
+@pytest.fixture
+def fresh_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
+    """A TPM of its own, for tests that clear it, extend PCRs or exhaust the DA counter."""
+    swtpm = Swtpm(tmp_path / "swtpm")
+    swtpm.start()
+    yield swtpm
+    try:
+        swtpm.assert_clean()
+    finally:
+        swtpm.stop()
