@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import hmac
+import mmap
+import threading
 from types import TracebackType
 from typing import Self, TypeAlias
 
@@ -28,6 +30,35 @@ _libc.explicit_bzero.restype = None
 
 _PR_SET_DUMPABLE = 4
 
+# mlock/munlock act on whole pages and do not nest, and small secrets share pages (with each other and
+# with other objects): count the live secrets on each locked page, so that closing one secret never
+# unlocks a page another live secret is still on.
+_PAGE = mmap.PAGESIZE
+_page_users: dict[int, int] = {}
+_page_users_lock = threading.RLock()  # RLock: __del__ may run inside a locked section of the same thread
+
+
+def _pages(address: int, size: int) -> range:
+    return range(address // _PAGE, (address + size - 1) // _PAGE + 1)
+
+
+def _lock_memory(address: int, size: int) -> bool:
+    with _page_users_lock:
+        if _libc.mlock(address, size) != 0:
+            return False
+        for page in _pages(address, size):
+            _page_users[page] = _page_users.get(page, 0) + 1
+        return True
+
+
+def _unlock_memory(address: int, size: int) -> None:
+    with _page_users_lock:
+        for page in _pages(address, size):
+            _page_users[page] -= 1
+            if not _page_users[page]:
+                del _page_users[page]
+                _libc.munlock(page * _PAGE, _PAGE)
+
 
 def wipe(buffer: WritableBuffer) -> None:
     """Zero a writable buffer (bytearray, memoryview, ctypes array) in place, in a way the compiler keeps."""
@@ -36,6 +67,16 @@ def wipe(buffer: WritableBuffer) -> None:
         raise TypeError("cannot wipe a read-only buffer")
     if len(view):
         _libc.explicit_bzero(ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view))
+
+
+def scrub_bytes(value: bytes) -> None:
+    """Zero an immutable `bytes` temporary that an API forced on us (e.g. a hash output holding key bytes).
+
+    CPython-specific: `bytes` keeps its data inline after a fixed header. Only for objects this code
+    created and no one else references; tiny ones are interned singletons and are left alone.
+    """
+    if type(value) is bytes and len(value) > 1:
+        ctypes.memset(id(value) + bytes.__basicsize__ - 1, 0, len(value))
 
 
 def make_undumpable() -> None:
@@ -49,11 +90,13 @@ class Secret:
     __slots__ = ("_buffer", "_locked")
 
     def __init__(self, size: int) -> None:
+        self._buffer = bytearray()  # set first: __del__ runs even when the size is refused
+        self._locked = False
         if size <= 0:
             raise ValueError("a secret needs at least one byte")
         self._buffer = bytearray(size)
         # Best effort: RLIMIT_MEMLOCK may be tiny for unprivileged users; the key is still zeroed.
-        self._locked = _libc.mlock(self.address, size) == 0
+        self._locked = _lock_memory(self.address, size)
 
     @classmethod
     def copy_of(cls, source: ReadableBuffer, *, wipe_source: bool = False) -> Secret:
@@ -87,7 +130,7 @@ class Secret:
             return
         wipe(self._buffer)
         if self._locked:
-            _libc.munlock(self.address, len(self._buffer))
+            _unlock_memory(self.address, len(self._buffer))
             self._locked = False
         self._buffer = bytearray()
 

@@ -1,0 +1,75 @@
+"""crypttab entries marked for luks-tpm (option `x-luks-tpm`), with their devices resolved.
+
+`x-` options are ignored (with at most a warning) by systemd-cryptsetup and cryptroot, so the marker
+is safe to leave in a crypttab that other tools read too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .errors import ExitCode, die
+
+MARKER = "x-luks-tpm"
+_LUKS_UUID_OFFSET = 0xA8  # LUKS1 and LUKS2 binary headers keep the UUID here, 40 bytes, NUL-padded
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    device: str
+    readonly: bool = False
+    discard: bool = False
+
+
+def parse(text: str, *, only_marked: bool = True) -> list[Entry]:
+    entries = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) < 2:
+            die(f"crypttab line {number}: needs at least a name and a device", code=ExitCode.USAGE)
+        options = fields[3].split(",") if len(fields) > 3 else []
+        if only_marked and MARKER not in options:
+            continue
+        entries.append(Entry(fields[0], fields[1], readonly=bool({"readonly", "read-only"} & set(options)),
+                             discard="discard" in options))
+    return entries
+
+
+def read(path: Path) -> list[Entry]:
+    try:
+        return parse(path.read_text())
+    except OSError as error:
+        die(f"cannot read {path}: {error.strerror}", code=ExitCode.USAGE)
+
+
+def resolve(entry: Entry, dev: Path = Path("/dev"), sys_block: Path = Path("/sys/class/block")) -> Entry:
+    """The entry with its device as a path: UUID= through /dev/disk/by-uuid, or by reading LUKS headers
+    when udev has not made the links (a minimal initramfs)."""
+    kind, _, value = entry.device.partition("=")
+    if not value or kind not in {"UUID", "PARTUUID", "LABEL", "PARTLABEL"}:
+        return entry
+    link = dev / "disk" / f"by-{kind.lower()}" / value
+    if link.exists():
+        return dataclasses.replace(entry, device=str(link))
+    if kind == "UUID":
+        for block in sorted(sys_block.glob("*")) if sys_block.exists() else []:
+            candidate = dev / block.name
+            if _luks_uuid(candidate) == value.lower():
+                return dataclasses.replace(entry, device=str(candidate))
+    die(f"crypttab entry {entry.name}: no device with {entry.device}", code=ExitCode.DEVICE)
+
+
+def _luks_uuid(path: Path) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(_LUKS_UUID_OFFSET + 40)
+    except OSError:
+        return None
+    if header[:6] not in (b"LUKS\xba\xbe", b"SKUL\xba\xbe") or len(header) < _LUKS_UUID_OFFSET + 40:
+        return None
+    return header[_LUKS_UUID_OFFSET:].rstrip(b"\0").decode("ascii", "replace").lower()

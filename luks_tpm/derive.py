@@ -1,0 +1,112 @@
+"""The software half of key derivation and wrapping (DESIGN.md §4, a contract).
+
+PRK comes from the TPM (`TPM2_HMAC` with the derived primary over `hmac_message`); everything here
+is deterministic and is pinned by fixed test vectors. All key material stays in `Secret`s; the only
+`bytes` holding it are hash outputs, scrubbed as soon as they are copied.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .secret import Secret, scrub_bytes
+
+KEK_SIZE = 32
+_KW_IV = b"\xa6" * 8
+_HASH_SIZE = 32
+
+
+def hmac_message(uuid: str, salt: bytes) -> bytes:
+    """What the TPM's HMAC key is applied to: binds the key to this volume and this binding."""
+    return b"luks-tpm/v1\0" + uuid.encode("ascii") + b"\0" + salt
+
+
+def expand(prk: Secret, uuid: str, length: int) -> Secret:
+    """HKDF-Expand-SHA256 (RFC 5869 §2.3) with info = "luks-tpm volume key" 0x00 UUID L(2 bytes BE)."""
+    if not 0 < length <= 255 * _HASH_SIZE:
+        raise ValueError(f"cannot derive {length} bytes")
+    info = b"luks-tpm volume key\0" + uuid.encode("ascii") + length.to_bytes(2, "big")
+    okm = Secret(length)
+    previous = b""
+    for counter, offset in enumerate(range(0, length, _HASH_SIZE), start=1):
+        block = hmac.digest(prk.view(), previous + info + bytes([counter]), "sha256")
+        scrub_bytes(previous)
+        okm.view()[offset : offset + _HASH_SIZE] = block[: length - offset]
+        previous = block
+    scrub_bytes(previous)
+    return okm
+
+
+class _KeyWrap:
+    """RFC 3394 over AES-ECB single blocks; the working registers are Secrets."""
+
+    def __init__(self, kek: Secret, *, encrypt: bool) -> None:
+        cipher = Cipher(algorithms.AES(kek.view()), modes.ECB())  # noqa: S305 (AES-KW is built on single blocks)
+        self._context: Any = cipher.encryptor() if encrypt else cipher.decryptor()
+        self.block_in = Secret(16)  # A | R[i]
+        self._block_out = Secret(16 + 15)  # update_into wants room for one block more than it writes
+
+    def step(self) -> memoryview:
+        self._context.update_into(self.block_in.view(), self._block_out.view())
+        return self._block_out.view()[:16]
+
+    def close(self) -> None:
+        self.block_in.close()
+        self._block_out.close()
+
+
+def _xor_counter(register: memoryview, t: int) -> None:
+    for index, byte in enumerate(t.to_bytes(8, "big")):
+        register[index] ^= byte
+
+
+def wrap(kek: Secret, key: Secret) -> bytes:
+    """AES key wrap (RFC 3394) of `key` under `kek`; the result is not secret."""
+    if len(key) % 8 or len(key) < 16:
+        raise ValueError("AES key wrap needs a key of a multiple of 8 bytes, at least 16")
+    n = len(key) // 8
+    kw = _KeyWrap(kek, encrypt=True)
+    try:
+        with Secret(len(key)) as r:
+            r.view()[:] = key.view()
+            a = bytearray(_KW_IV)
+            for j in range(6):
+                for i in range(n):
+                    kw.block_in.view()[:8] = a
+                    kw.block_in.view()[8:] = r.view()[8 * i : 8 * i + 8]
+                    out = kw.step()
+                    a[:] = out[:8]
+                    _xor_counter(memoryview(a), n * j + i + 1)
+                    r.view()[8 * i : 8 * i + 8] = out[8:]
+            return bytes(a) + bytes(r.view())
+    finally:
+        kw.close()
+
+
+def unwrap(kek: Secret, wrapped: bytes) -> Secret | None:
+    """The key inside `wrapped`, or None when the integrity check fails (wrong KEK or damaged data)."""
+    if len(wrapped) % 8 or len(wrapped) < 24:
+        return None
+    n = len(wrapped) // 8 - 1
+    r = Secret(8 * n)
+    r.view()[:] = wrapped[8:]
+    a = bytearray(wrapped[:8])
+    kw = _KeyWrap(kek, encrypt=False)
+    try:
+        for j in reversed(range(6)):
+            for i in reversed(range(n)):
+                _xor_counter(memoryview(a), n * j + i + 1)
+                kw.block_in.view()[:8] = a
+                kw.block_in.view()[8:] = r.view()[8 * i : 8 * i + 8]
+                out = kw.step()
+                a[:] = out[:8]
+                r.view()[8 * i : 8 * i + 8] = out[8:]
+    finally:
+        kw.close()
+    if not hmac.compare_digest(a, _KW_IV):
+        r.close()
+        return None
+    return r

@@ -1,0 +1,71 @@
+"""`luks-tpm doctor`: is everything luks-tpm needs here, and if not, what to do about it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from . import cryptsetup, keyring
+from .errors import LuksTpmError
+from .output import Report
+from .secret import Secret
+from .tpm import SRK_PERSISTENT_HANDLE, Bank, Tpm, wait_for_lockout_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+
+
+def _tpm_checks(tcti: str) -> tuple[list[Check], dict[str, Any]]:
+    try:
+        tpm = Tpm(tcti)
+    except LuksTpmError as error:
+        return [Check("tpm", False, error.message, error.hint)], {}
+    with tpm:
+        identity = tpm.identity()
+        banks = tpm.pcr_banks()
+        parent = tpm.parent()
+        lockout = tpm.lockout_state()
+    facts = {"identity": identity, "banks": [str(bank) for bank in banks],
+             "srk": {"persistent": parent.handle is not None, "name": parent.name.hex()},
+             "lockout": dataclasses.asdict(lockout)}
+    checks = [
+        Check("tpm", True, f"reachable through {tcti}: {identity['manufacturer']} {identity['vendor']}, "
+                           f"firmware {identity['firmware']}"),
+        Check("pcr-banks", Bank.SHA256 in banks, ", ".join(map(str, banks)) or "none",
+              None if Bank.SHA256 in banks else "enable the sha256 PCR bank in the firmware, or use --pcr-bank"),
+        Check("srk", True,
+              f"persistent at {SRK_PERSISTENT_HANDLE:#x}" if parent.handle is not None
+              else "not persistent; created on each use (fast on swtpm, up to ~1 s on hardware)"),
+        Check("lockout", not lockout.in_lockout, wait_for_lockout_text(lockout),
+              "wait, or clear it with `tpm2_dictionarylockout --clear-lockout`" if lockout.in_lockout else None),
+    ]
+    return checks, facts
+
+
+def _keyring_check() -> Check:
+    try:
+        with Secret(32) as probe:
+            serial = keyring.add_logon_key("luks-tpm:doctor-probe", probe, keyring.PROCESS)
+        keyring.unlink(serial, keyring.PROCESS)
+        return Check("keyring", True, "logon keys can be added")
+    except (OSError, ValueError) as error:
+        return Check("keyring", False, f"cannot add a logon key: {error}",
+                     "the kernel needs CONFIG_KEYS; in containers, keyctl may be blocked by seccomp")
+
+
+def doctor(tcti: str) -> Report:
+    checks, facts = _tpm_checks(tcti)
+    checks.append(_keyring_check())
+    checks.append(Check("libcryptsetup", True, cryptsetup.library_version()))
+    dm = cryptsetup.device_mapper_available()
+    checks.append(Check("dm-crypt", dm, "available" if dm else "device-mapper or dm-crypt missing",
+                        None if dm else "`modprobe dm_crypt`; without it only load-key works, not open"))
+    lines = [f"{'OK ' if check.ok else 'BAD'} {check.name}: {check.detail}"
+             + (f" -> {check.hint}" if check.hint else "") for check in checks]
+    data = {"ok": all(check.ok for check in checks), "checks": [dataclasses.asdict(c) for c in checks], **facts}
+    return Report(data, lines)

@@ -1,0 +1,119 @@
+"""Secrets typed by a person or read from a file, and the recovery key shown once.
+
+Passphrases, PINs and recovery keys are read byte by byte into a `Secret` (no `str`, no `getpass`)
+and written to the terminal straight from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+import termios
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import ExitCode, die
+from .secret import Secret
+
+MAX_PASSPHRASE = 512
+MAX_KEY_FILE = 8192 * 1024  # cryptsetup's own limit for key files
+_MODHEX = b"cbdefghijklnrtuv"  # unambiguous on any keyboard layout, as systemd's recovery keys
+RECOVERY_KEY_BYTES = 32
+
+
+def read_file(path: Path, *, what: str) -> Secret:
+    """A key file's exact bytes, as `cryptsetup --key-file` reads them ('-' is standard input)."""
+    try:
+        handle = sys.stdin.buffer if str(path) == "-" else open(path, "rb")  # noqa: SIM115
+    except OSError as error:
+        die(f"cannot read the {what} file {path}: {error.strerror}", code=ExitCode.USAGE)
+    with handle:
+        data = bytearray(MAX_KEY_FILE + 1)
+        try:
+            length = handle.readinto(data)
+            secret = Secret.copy_of(memoryview(data)[:length])
+        finally:
+            data[:] = bytes(len(data))
+    if not 0 < len(secret) <= MAX_KEY_FILE:
+        secret.close()
+        die(f"the {what} file {path} is empty or too large", code=ExitCode.USAGE)
+    return secret
+
+
+@contextlib.contextmanager
+def _terminal() -> Iterator[int]:
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        die("no terminal to ask for the passphrase or PIN",
+            hint="give it in a file (--unlock-key-file, --pin-file)", code=ExitCode.USAGE)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def ask(prompt: str, *, twice: bool = False) -> Secret:
+    """Read a line from the terminal with echo off."""
+    with _terminal() as fd:
+        first = _read_line(fd, prompt)
+        if not twice:
+            return first
+        with _read_line(fd, "Again: ") as second:
+            if not first.equals(second):
+                first.close()
+                die("the two entries differ", code=ExitCode.USAGE)
+        return first
+
+
+def _read_line(fd: int, prompt: str) -> Secret:
+    os.write(fd, prompt.encode())
+    old = termios.tcgetattr(fd)
+    quiet = list(old)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
+    line = Secret(MAX_PASSPHRASE)
+    length = 0
+    try:
+        while length < MAX_PASSPHRASE:
+            byte = os.read(fd, 1)
+            if not byte or byte == b"\n":
+                break
+            line.view()[length] = byte[0]
+            length += 1
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+        os.write(fd, b"\n")
+    if length == 0:
+        line.close()
+        die("nothing was entered", code=ExitCode.USAGE)
+    with line:
+        return Secret.copy_of(line.view()[:length])
+
+
+def generate_recovery_key() -> Secret:
+    """256 random bits as 8 dash-separated groups of 8 modhex characters."""
+    raw = bytearray(secrets.token_bytes(RECOVERY_KEY_BYTES))
+    key = Secret(RECOVERY_KEY_BYTES * 2 + RECOVERY_KEY_BYTES // 4 - 1)
+    view, position = key.view(), 0
+    for index, byte in enumerate(raw):
+        if index and index % 4 == 0:
+            view[position] = ord("-")
+            position += 1
+        view[position] = _MODHEX[byte >> 4]
+        view[position + 1] = _MODHEX[byte & 15]
+        position += 2
+    raw[:] = bytes(len(raw))
+    return key
+
+
+def show_recovery_key(key: Secret) -> None:
+    """The recovery key on standard output, once, with what to do with it on standard error."""
+    sys.stderr.write("Recovery key (shown once; write it down and keep it away from this machine):\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), key.view())
+    os.write(sys.stdout.fileno(), b"\n")
+    sys.stderr.write("It opens the volume with plain cryptsetup if the TPM is cleared, replaced or broken.\n")
