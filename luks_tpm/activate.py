@@ -7,14 +7,15 @@ that references such a key (open). It never reaches a file, pipe, argv or the en
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import cryptsetup, keyring
-from .crypttab import Entry
 from .cryptsetup import Device, open_device
+from .crypttab import Entry
 from .errors import ExitCode, LuksTpmError, die
 from .output import Report, progress
 from .secret import Secret
@@ -57,7 +58,9 @@ def load_key(tcti: str, device_path: Path, target: int, timeout: int | None, tab
         with key:
             existing = keyring.search(target, "logon", description)
             if existing is not None:  # our keys have no WRITE permission: replace, not update
-                keyring.unlink(existing, target)
+                # (the search also finds keys in keyrings nested in `target`, which stay where they are)
+                with contextlib.suppress(keyring.KeyringError):
+                    keyring.unlink(existing, target)
             serial = keyring.add_logon_key(description, key, target)
         keyring.set_permissions(serial, keyring.logon_key_permissions())
         if timeout:
@@ -160,7 +163,8 @@ def status(tcti: str, devices: Sequence[Path]) -> Report:
     try:
         for path in devices:
             with open_device(path) as device:
-                volume = {"device": str(path), "uuid": device.uuid, "keyslots": device.keyslots(), "tokens": []}
+                volume: dict[str, Any] = {"device": str(path), "uuid": device.uuid,
+                                          "keyslots": device.keyslots(), "tokens": []}
                 lines.append(f"{path}: LUKS2 {device.uuid}, keyslots {volume['keyslots'] or 'none'}")
                 for entry in luks_tpm_tokens(device):
                     info = _token_status(device, tpm, tpm_error, entry.token_id, entry.token, entry.damage)

@@ -26,16 +26,19 @@ RECOVERY_KEY_BYTES = 32
 def read_file(path: Path, *, what: str) -> Secret:
     """A key file's exact bytes, as `cryptsetup --key-file` reads them ('-' is standard input)."""
     try:
-        handle = sys.stdin.buffer if str(path) == "-" else open(path, "rb")  # noqa: SIM115
+        fd = sys.stdin.fileno() if str(path) == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
         die(f"cannot read the {what} file {path}: {error.strerror}", code=ExitCode.USAGE)
-    with handle:
-        data = bytearray(MAX_KEY_FILE + 1)
-        try:
-            length = handle.readinto(data)
-            secret = Secret.copy_of(memoryview(data)[:length])
-        finally:
-            data[:] = bytes(len(data))
+    data = bytearray(MAX_KEY_FILE + 1)
+    try:
+        length = 0
+        while length < len(data) and (count := os.readv(fd, [memoryview(data)[length:]])):
+            length += count
+        secret = Secret.copy_of(memoryview(data)[:length])
+    finally:
+        data[:] = bytes(len(data))
+        if str(path) != "-":
+            os.close(fd)
     if not 0 < len(secret) <= MAX_KEY_FILE:
         secret.close()
         die(f"the {what} file {path} is empty or too large", code=ExitCode.USAGE)

@@ -112,7 +112,9 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
     if settings.recovery is Recovery.NONE:
         progress("no recovery keyslot: clearing or losing the TPM will make the data unrecoverable")
     uuid = str(uuid_module.uuid4())
-    passphrase = recovery_passphrase() if settings.recovery is Recovery.PASSPHRASE else None
+    passphrase = None
+    if settings.recovery is Recovery.PASSPHRASE and recovery_passphrase is not None:
+        passphrase = recovery_passphrase()
     recovery_key = generate_recovery_key() if settings.recovery is Recovery.GENERATE else None
     with Tpm(tcti) as tpm:
         progress(f"deriving the volume key for {uuid} from the TPM")

@@ -100,7 +100,7 @@ class Secret:
 
     @classmethod
     def copy_of(cls, source: ReadableBuffer, *, wipe_source: bool = False) -> Secret:
-        """A new secret holding the bytes of `source`; wipes `source` too when it is writable and asked to."""
+        """A new secret holding the bytes of `source`; `wipe_source` zeroes the (writable) source too."""
         view = memoryview(source).cast("B")
         secret = cls(len(view))
         secret._buffer[:] = view

@@ -112,7 +112,7 @@ def is_ours(text: str) -> bool:
 def parse(text: str, token_id: int) -> Token:
     """A validated token, or a one-line error naming the token and what is wrong with it."""
     where = f"luks-tpm token {token_id}"
-    hint = "remove it with `luks-tpm remove --token-id {id}` and re-enroll".format(id=token_id)
+    hint = f"remove it with `luks-tpm remove --token-id {token_id}` and re-enroll"
     try:
         raw = json.loads(text)
     except ValueError:

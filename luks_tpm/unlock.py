@@ -16,7 +16,7 @@ from . import derive
 from .cryptsetup import Device
 from .errors import ExitCode, LuksTpmError, die
 from .secret import Secret
-from .token import Mode, Token, is_ours, parse
+from .token import TOKEN_TYPE, Mode, Token, is_ours, parse
 from .tpm import Parent, Tpm, TpmError, wait_for_lockout_text
 
 PinSource = Callable[[int], Secret | None]  # token id -> PIN, or None when none can be had
@@ -33,7 +33,7 @@ def luks_tpm_tokens(device: Device) -> list[TokenEntry]:
     """Every luks-tpm token on the volume, damaged ones included (they are reported, not fatal)."""
     entries = []
     for token_id, token_type in device.tokens():
-        if token_type != "luks-tpm":
+        if token_type != TOKEN_TYPE:
             continue
         text = device.token_json_get(token_id)
         if text is None or not is_ours(text):
@@ -167,7 +167,9 @@ def _order(entries: list[TokenEntry], token_id: int | None) -> list[TokenEntry]:
                                               entry.token_id))
 
 
-def recover_verified(device: Device, recovery: KeyRecovery, *, token_id: int | None = None) -> tuple[int, Token, Secret]:
+def recover_verified(
+    device: Device, recovery: KeyRecovery, *, token_id: int | None = None
+) -> tuple[int, Token, Secret]:
     """Try the volume's luks-tpm tokens in order; the first key that verifies wins."""
     entries = _order(luks_tpm_tokens(device), token_id)
     if not entries:
@@ -186,9 +188,8 @@ def recover_verified(device: Device, recovery: KeyRecovery, *, token_id: int | N
         except LuksTpmError as error:
             reasons.append(f"token {entry.token_id}: {error.message}")
             codes.add(error.code)
-    code = ExitCode.LOCKED_OUT if codes == {ExitCode.LOCKED_OUT} else ExitCode.UNLOCK_FAILED
-    if codes == {ExitCode.TPM_UNAVAILABLE}:
-        code = ExitCode.TPM_UNAVAILABLE
+    # One kind of failure keeps its own exit code (lockout, unsupported version, ...); a mix is "unlock failed".
+    code = codes.pop() if len(codes) == 1 else ExitCode.UNLOCK_FAILED
     raise LuksTpmError(f"cannot unlock {device.path} with the TPM: {'; '.join(reasons)}",
                        hint="the recovery key or passphrase still opens it (`cryptsetup open`)", code=code)
 
@@ -198,7 +199,7 @@ def _recover_one(device: Device, recovery: KeyRecovery, token_id: int, token: To
         die(f"the token refers to digest {token.digest}, which the header does not have "
             "(the volume was re-encrypted or the header replaced)",
             hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED)
-    key = recovery.key_from_token(device.uuid, token_id, token)
+    key = recovery.key_from_token(device.uuid or "", token_id, token)
     if len(key) != token.key_size or not device.volume_key_verify(key):
         key.close()
         die("the recovered key does not open the volume: its volume key changed since this binding was "

@@ -1,0 +1,205 @@
+"""The kernel keyring, through libkeyutils.so.1 (the only module that makes keyring calls).
+
+Volume keys go in as `logon` keys: the kernel (dm-crypt) can use them, no userspace process can read
+them back. Payloads are passed to C as a pointer into the caller's `Secret`; they are never copied into
+`bytes` or `str`, and no error message ever carries them (errors name the function and the errno only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errnos
+import functools
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from luks_tpm.secret import Secret, wipe
+
+# Special keyring IDs (KEY_SPEC_*), resolved by the kernel against the calling thread's credentials.
+THREAD = -1
+PROCESS = -2
+SESSION = -3
+USER = -4
+USER_SESSION = -5
+
+_KEYRING_NAMES = {"@t": THREAD, "@p": PROCESS, "@s": SESSION, "@u": USER, "@us": USER_SESSION}
+
+# Permission bits (key_perm_t): possessor, owner user, group, other; one byte each.
+KEY_POS_VIEW = 0x01000000
+KEY_POS_READ = 0x02000000
+KEY_POS_WRITE = 0x04000000
+KEY_POS_SEARCH = 0x08000000
+KEY_POS_LINK = 0x10000000
+KEY_POS_SETATTR = 0x20000000
+KEY_POS_ALL = 0x3F000000
+KEY_USR_VIEW = 0x00010000
+KEY_USR_READ = 0x00020000
+KEY_USR_WRITE = 0x00040000
+KEY_USR_SEARCH = 0x00080000
+KEY_USR_LINK = 0x00100000
+KEY_USR_SETATTR = 0x00200000
+KEY_USR_ALL = 0x003F0000
+
+_serial = ctypes.c_int32  # key_serial_t
+_long = ctypes.c_long
+
+# name -> (restype, argtypes), as declared in keyutils.h. Every one returns -1 and sets errno on failure.
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "add_key": (_serial, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, _serial]),
+    "keyctl_get_keyring_ID": (_serial, [_serial, ctypes.c_int]),
+    "keyctl_join_session_keyring": (_serial, [ctypes.c_char_p]),
+    "keyctl_setperm": (_long, [_serial, ctypes.c_uint32]),
+    "keyctl_set_timeout": (_long, [_serial, ctypes.c_uint]),
+    "keyctl_search": (_long, [_serial, ctypes.c_char_p, ctypes.c_char_p, _serial]),
+    "keyctl_unlink": (_long, [_serial, _serial]),
+    "keyctl_revoke": (_long, [_serial]),
+    "keyctl_read": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
+    "keyctl_describe": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
+}
+
+
+class KeyringError(OSError):
+    """A keyring call failed: `.errno` says why, `.function` which call (e.g. `keyctl_search`)."""
+
+    def __init__(self, errno: int, function: str) -> None:
+        super().__init__(errno, f"{function}: {os.strerror(errno)}")
+        self.function = function
+
+
+@functools.cache
+def _library() -> dict[str, Callable[..., int]]:
+    """Loaded on first use, so that commands which never touch the keyring work without libkeyutils."""
+    lib = ctypes.CDLL("libkeyutils.so.1", use_errno=True)
+    functions: dict[str, Callable[..., int]] = {}
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+        functions[name] = function
+    return functions
+
+
+def _call(name: str, *args: Any) -> int:
+    result = _library()[name](*args)
+    if result == -1:
+        raise KeyringError(ctypes.get_errno(), name)
+    return result
+
+
+@dataclass(frozen=True)
+class KeyDescription:
+    type: str
+    uid: int
+    gid: int
+    perm: int
+    description: str
+
+
+def parse_keyring(spec: str) -> int:
+    """`@t`, `@p`, `@s`, `@u`, `@us` or a keyring's decimal serial number, as keyctl(1) spells them."""
+    if spec in _KEYRING_NAMES:
+        return _KEYRING_NAMES[spec]
+    if re.fullmatch(r"[0-9]+", spec) and 0 < int(spec) < 2**31:
+        return int(spec)
+    raise ValueError(f"invalid keyring {spec!r}: use @t, @p, @s, @u, @us or a keyring serial number")
+
+
+def logon_key_permissions() -> int:
+    """The tightest permissions a volume key can have and still work for dm-crypt.
+
+    dm-crypt finds the key with request_key() from the process loading the table, searching that
+    process's thread, process and session keyrings: a key found that way is *possessed*, so only the
+    possessor byte matters. VIEW (describe, /proc/keys), SEARCH (the lookup itself), LINK (so it can be
+    linked into another keyring, e.g. cryptsetup's --link-vk-to-keyring) and SETATTR (timeout, revoke).
+    No READ (a logon key cannot be read anyway) and no WRITE: a key with these permissions cannot be
+    updated in place; unlink it and add a new one instead. The owner, group and others get nothing:
+    holding the same uid without possessing the key (another login session) gives no access.
+    """
+    return KEY_POS_VIEW | KEY_POS_SEARCH | KEY_POS_LINK | KEY_POS_SETATTR
+
+
+def add_logon_key(description: str, payload: Secret, keyring: int) -> int:
+    """Add (or update in place, same serial) the logon key `description` in `keyring`; its serial."""
+    if ":" not in description:
+        raise ValueError(f"a logon key description needs a 'prefix:' ({description!r} has none)")
+    return _call("add_key", b"logon", description.encode(), payload.as_ctypes(), len(payload), keyring)
+
+
+def set_permissions(serial: int, perm: int) -> None:
+    _call("keyctl_setperm", serial, perm)
+
+
+def set_timeout(serial: int, seconds: int) -> None:
+    """Expire the key `seconds` from now (0 removes the timeout)."""
+    if not 0 <= seconds < 2**32:
+        raise ValueError(f"invalid key timeout {seconds}")
+    _call("keyctl_set_timeout", serial, seconds)
+
+
+def search(keyring: int, key_type: str, description: str) -> int | None:
+    """The serial of a usable key found from `keyring` (recursively), or None.
+
+    A revoked or expired key counts as absent (dm-crypt cannot use it, and adding the key again replaces it).
+    """
+    try:
+        return _call("keyctl_search", keyring, key_type.encode(), description.encode(), 0)
+    except KeyringError as error:
+        if error.errno in (errnos.ENOKEY, errnos.EKEYREVOKED, errnos.EKEYEXPIRED):
+            return None
+        raise
+
+
+def unlink(serial: int, keyring: int) -> None:
+    _call("keyctl_unlink", serial, keyring)
+
+
+def revoke(serial: int) -> None:
+    _call("keyctl_revoke", serial)
+
+
+def keyring_id(keyring: int, *, create: bool = False) -> int:
+    """The serial of a special keyring (THREAD, SESSION, ...); KeyringError(ENOKEY) if it does not exist."""
+    return _call("keyctl_get_keyring_ID", keyring, int(create))
+
+
+def _read_into_new_buffer(function: str, serial: int) -> bytearray:
+    """keyctl_read/describe return the full size and copy at most buflen: retry until it fits."""
+    buffer = bytearray(_call(function, serial, None, 0))
+    while True:
+        pointer = (ctypes.c_char * len(buffer)).from_buffer(buffer) if buffer else None
+        size = _call(function, serial, pointer, len(buffer))
+        if size <= len(buffer):
+            del buffer[size:]
+            return buffer
+        wipe(buffer)  # the payload grew between the calls
+        buffer = bytearray(size)
+
+
+def read(serial: int) -> bytearray:
+    """The payload of a readable key, or the serials of a keyring's keys (native int32 array).
+
+    Reading a logon key fails (EOPNOTSUPP): that is the point of logon keys. Used by tests and proofs.
+    """
+    return _read_into_new_buffer("keyctl_read", serial)
+
+
+def keyring_contents(keyring: int) -> list[int]:
+    """The serials of the keys linked into `keyring` (needs READ on it)."""
+    return list(memoryview(read(keyring)).cast("i"))
+
+
+def describe(serial: int) -> KeyDescription:
+    raw = _read_into_new_buffer("keyctl_describe", serial).rstrip(b"\0").decode()
+    key_type, uid, gid, perm, description = raw.split(";", 4)
+    return KeyDescription(key_type, int(uid), int(gid), int(perm, 16), description)
+
+
+def join_session_keyring(name: str | None = None) -> int:
+    """Give the calling thread a new anonymous (None) or named session keyring; its serial.
+
+    Session keyrings hang off the thread's credentials: threads started afterwards inherit it,
+    threads that already exist keep their own.
+    """
+    return _call("keyctl_join_session_keyring", None if name is None else name.encode())

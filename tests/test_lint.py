@@ -1,0 +1,45 @@
+"""The linters are tests: ruff, mypy (strict) and shellcheck on every shell script we ship."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import REPO
+
+
+def _shell_scripts() -> list[Path]:
+    scripts = []
+    for top in ("hooks", "dracut", "images", "scripts", ".ci"):
+        for path in sorted((REPO / top).rglob("*")):
+            if not path.is_file():
+                continue
+            head = path.read_bytes()[:64]
+            if path.suffix == ".sh" or head.startswith((b"#!/bin/sh", b"#!/bin/bash", b"#!/usr/bin/env bash")):
+                scripts.append(path)
+    return scripts
+
+
+def _run(*command: str) -> None:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout}{result.stderr}"
+
+
+def test_ruff() -> None:
+    _run(sys.executable, "-m", "ruff", "check", "luks_tpm", "tests")
+
+
+def test_mypy_strict() -> None:
+    _run(sys.executable, "-m", "mypy")
+
+
+def test_shellcheck() -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (scripts/bootstrap installs it)")
+    scripts = _shell_scripts()
+    assert any(p.parts[-2:] == ("scripts", "bootstrap") for p in scripts), scripts
+    _run("shellcheck", "-x", *map(str, scripts))
