@@ -132,6 +132,21 @@ def doctor(context: Context) -> None:
         sys.exit(ExitCode.TPM_UNAVAILABLE)
 
 
+@main.command("persist-srk")
+@pass_context
+def persist_srk(context: Context) -> None:
+    """Store the standard SRK at 0x81000001 so later commands need not re-create it.
+
+    Bindings record which SRK they use: tokens made before this keep using a
+    transient SRK (same key, created on demand); new ones use the persistent one."""
+    from .tpm import Tpm
+
+    with Tpm(context.tcti) as tpm:
+        parent = tpm.persist_srk()
+    _emit(context, Report({"handle": f"{parent.handle:#x}", "name": parent.name.hex()},
+                          [f"SRK persistent at {parent.handle:#x}, name {parent.name.hex()}"]))
+
+
 @main.command("format")
 @device_argument
 @click.option("--cipher", default="aes-xts-plain64", show_default=True)

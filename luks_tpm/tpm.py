@@ -341,6 +341,24 @@ class Tpm:
             return None
         return esys, Parent(handle, bytes(name))
 
+    def persist_srk(self) -> Parent:
+        """Make the standard SRK persistent at 0x81000001 (creating it costs up to a second on hardware)."""
+        found = self._persistent_srk(SRK_PERSISTENT_HANDLE)
+        if found is not None:
+            return found[1]
+        try:
+            self._esapi.tr_from_tpmpublic(SRK_PERSISTENT_HANDLE)
+        except TSS2_Exception:
+            pass
+        else:
+            die(f"{SRK_PERSISTENT_HANDLE:#x} already holds a key that is not the standard SRK",
+                hint="leave it, or evict it with `tpm2_evictcontrol` if nothing uses it", code=ExitCode.REFUSED)
+        esys, _ = self._srk_object(None, prefer_persistent=False)
+        with _tpm_errors("persisting the storage root key"):
+            self._esapi.evict_control(ESYS_TR.OWNER, esys, SRK_PERSISTENT_HANDLE)
+        self._srk.pop(SRK_PERSISTENT_HANDLE, None)
+        return self.parent(SRK_PERSISTENT_HANDLE)
+
     def check_parent(self, expected: Parent) -> Any:
         """The SRK the binding was made with, refusing a TPM whose SRK name differs (other TPM or cleared)."""
         esys, actual = self._srk_object(expected.handle, prefer_persistent=False)
