@@ -13,7 +13,10 @@ from .errors import ExitCode, LuksTpmError
 
 def main(argv: list[str] | None = None) -> None:
     from . import cli
+    from .secret import make_undumpable
 
+    # Every command may hold key material: no core dumps, no ptrace by unprivileged processes.
+    make_undumpable()
     args = sys.argv[1:] if argv is None else argv
     verbose = cli.verbosity(args)
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
