@@ -183,7 +183,6 @@ def format_command(context: Context, device: Path, cipher: str, key_size: str, s
     settings = FormatSettings(
         device=device, recovery=recovery, pbkdf=Pbkdf(pbkdf, iterations=pbkdf_force_iterations),
         cipher=cipher, key_size=int(key_size) // 8, sector_size=int(sector_size), label=label, yes=yes,
-        json=context.json,
     )
     source = _passphrase_source(passphrase_file, "Recovery passphrase: ", twice=True)
     _emit(context, format_volume(context.tcti, settings, _confirm, source))

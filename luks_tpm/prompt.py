@@ -110,13 +110,3 @@ def generate_recovery_key() -> Secret:
         position += 2
     raw[:] = bytes(len(raw))
     return key
-
-
-def show_recovery_key(key: Secret) -> None:
-    """The recovery key on standard output, once, with what to do with it on standard error."""
-    sys.stderr.write("Recovery key (shown once; write it down and keep it away from this machine):\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os.write(sys.stdout.fileno(), key.view())
-    os.write(sys.stdout.fileno(), b"\n")
-    sys.stderr.write("It opens the volume with plain cryptsetup if the TPM is cleared, replaced or broken.\n")

@@ -7,10 +7,8 @@ before success is reported, and nothing removes the last way into a volume unles
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import secrets
-import sys
 import uuid as uuid_module
 from collections.abc import Callable
 from pathlib import Path
@@ -151,29 +149,9 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
                 passphrase.close()
     data = {"device": path, "uuid": uuid, "token": token_id, "recovery_keyslot": keyslot,
             "cipher": settings.cipher, "key_size": settings.key_size}
-    report = Report(data, [f"{path}: formatted LUKS2 {uuid}, TPM-derived key in token {token_id}"
-                           + (f", recovery keyslot {keyslot}" if keyslot is not None else ", NO recovery keyslot")])
-    if recovery_key is not None:
-        with recovery_key:
-            _emit_with_recovery_key(report, recovery_key, settings.json)
-        return Report(data, [])
-    return report
-
-
-def _emit_with_recovery_key(report: Report, key: Secret, as_json: bool) -> None:
-    """Print the report with the recovery key spliced in as bytes, so the key never becomes a str."""
-    if as_json:
-        marker = "@@RECOVERY-KEY@@"
-        text = json.dumps({**report.data, "recovery_key": marker}, indent=2, sort_keys=True).encode()
-        before, _, after = text.partition(marker.encode())
-        sys.stdout.flush()
-        for part in (before, key.view(), after + b"\n"):
-            os.write(sys.stdout.fileno(), part)
-        return
-    report.emit(False)
-    from .prompt import show_recovery_key
-
-    show_recovery_key(key)
+    line = f"{path}: formatted LUKS2 {uuid}, TPM-derived key in token {token_id}" + (
+        f", recovery keyslot {keyslot}" if keyslot is not None else ", NO recovery keyslot")
+    return Report(data, [line], recovery_key=recovery_key)
 
 
 def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> Secret:

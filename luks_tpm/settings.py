@@ -28,7 +28,6 @@ class FormatSettings:
     bank: Bank = Bank.SHA256
     label: str | None = None
     yes: bool = False
-    json: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,7 +108,9 @@ def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: S
         with Tpm(swtpm.tcti) as tpm, KeyRecovery(tpm) as recovery, \
                 recovery.key_from_token(luks_volume.uuid, enrolled["token"], token) as key:
             assert key.equals(luks_volume.volume_key)
+    before_repair = file_digest(image)
     subprocess.run(["cryptsetup", "repair", "--batch-mode", str(image)], check=True, capture_output=True)
+    assert file_digest(image) == before_repair, "cryptsetup repair found something to fix in our header"
 
 
 def test_enroll_refuses_luks1_and_wrong_passphrase(luks1_image: Path, luks_volume: LuksImage, swtpm: Swtpm,
@@ -210,3 +212,33 @@ def test_derivation_is_stable_across_connections(swtpm: Swtpm) -> None:
         other = recovery.derive("6a0e2f44-51c8-4d2b-9b3e-7c1f0d9a8e21", salt[::-1], 64, tpm.parent(), None)
     assert not other.equals(keys[0])
     assert derive.KEK_SIZE == 32
+
+
+def test_format_asks_before_overwriting_and_prints_recovery_key(tmp_path: Path, swtpm: Swtpm,
+                                                                recovery_file: Path) -> None:
+    image = tmp_path / "disk.img"
+    format_derived(image, swtpm.tcti, recovery_file)
+    before = file_digest(image)
+    result = luks_tpm("format", image, tcti=swtpm.tcti, expect=7)  # no terminal to ask, no --yes
+    assert_one_line_error(result, "LUKS header")
+    assert file_digest(image) == before
+
+    generated = luks_tpm_json("format", image, "--yes", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+                              tcti=swtpm.tcti)
+    key = generated["recovery_key"]
+    assert re.fullmatch(r"([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}", key), key
+    key_file = tmp_path / "recovery.key"
+    key_file.write_text(key)
+    subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(key_file), str(image)], check=True)
+
+
+def test_format_without_recovery_warns(tmp_path: Path, swtpm: Swtpm) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    with open(image, "wb") as handle:
+        handle.truncate(32 << 20)
+    result = luks_tpm("format", image, "--no-recovery", tcti=swtpm.tcti)
+    assert "unrecoverable" in result.stderr
+    with cryptsetup.open_device(image) as device:
+        assert device.keyslots() == []
+    assert luks_tpm_json("status", image, tcti=swtpm.tcti)["volumes"][0]["tokens"][0]["unlocks"] is True
