@@ -170,6 +170,8 @@ def status(tcti: str, devices: Sequence[Path]) -> Report:
                     info = _token_status(device, tpm, tpm_error, entry.token_id, entry.token, entry.damage)
                     volume["tokens"].append(info)
                     lines.append(f"  token {entry.token_id}: {info['summary']}")
+                    if info.get("mode") == str(Mode.SEALED):
+                        lines.append(f"    {_sealed_line(info)}")
                     lines.append(f"    {'unlocks now' if info['unlocks'] else 'would NOT unlock: ' + info['reason']}")
                 if not volume["tokens"]:
                     lines.append("  no luks-tpm token")
@@ -178,6 +180,13 @@ def status(tcti: str, devices: Sequence[Path]) -> Report:
         if tpm is not None:
             tpm.close()
     return Report({"volumes": volumes}, lines)
+
+
+def _sealed_line(info: dict[str, Any]) -> str:
+    pcrs = ",".join(map(str, info["pcrs"])) or "none"
+    matching = info.get("pcrs_matching")
+    now = "unknown" if matching is None else ",".join(map(str, matching)) or "none"
+    return f"bank {info['pcr_bank']}, PCRs {pcrs}, matching now: {now}, PIN: {'yes' if info['pin'] else 'no'}"
 
 
 def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | None, token_id: int,
@@ -198,10 +207,14 @@ def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | Non
         if token.mode is Mode.SEALED:
             changed = changed_pcrs(tpm, token)
             info["pcrs_matching"] = [index for index in token.pcrs if index not in changed]
-            if token.pin:
+            if token.pin:  # not unsealed without the PIN: check what can be checked, in unseal's order
+                with KeyRecovery(tpm) as recovery:
+                    recovery.parent(token.parent, token.endorsement)  # says "cleared" or "different TPM"
                 if changed:
-                    raise LuksTpmError(f"PCR {', '.join(map(str, changed))} changed", code=ExitCode.UNLOCK_FAILED)
-                tpm.check_parent(token.parent)
+                    raise LuksTpmError(f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the "
+                                       "key was sealed", code=ExitCode.UNLOCK_FAILED)
+                if tpm.lockout_state().in_lockout:  # a PIN object is DA-protected: no try is accepted now
+                    raise LuksTpmError("the TPM is in dictionary-attack lockout", code=ExitCode.LOCKED_OUT)
                 return {**info, "unlocks": True, "reason": None, "note": "needs the PIN"}
         with KeyRecovery(tpm) as recovery:
             _, _, key = recover_verified(device, recovery, token_id=token_id)

@@ -304,15 +304,10 @@ def reseal(context: Context, device: Path, token_id: int | None, pcrs: str | Non
     """Re-seal a sealed token to new PCR values; the old token is removed only after the new one works."""
     from .provision import reseal as run
 
-    enrollment = None
-    if pcrs or pcr_bank or pcr_value:
-        bank = Bank(pcr_bank or "sha256")
-        values = _pcr_values(pcr_value, bank)
-        chosen = tuple(sorted(set(_pcr_list(pcrs)) | set(values)))
-        if not pcrs and not chosen:
-            raise click.UsageError("give --pcrs with --pcr-bank")
-        enrollment = Enrollment(Mode.SEALED, bank, chosen, values, pin=pin_file is not None)
-    _emit(context, run(context.tcti, device, token_id, enrollment,
+    # Anything not given (bank, PCR list, PIN) stays as the old token has it.
+    bank = Bank(pcr_bank) if pcr_bank else None
+    values = _pcr_values(pcr_value, bank or Bank.SHA256)
+    _emit(context, run(context.tcti, device, token_id, _pcr_list(pcrs) if pcrs else None, bank, values,
                        _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: "),
                        _pin_source(pin_file)))
 

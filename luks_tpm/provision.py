@@ -21,7 +21,7 @@ from .prompt import generate_recovery_key
 from .secret import Secret
 from .settings import Enrollment, FormatSettings, Recovery
 from .token import Mode, Token, utc_now
-from .tpm import Tpm
+from .tpm import Bank, Tpm
 from .unlock import KeyRecovery, PinSource, default_digest, luks_tpm_tokens, recover_verified
 
 # The LUKS2 digest only has to stop a wrong key from opening the volume: the keys it checks are
@@ -196,9 +196,11 @@ def _pins_from(pin: Secret | None) -> PinSource | None:
     return lambda _token_id: Secret.copy_of(pin.view())
 
 
-def reseal(tcti: str, device_path: Path, token_id: int | None, enrollment: Enrollment | None,
-           passphrase: PassphraseSource, pins: PinSource) -> Report:
-    """New sealed token for new PCR values, verified, and only then the old one removed."""
+def reseal(tcti: str, device_path: Path, token_id: int | None, pcrs: tuple[int, ...] | None, bank: Bank | None,
+           values: dict[int, bytes], passphrase: PassphraseSource, pins: PinSource) -> Report:
+    """New sealed token for new PCR values, verified, and only then the old one removed.
+
+    What is not given is the old token's: its bank, its PCRs (plus those given values for), its PIN."""
     path = str(device_path)
     with open_device(path) as device:
         _require_writable(path)
@@ -210,11 +212,19 @@ def reseal(tcti: str, device_path: Path, token_id: int | None, enrollment: Enrol
                 hint="`luks-tpm status` lists the tokens", code=ExitCode.USAGE)
         old = sealed[0]
         assert old.token is not None
-        settings = enrollment or Enrollment(Mode.SEALED, old.token.pcr_bank, old.token.pcrs, {}, old.token.pin)
+        bank = bank or old.token.pcr_bank
+        if any(len(value) != len(bank.hash(b"")) for value in values.values()):
+            die(f"--pcr-value: the token's PCR bank is {bank}; give {len(bank.hash(b''))}-byte values "
+                "or choose the bank with --pcr-bank", code=ExitCode.USAGE)
+        chosen = tuple(sorted(set(old.token.pcrs if pcrs is None else pcrs) | set(values)))
+        settings = Enrollment(Mode.SEALED, bank, chosen, values, old.token.pin)
         with Tpm(tcti) as tpm:
             key = _key_for_reseal(device, tpm, pins, passphrase)
             with key, KeyRecovery(tpm) as recovery:
                 pin_secret = pins(old.token_id) if settings.pin else None
+                if settings.pin and pin_secret is None:  # never reseal a PIN binding into one without
+                    die(f"token {old.token_id} has a PIN and none was given for the new binding",
+                        hint="pass --pin-file or run on a terminal", code=ExitCode.UNLOCK_FAILED)
                 try:
                     token = _token_for(tpm, recovery, mode=Mode.SEALED, uuid=device.uuid or "", key=key,
                                        digest=default_digest(device), enrollment=settings, wrap=False,

@@ -9,6 +9,7 @@ the TSS's C buffer into a `Secret`, which then zeroes that buffer.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import hashlib
@@ -24,7 +25,7 @@ from typing import Any
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 from tpm2_pytss import ESAPI
-from tpm2_pytss._libtpm2_pytss import ffi
+from tpm2_pytss._libtpm2_pytss import ffi, lib
 from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
@@ -49,7 +50,7 @@ from tpm2_pytss.types import (
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from .errors import ExitCode, LuksTpmError, die
-from .secret import Secret
+from .secret import Secret, wipe
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,34 @@ def _secret_from_tpm2b(value: Any) -> Secret:
         return Secret.copy_of(raw, wipe_source=True)
     finally:
         ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
+
+
+_libtss2_sys: ctypes.CDLL | None = None
+
+
+def _wipe_response_buffer(esapi: ESAPI) -> None:
+    """Zero the SAPI response buffer of an ESYS context.
+
+    ESYS decrypts a response parameter (the HMAC result, the unsealed data) in place in the SAPI
+    context's response buffer and leaves it there until the next response overwrites it, which a
+    short one (FlushContext: 10 bytes) does not, and until Esys_Finalize frees it without zeroing.
+    Tss2_Sys_GetRpBuffer is public API of libtss2-sys, but tpm2-pytss does not bind it: ctypes.
+    """
+    global _libtss2_sys  # noqa: PLW0603 (loaded once, on first use)
+    if _libtss2_sys is None:
+        _libtss2_sys = ctypes.CDLL("libtss2-sys.so.1")
+        _libtss2_sys.Tss2_Sys_GetRpBuffer.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                      ctypes.POINTER(ctypes.c_void_p)]
+        _libtss2_sys.Tss2_Sys_GetRpBuffer.restype = ctypes.c_uint32
+    sys_context = ffi.new("TSS2_SYS_CONTEXT **")
+    if lib.Esys_GetSysContext(esapi._ctx, sys_context) != 0:
+        return
+    used, buffer = ctypes.c_size_t(), ctypes.c_void_p()
+    address = int(ffi.cast("uintptr_t", sys_context[0]))
+    if _libtss2_sys.Tss2_Sys_GetRpBuffer(address, ctypes.byref(used), ctypes.byref(buffer)) != 0 or not buffer.value:
+        return
+    if used.value:
+        wipe((ctypes.c_char * used.value).from_address(buffer.value))
 
 
 def srk_template() -> TPM2B_PUBLIC:
@@ -361,6 +390,10 @@ class Tpm:
 
     def check_parent(self, expected: Parent) -> Any:
         """The SRK the binding was made with, refusing a TPM whose SRK name differs (other TPM or cleared)."""
+        if expected.handle is not None and expected.handle not in self._srk:
+            found = self._persistent_srk_named(expected)
+            if found is not None:
+                return found
         esys, actual = self._srk_object(expected.handle, prefer_persistent=False)
         if actual.name != expected.name:
             raise TpmError(
@@ -369,6 +402,24 @@ class Tpm:
                 code=ExitCode.UNLOCK_FAILED,
                 rc=0,
             )
+        return esys
+
+    def _persistent_srk_named(self, expected: Parent) -> Any:
+        """The persistent SRK when its name is the recorded one, at the cost of one ReadPublic.
+
+        The name hashes the whole public area (type, attributes, parameters, public key), so an equal
+        name is the very key whose shape was checked at enrolment: no second ReadPublic for the shape.
+        Anything else (no key there, another name) is left to the full path, which says what is wrong.
+        """
+        assert expected.handle is not None
+        try:
+            esys = self._esapi.tr_from_tpmpublic(expected.handle)
+        except TSS2_Exception:
+            return None
+        if bytes(self._esapi.tr_get_name(esys)) != expected.name:
+            self._esapi.tr_close(esys)
+            return None
+        self._srk[expected.handle] = (esys, expected)
         return esys
 
     def _why_parent_differs(self) -> str:
@@ -512,7 +563,18 @@ class Tpm:
         try:
             yield session
         finally:
-            self.flush(session)
+            if session in self._flush:  # not already ended by the TPM (see _last_use)
+                self.flush(session)
+
+    def _last_use(self, session: Any) -> None:
+        """Clear continueSession for the session's next command: on success the TPM ends the session
+        itself, which saves a FlushContext (on failure the session stays and is flushed as usual)."""
+        self._esapi.trsess_set_attributes(session, 0, TPMA_SESSION.CONTINUESESSION)
+
+    def _ended_by_tpm(self, session: Any) -> None:
+        """Forget a session the TPM ended (continueSession was clear): free ESYS's record, no command."""
+        self._flush.remove(session)
+        self._esapi.tr_close(session)
 
     @contextmanager
     def encrypted_session(self, parent: Any = None) -> Iterator[Any]:
@@ -533,7 +595,10 @@ class Tpm:
     def hmac(self, primary: Any, message: bytes, session: Any) -> Secret:
         """TPM2_HMAC with the derived primary, its result (the PRK) encrypted on the bus."""
         with _tpm_errors("computing the derived key"):
-            result = self._esapi.hmac(primary, message, TPM2_ALG.SHA256, session1=session)
+            try:
+                result = self._esapi.hmac(primary, message, TPM2_ALG.SHA256, session1=session)
+            finally:
+                _wipe_response_buffer(self._esapi)
         return _secret_from_tpm2b(result)
 
     # ---- sealed keys -------------------------------------------------------------------------------
@@ -584,8 +649,13 @@ class Tpm:
                 self._set_auth(sealed, pin)
             with self._session(TPM2_SE.POLICY, parent=parent) as session:
                 self._apply_policy(session, policy, trial=False)
+                self._last_use(session)  # a policy session serves one Unseal
                 with _tpm_errors("unsealing the volume key"):
-                    result = self._esapi.unseal(sealed, session1=session)
+                    try:
+                        result = self._esapi.unseal(sealed, session1=session)
+                    finally:
+                        _wipe_response_buffer(self._esapi)
+                self._ended_by_tpm(session)
             return _secret_from_tpm2b(result)
         finally:
             self.flush(sealed)

@@ -141,6 +141,10 @@ class KeyRecovery:
         except TpmError as error:
             if token.pin and error.code is ExitCode.UNLOCK_FAILED and "PIN" in error.message:
                 error.message += f"; {wait_for_lockout_text(self.tpm.lockout_state())}"
+            elif error.code is ExitCode.LOCKED_OUT:
+                state = self.tpm.lockout_state()
+                error.message += (f"; it lifts after at most {state.recovery_seconds} s without failed tries"
+                                  if state.recovery_seconds else "; only the lockout authorization can lift it")
             raise
         finally:
             if pin is not None:
@@ -176,6 +180,7 @@ def recover_verified(
         die(f"{device.path} has no luks-tpm token", hint="bind it first with `luks-tpm enroll`",
             code=ExitCode.UNLOCK_FAILED)
     reasons: list[str] = []
+    hints: list[str] = []
     codes: set[ExitCode] = set()
     digests = digest_ids(device)
     for entry in entries:
@@ -187,11 +192,14 @@ def recover_verified(
             return entry.token_id, entry.token, key
         except LuksTpmError as error:
             reasons.append(f"token {entry.token_id}: {error.message}")
+            if error.hint and error.hint not in hints:
+                hints.append(error.hint)
             codes.add(error.code)
     # One kind of failure keeps its own exit code (lockout, unsupported version, ...); a mix is "unlock failed".
     code = codes.pop() if len(codes) == 1 else ExitCode.UNLOCK_FAILED
     raise LuksTpmError(f"cannot unlock {device.path} with the TPM: {'; '.join(reasons)}",
-                       hint="the recovery key or passphrase still opens it (`cryptsetup open`)", code=code)
+                       hint="; ".join([*hints, "the recovery key or passphrase still opens it (`cryptsetup open`)"]),
+                       code=code)
 
 
 def _recover_one(device: Device, recovery: KeyRecovery, token_id: int, token: Token, digests: set[int]) -> Secret:
