@@ -122,7 +122,7 @@ def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource) -> Report:
     """Unlock every entry in one TPM pass; failures are reported and left for the passphrase path."""
     _require_device_mapper()
     results: list[dict[str, Any]] = []
-    with Tpm(tcti) as tpm, KeyRecovery(tpm, pins) as recovery:
+    with Tpm(tcti) as tpm, KeyRecovery(tpm, pins, many_volumes=True) as recovery:
         for entry in entries:
             try:
                 with open_device(entry.device) as device:

@@ -592,13 +592,19 @@ class Tpm:
         with self.transient_primary(derived_primary_template(policy)) as (esys, _):
             yield esys
 
-    def hmac(self, primary: Any, message: bytes, session: Any) -> Secret:
-        """TPM2_HMAC with the derived primary, its result (the PRK) encrypted on the bus."""
+    def hmac(self, primary: Any, message: bytes, session: Any, *, last_use: bool = False) -> Secret:
+        """TPM2_HMAC with the derived primary, its result (the PRK) encrypted on the bus.
+
+        `last_use`: the session serves no further command, so the TPM ends it (one FlushContext fewer)."""
+        if last_use:
+            self._last_use(session)
         with _tpm_errors("computing the derived key"):
             try:
                 result = self._esapi.hmac(primary, message, TPM2_ALG.SHA256, session1=session)
             finally:
                 _wipe_response_buffer(self._esapi)
+        if last_use:
+            self._ended_by_tpm(session)
         return _secret_from_tpm2b(result)
 
     # ---- sealed keys -------------------------------------------------------------------------------

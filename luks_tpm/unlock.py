@@ -60,9 +60,12 @@ def default_digest(device: Device) -> int:
 class KeyRecovery:
     """Recovers volume keys from tokens through one TPM connection; close() flushes all it made."""
 
-    def __init__(self, tpm: Tpm, pins: PinSource | None = None) -> None:
+    def __init__(self, tpm: Tpm, pins: PinSource | None = None, *, many_volumes: bool = False) -> None:
+        """`many_volumes`: one session serves every derivation of the pass (`open --all`); otherwise each
+        derivation lets the TPM end its session, which saves a FlushContext for a single volume."""
         self.tpm = tpm
         self._pins = pins
+        self._single_use = not many_volumes
         self._stack = ExitStack()
         self._parents: dict[Parent, Any] = {}
         self._sessions: dict[Parent, Any] = {}
@@ -102,7 +105,10 @@ class KeyRecovery:
         session = self.session(parent, endorsement)
         if self._primary is None:
             self._primary = self._stack.enter_context(self.tpm.derived_primary())
-        with self.tpm.hmac(self._primary, derive.hmac_message(uuid, salt), session) as prk:
+        prk = self.tpm.hmac(self._primary, derive.hmac_message(uuid, salt), session, last_use=self._single_use)
+        if self._single_use:
+            del self._sessions[parent]
+        with prk:
             return derive.expand(prk, uuid, length)
 
     def key_from_token(self, uuid: str, token_id: int, token: Token) -> Secret:
