@@ -55,17 +55,15 @@ def _has_luks_header(path: str) -> bool:
 
 
 def _token_for(tpm: Tpm, recovery: KeyRecovery, *, mode: Mode, uuid: str, key: Secret, digest: int,
-               enrollment: Enrollment, wrap: bool, pin: Secret | None) -> Token:
-    """A new token that yields `key` (derived: wrapped under a fresh KEK unless `wrap` is False)."""
+               enrollment: Enrollment, pin: Secret | None) -> Token:
+    """A new token that yields `key` (derived: `key` wrapped under a fresh TPM-derived KEK)."""
     parent = tpm.parent()
     common = {"digest": digest, "key_size": len(key), "parent": parent, "created": utc_now(),
               "endorsement": tpm.endorsement_name()}
     if mode is Mode.DERIVED:
         salt = secrets.token_bytes(32)
-        wrapped = None
-        if wrap:
-            with recovery.derive(uuid, salt, derive.KEK_SIZE, parent, None) as kek:
-                wrapped = derive.wrap(kek, key)
+        with recovery.derive(uuid, salt, derive.KEK_SIZE, parent, None) as kek:
+            wrapped = derive.wrap(kek, key)
         return Token(mode=mode, pcr_bank=enrollment.bank, pcrs=(), policy=b"", pin=False, salt=salt,
                      wrapped_key=wrapped, **common)  # type: ignore[arg-type]
     values = tpm.pcr_values(enrollment.bank, enrollment.pcrs)
@@ -171,23 +169,28 @@ def enroll(tcti: str, device_path: Path, enrollment: Enrollment, passphrase: Pas
     with open_device(path) as device:
         _require_writable(path)
         key = volume_key_with_passphrase(device, passphrase)
-        with key, Tpm(tcti) as tpm, KeyRecovery(tpm) as recovery:
+        with key, Tpm(tcti) as tpm:
             pin_secret = pin() if enrollment.mode is Mode.SEALED else None
-            try:
-                token = _token_for(tpm, recovery, mode=enrollment.mode, uuid=device.uuid or "", key=key,
-                                   digest=default_digest(device), enrollment=enrollment, wrap=True,
-                                   pin=pin_secret)
-                recovery.close()
-                token_id = _add_verified(device, tpm, token, key, _pins_from(pin_secret),
-                                         expect_unseal=not enrollment.pcr_values)
-            finally:
-                if pin_secret is not None:
-                    pin_secret.close()
+            token, token_id = _bind(device, tpm, key, enrollment, pin_secret)
     checked = "verified by recovering the key" if not enrollment.pcr_values else \
         "not test-unsealed: it is bound to the given PCR values, not the current ones"
     return Report({"device": path, "token": token_id, "mode": str(token.mode), "pcrs": list(token.pcrs),
                    "verified": not enrollment.pcr_values},
                   [f"{path}: token {token_id} ({token.describe()}) enrolled, {checked}"])
+
+
+def _bind(device: Device, tpm: Tpm, key: Secret, enrollment: Enrollment,
+          pin: Secret | None) -> tuple[Token, int]:
+    """Create, write and verify a token for `key`; zeroes `pin`."""
+    try:
+        with KeyRecovery(tpm) as recovery:
+            token = _token_for(tpm, recovery, mode=enrollment.mode, uuid=device.uuid or "", key=key,
+                               digest=default_digest(device), enrollment=enrollment, pin=pin)
+        return token, _add_verified(device, tpm, token, key, _pins_from(pin),
+                                    expect_unseal=not enrollment.pcr_values)
+    finally:
+        if pin is not None:
+            pin.close()
 
 
 def _pins_from(pin: Secret | None) -> PinSource | None:
@@ -220,21 +223,12 @@ def reseal(tcti: str, device_path: Path, token_id: int | None, pcrs: tuple[int, 
         settings = Enrollment(Mode.SEALED, bank, chosen, values, old.token.pin)
         with Tpm(tcti) as tpm:
             key = _key_for_reseal(device, tpm, pins, passphrase)
-            with key, KeyRecovery(tpm) as recovery:
+            with key:
                 pin_secret = pins(old.token_id) if settings.pin else None
                 if settings.pin and pin_secret is None:  # never reseal a PIN binding into one without
                     die(f"token {old.token_id} has a PIN and none was given for the new binding",
                         hint="pass --pin-file or run on a terminal", code=ExitCode.UNLOCK_FAILED)
-                try:
-                    token = _token_for(tpm, recovery, mode=Mode.SEALED, uuid=device.uuid or "", key=key,
-                                       digest=default_digest(device), enrollment=settings, wrap=False,
-                                       pin=pin_secret)
-                    recovery.close()
-                    new_id = _add_verified(device, tpm, token, key, _pins_from(pin_secret),
-                                           expect_unseal=not settings.pcr_values)
-                finally:
-                    if pin_secret is not None:
-                        pin_secret.close()
+                token, new_id = _bind(device, tpm, key, settings, pin_secret)
         device.token_remove(old.token_id)
     return Report({"device": path, "removed": old.token_id, "token": new_id, "pcrs": list(token.pcrs)},
                   [f"{path}: token {old.token_id} replaced by token {new_id} ({token.describe()})"])

@@ -91,3 +91,11 @@ def plain_file(tmp_path: Path) -> Path:
     path = tmp_path / "plain.img"
     path.write_bytes(os.urandom(1 << 20))
     return path
+
+
+@pytest.fixture
+def passphrase_file(luks_volume: LuksImage, tmp_path: Path) -> Path:
+    """A file holding the `luks_volume` passphrase, as --unlock-key-file takes it."""
+    path = tmp_path / "passphrase"
+    path.write_bytes(bytes(luks_volume.passphrase.view()))
+    return path

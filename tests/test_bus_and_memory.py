@@ -45,13 +45,6 @@ DERIVED_GOAL, SEALED_GOAL = 5, 7  # TPM commands per load-key with a persistent 
 
 
 @pytest.fixture
-def passphrase_file(tmp_path: Path, luks_volume: LuksImage) -> Path:
-    path = tmp_path / "passphrase"
-    path.write_bytes(bytes(luks_volume.passphrase.view()))
-    return path
-
-
-@pytest.fixture
 def proxy(swtpm: Swtpm, tmp_path: Path) -> Iterator[TpmProxy]:
     with TpmProxy(swtpm.socket, tmp_path / "proxy.sock") as (running, _):
         yield running

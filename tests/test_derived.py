@@ -87,7 +87,7 @@ def test_other_tpm_is_named_as_such(tmp_path: Path, swtpm: Swtpm, recovery_file:
         other.stop()
 
 
-def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: Swtpm, tmp_path: Path) -> None:
+def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path) -> None:
     image = luks_volume.path
     foreign = json.dumps({"type": "systemd-tpm2", "keyslots": ["0"], "tpm2-blob": "AAAA", "tpm2-pcrs": [7],
                           "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc", "tpm2-policy-hash": "00" * 32})
@@ -95,10 +95,8 @@ def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: S
     with cryptsetup.open_device(image) as device:
         foreign_before = device.token_json_get(0)
         keyslots_before = device.metadata()["keyslots"]
-    passphrase = tmp_path / "pass"
-    passphrase.write_bytes(bytes(luks_volume.passphrase.view()))
-
-    enrolled = luks_tpm_json("enroll", image, "--mode", "derived", "--unlock-key-file", passphrase, tcti=swtpm.tcti)
+    enrolled = luks_tpm_json("enroll", image, "--mode", "derived", "--unlock-key-file", passphrase_file,
+                             tcti=swtpm.tcti)
     assert enrolled["verified"] is True
     with cryptsetup.open_device(image) as device:
         assert device.token_json_get(0) == foreign_before
@@ -182,14 +180,12 @@ def test_missing_and_foreign_devices(tmp_path: Path, swtpm: Swtpm, plain_file: P
     assert file_digest(plain_file) == before
 
 
-def test_read_only_image_is_refused_unchanged(luks_volume: LuksImage, swtpm: Swtpm, tmp_path: Path) -> None:
-    passphrase = tmp_path / "pass"
-    passphrase.write_bytes(bytes(luks_volume.passphrase.view()))
+def test_read_only_image_is_refused_unchanged(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path) -> None:
     before = file_digest(luks_volume.path)
     # root ignores file modes, but not the immutable attribute
     subprocess.run(["chattr", "+i", str(luks_volume.path)], check=True)
     try:
-        result = luks_tpm("enroll", luks_volume.path, "--mode", "derived", "--unlock-key-file", passphrase,
+        result = luks_tpm("enroll", luks_volume.path, "--mode", "derived", "--unlock-key-file", passphrase_file,
                           tcti=swtpm.tcti, expect=3)
     finally:
         subprocess.run(["chattr", "-i", str(luks_volume.path)], check=True)

@@ -32,14 +32,6 @@ TPMA_NODA = 0x400
 
 
 @pytest.fixture
-def unlock_key(luks_volume: LuksImage, tmp_path: Path) -> Path:
-    """A file holding the fixture's passphrase (what --unlock-key-file takes)."""
-    path = tmp_path / "unlock.key"
-    path.write_bytes(bytes(luks_volume.passphrase.view()))
-    return path
-
-
-@pytest.fixture
 def pin_file(tmp_path: Path) -> Path:
     path = tmp_path / "pin"
     path.write_bytes(b"2468")
@@ -53,8 +45,8 @@ def wrong_pin_file(tmp_path: Path) -> Path:
     return path
 
 
-def enroll_sealed(image: Path, tcti: str, unlock_key: Path, *extra: str | Path, pcrs: str = "7") -> int:
-    args: list[str | Path] = ["enroll", image, "--mode", "sealed", "--unlock-key-file", unlock_key]
+def enroll_sealed(image: Path, tcti: str, passphrase_file: Path, *extra: str | Path, pcrs: str = "7") -> int:
+    args: list[str | Path] = ["enroll", image, "--mode", "sealed", "--unlock-key-file", passphrase_file]
     if pcrs:
         args += ["--pcrs", pcrs]
     enrolled = luks_tpm_json(*args, *extra, tcti=tcti)
@@ -63,8 +55,8 @@ def enroll_sealed(image: Path, tcti: str, unlock_key: Path, *extra: str | Path, 
     return token_id
 
 
-def enroll_derived(image: Path, tcti: str, unlock_key: Path) -> int:
-    token_id: int = luks_tpm_json("enroll", image, "--mode", "derived", "--unlock-key-file", unlock_key,
+def enroll_derived(image: Path, tcti: str, passphrase_file: Path) -> int:
+    token_id: int = luks_tpm_json("enroll", image, "--mode", "derived", "--unlock-key-file", passphrase_file,
                                   tcti=tcti)["token"]
     return token_id
 
@@ -146,9 +138,9 @@ def kill_keyslot(image: Path, slot: int) -> None:
 
 
 def test_pcr_change_is_named_and_reseal_with_recovery_key_restores(
-        luks_volume: LuksImage, fresh_swtpm: Swtpm, unlock_key: Path, private_session_keyring: int) -> None:
+        luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    old_id = enroll_sealed(image, tcti, unlock_key)
+    old_id = enroll_sealed(image, tcti, passphrase_file)
     token = token_json(image, old_id)
     assert token["mode"] == "sealed" and token["pcrs"] == [7] and token["pcr_bank"] == "sha256"
     assert token["pin"] is False and token["keyslots"] == []
@@ -168,7 +160,7 @@ def test_pcr_change_is_named_and_reseal_with_recovery_key_restores(
     assert "PCR 7" in status["reason"]
     assert file_digest(image) == before
 
-    resealed = luks_tpm_json("reseal", image, "--unlock-key-file", unlock_key, tcti=tcti)
+    resealed = luks_tpm_json("reseal", image, "--unlock-key-file", passphrase_file, tcti=tcti)
     assert resealed["removed"] == old_id
     new_id = resealed["token"]
     assert new_id != old_id
@@ -179,9 +171,9 @@ def test_pcr_change_is_named_and_reseal_with_recovery_key_restores(
 
 
 def test_reseal_with_wrong_unlock_key_changes_nothing(luks_volume: LuksImage, fresh_swtpm: Swtpm,
-                                                      unlock_key: Path, tmp_path: Path) -> None:
+                                                      passphrase_file: Path, tmp_path: Path) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    token_id = enroll_sealed(image, tcti, unlock_key)
+    token_id = enroll_sealed(image, tcti, passphrase_file)
     extend(fresh_swtpm, 7, b"update")
     wrong = tmp_path / "wrong"
     wrong.write_bytes(b"not the passphrase")
@@ -196,10 +188,10 @@ def test_reseal_with_wrong_unlock_key_changes_nothing(luks_volume: LuksImage, fr
 # ---- 2. sealing ahead of a planned change ---------------------------------------------------------------
 
 
-def test_reseal_and_enroll_to_predicted_pcr_values(luks_volume: LuksImage, fresh_swtpm: Swtpm, unlock_key: Path,
+def test_reseal_and_enroll_to_predicted_pcr_values(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
                                                    private_session_keyring: int) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    first = enroll_sealed(image, tcti, unlock_key)
+    first = enroll_sealed(image, tcti, passphrase_file)
 
     # reseal ahead of an update (the key comes from the still-valid token)
     predicted = predicted_after_extend(tcti, 7, b"firmware 2.0")
@@ -217,7 +209,7 @@ def test_reseal_and_enroll_to_predicted_pcr_values(luks_volume: LuksImage, fresh
     # enroll ahead of an update: not test-unsealed, works after the extend
     predicted = predicted_after_extend(tcti, 7, b"bootloader 3.1")
     enrolled = luks_tpm_json("enroll", image, "--mode", "sealed", "--pcr-value", f"7={predicted.hex()}",
-                             "--unlock-key-file", unlock_key, tcti=tcti)
+                             "--unlock-key-file", passphrase_file, tcti=tcti)
     third = enrolled["token"]
     assert enrolled["verified"] is False and enrolled["pcrs"] == [7]
     assert token_json(image, third)["pcr_values"] == {"7": predicted.hex()}
@@ -230,15 +222,15 @@ def test_reseal_and_enroll_to_predicted_pcr_values(luks_volume: LuksImage, fresh
     assert_one_line_error(load_key(image, tcti, "--token-id", str(second), expect=5), "PCR 7")
 
 
-def test_reseal_keeps_the_token_pcrs_bank_and_pin(luks_volume: LuksImage, fresh_swtpm: Swtpm, unlock_key: Path,
+def test_reseal_keeps_the_token_pcrs_bank_and_pin(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
                                                   pin_file: Path, private_session_keyring: int) -> None:
     """`reseal --pcr-value 7=...` replaces one expected value: it must not drop PCR 11 or the PIN."""
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    enroll_sealed(image, tcti, unlock_key, "--pin-file", pin_file, pcrs="7,11")
+    enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file, pcrs="7,11")
     predicted = predicted_after_extend(tcti, 7, b"shim 16")
     before = file_digest(image)
     # without the PIN on a non-terminal: refused, not silently resealed without a PIN
-    result = luks_tpm("reseal", image, "--pcr-value", f"7={predicted.hex()}", "--unlock-key-file", unlock_key,
+    result = luks_tpm("reseal", image, "--pcr-value", f"7={predicted.hex()}", "--unlock-key-file", passphrase_file,
                       tcti=tcti, expect=5, stdin=b"")
     assert "PIN" in result.stderr.splitlines()[-1] or "PIN" in result.stderr.splitlines()[-2]
     assert file_digest(image) == before
@@ -256,12 +248,12 @@ def test_reseal_keeps_the_token_pcrs_bank_and_pin(luks_volume: LuksImage, fresh_
 # ---- 3. PIN, dictionary-attack protection, noDA ----------------------------------------------------------
 
 
-def test_pin_right_wrong_missing_and_noda_attributes(luks_volume: LuksImage, swtpm: Swtpm, unlock_key: Path,
+def test_pin_right_wrong_missing_and_noda_attributes(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path,
                                                      pin_file: Path, wrong_pin_file: Path,
                                                      private_session_keyring: int) -> None:
     image, tcti = luks_volume.path, swtpm.tcti
-    with_pin = enroll_sealed(image, tcti, unlock_key, "--pin-file", pin_file)
-    without_pin = enroll_sealed(image, tcti, unlock_key)
+    with_pin = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)
+    without_pin = enroll_sealed(image, tcti, passphrase_file)
     assert token_json(image, with_pin)["pin"] is True
     assert token_json(image, without_pin)["pin"] is False
     for token_id, noda in ((with_pin, 0), (without_pin, TPMA_NODA)):
@@ -287,12 +279,12 @@ def test_pin_right_wrong_missing_and_noda_attributes(luks_volume: LuksImage, swt
 
 
 def test_da_lockout_by_pin_token_leaves_no_pin_token_working(luks_volume: LuksImage, fresh_swtpm: Swtpm,
-                                                             unlock_key: Path, pin_file: Path,
+                                                             passphrase_file: Path, pin_file: Path,
                                                              wrong_pin_file: Path,
                                                              private_session_keyring: int) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    with_pin = enroll_sealed(image, tcti, unlock_key, "--pin-file", pin_file)
-    without_pin = enroll_sealed(image, tcti, unlock_key)
+    with_pin = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)
+    without_pin = enroll_sealed(image, tcti, passphrase_file)
     state = lockout(tcti)
     assert state["in_lockout"] is False and state["failures"] == 0
     tries = state["max_failures"]
@@ -329,11 +321,11 @@ def test_da_lockout_by_pin_token_leaves_no_pin_token_working(luks_volume: LuksIm
 # ---- 4. another TPM, a cleared owner hierarchy -----------------------------------------------------------
 
 
-def test_sealed_token_on_a_different_tpm(luks_volume: LuksImage, swtpm: Swtpm, unlock_key: Path, pin_file: Path,
+def test_sealed_token_on_a_different_tpm(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path, pin_file: Path,
                                          tmp_path: Path) -> None:
     image = luks_volume.path
-    enroll_sealed(image, swtpm.tcti, unlock_key)
-    with_pin = enroll_sealed(image, swtpm.tcti, unlock_key, "--pin-file", pin_file)
+    enroll_sealed(image, swtpm.tcti, passphrase_file)
+    with_pin = enroll_sealed(image, swtpm.tcti, passphrase_file, "--pin-file", pin_file)
     other = Swtpm(tmp_path / "other")
     other.start()
     try:
@@ -354,11 +346,11 @@ def test_sealed_token_on_a_different_tpm(luks_volume: LuksImage, swtpm: Swtpm, u
         other.stop()
 
 
-def test_sealed_token_after_owner_clear(luks_volume: LuksImage, fresh_swtpm: Swtpm, unlock_key: Path,
+def test_sealed_token_after_owner_clear(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
                                         pin_file: Path) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    token_id = enroll_sealed(image, tcti, unlock_key)
-    with_pin = enroll_sealed(image, tcti, unlock_key, "--pin-file", pin_file)
+    token_id = enroll_sealed(image, tcti, passphrase_file)
+    with_pin = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)
     fresh_swtpm.tpm2("clear", "-c", "p")
     before = file_digest(image)
     for args in (["--token-id", str(token_id)], ["--token-id", str(with_pin), "--pin-file", pin_file]):
@@ -374,11 +366,11 @@ def test_sealed_token_after_owner_clear(luks_volume: LuksImage, fresh_swtpm: Swt
 # ---- 5. several tokens --------------------------------------------------------------------------------
 
 
-def test_derived_and_sealed_tokens_on_one_volume(luks_volume: LuksImage, fresh_swtpm: Swtpm, unlock_key: Path,
+def test_derived_and_sealed_tokens_on_one_volume(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
                                                  private_session_keyring: int) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    sealed = enroll_sealed(image, tcti, unlock_key)
-    derived = enroll_derived(image, tcti, unlock_key)
+    sealed = enroll_sealed(image, tcti, passphrase_file)
+    derived = enroll_derived(image, tcti, passphrase_file)
     assert loaded_token(image, tcti) == derived  # derived first: it needs nothing but the TPM
     assert loaded_token(image, tcti, "--token-id", str(sealed)) == sealed
 
@@ -404,10 +396,10 @@ def test_derived_and_sealed_tokens_on_one_volume(luks_volume: LuksImage, fresh_s
 # ---- 6. remove ------------------------------------------------------------------------------------------
 
 
-def test_remove_refuses_the_last_way_in(luks_volume: LuksImage, swtpm: Swtpm, unlock_key: Path) -> None:
+def test_remove_refuses_the_last_way_in(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path) -> None:
     image, tcti = luks_volume.path, swtpm.tcti
-    sealed = enroll_sealed(image, tcti, unlock_key)
-    derived = enroll_derived(image, tcti, unlock_key)
+    sealed = enroll_sealed(image, tcti, passphrase_file)
+    derived = enroll_derived(image, tcti, passphrase_file)
     kill_keyslot(image, 0)
 
     removed = luks_tpm_json("remove", image, "--token-id", str(sealed), tcti=tcti)
@@ -432,16 +424,12 @@ def test_remove_refuses_last_sealed_token_on_keyslotless_image(tmp_path: Path, s
     volume = make_luks_image(tmp_path / "noslot.img", keyslot=False)
     image = volume.path
     # enroll needs a keyslot to get the key; write the token through the same code enroll uses
-    from luks_tpm.provision import _add_verified, _token_for
+    from luks_tpm.provision import _bind
     from luks_tpm.settings import Enrollment
     from luks_tpm.token import Mode
-    from luks_tpm.unlock import KeyRecovery
 
     with cryptsetup.open_device(image) as device, Tpm(swtpm.tcti) as tpm:
-        with KeyRecovery(tpm) as recovery:
-            token = _token_for(tpm, recovery, mode=Mode.SEALED, uuid=volume.uuid, key=volume.volume_key, digest=0,
-                               enrollment=Enrollment(Mode.SEALED, Bank.SHA256, (7,)), wrap=False, pin=None)
-        token_id = _add_verified(device, tpm, token, volume.volume_key, None)
+        _, token_id = _bind(device, tpm, volume.volume_key, Enrollment(Mode.SEALED, Bank.SHA256, (7,)), None)
     before = file_digest(image)
     result = luks_tpm("remove", image, "--token-id", str(token_id), tcti=swtpm.tcti, expect=7)
     assert_one_line_error(result, "last way")
@@ -466,11 +454,11 @@ def test_remove_refuses_last_sealed_token_on_keyslotless_image(tmp_path: Path, s
     ],
     ids=["pcr-out-of-range", "pcr-not-a-number", "value-not-hex", "value-wrong-size", "unknown-bank"],
 )
-def test_enroll_usage_errors_change_nothing(luks_volume: LuksImage, swtpm: Swtpm, unlock_key: Path,
+def test_enroll_usage_errors_change_nothing(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path,
                                             options: list[str]) -> None:
     image = luks_volume.path
     before = file_digest(image)
-    result = luks_tpm("enroll", image, "--mode", "sealed", "--unlock-key-file", unlock_key, *options,
+    result = luks_tpm("enroll", image, "--mode", "sealed", "--unlock-key-file", passphrase_file, *options,
                       tcti=swtpm.tcti, expect=2)
     assert "Traceback" not in result.stderr
     assert file_digest(image) == before
@@ -479,11 +467,11 @@ def test_enroll_usage_errors_change_nothing(luks_volume: LuksImage, swtpm: Swtpm
 # ---- 8. status, for people ------------------------------------------------------------------------------
 
 
-def test_status_shows_bank_pcrs_matching_and_pin(luks_volume: LuksImage, fresh_swtpm: Swtpm, unlock_key: Path,
+def test_status_shows_bank_pcrs_matching_and_pin(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
                                                  pin_file: Path) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
-    plain = enroll_sealed(image, tcti, unlock_key, pcrs="7,11")
-    pinned = enroll_sealed(image, tcti, unlock_key, "--pin-file", pin_file)
+    plain = enroll_sealed(image, tcti, passphrase_file, pcrs="7,11")
+    pinned = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)
     extend(fresh_swtpm, 11, b"initrd")
     before = file_digest(image)
     text = luks_tpm("status", image, tcti=tcti).stdout
