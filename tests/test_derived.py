@@ -238,3 +238,14 @@ def test_format_without_recovery_warns(tmp_path: Path, swtpm: Swtpm) -> None:
     with cryptsetup.open_device(image) as device:
         assert device.keyslots() == []
     assert luks_tpm_json("status", image, tcti=swtpm.tcti)["volumes"][0]["tokens"][0]["unlocks"] is True
+
+
+def test_open_without_device_mapper_says_use_load_key(tmp_path: Path, swtpm: Swtpm, recovery_file: Path) -> None:
+    if cryptsetup.device_mapper_available():
+        pytest.skip("this host has device-mapper; activation is tested in the VM")
+    image = tmp_path / "disk.img"
+    format_derived(image, swtpm.tcti, recovery_file)
+    before = file_digest(image)
+    result = luks_tpm("open", image, "data", tcti=swtpm.tcti, expect=8)
+    assert_one_line_error(result, "device-mapper is not available here; use load-key")
+    assert file_digest(image) == before
