@@ -341,11 +341,12 @@ class Tpm:
             if found is not None:
                 self._srk[wanted] = found
                 return found
-            if handle is not None:
-                die(
+            if handle is not None:  # rc 0: KeyRecovery tells "cleared" from "another TPM" by the EK
+                raise TpmError(
                     f"the TPM has no storage key at {handle:#x}, which this binding was made with",
                     hint="the TPM was cleared or this is another machine's disk; unlock with the recovery key",
                     code=ExitCode.UNLOCK_FAILED,
+                    rc=0,
                 )
         with _tpm_errors("creating the storage root key"):
             esys, public, *_ = self._esapi.create_primary(None, srk_template(), ESYS_TR.OWNER)
@@ -397,7 +398,8 @@ class Tpm:
         esys, actual = self._srk_object(expected.handle, prefer_persistent=False)
         if actual.name != expected.name:
             raise TpmError(
-                self._why_parent_differs(),
+                "the TPM's storage root key differs from the one this binding was made with: "
+                "the owner hierarchy was cleared, or this is a different TPM",
                 hint="the TPM cannot recover this key any more; unlock with the recovery key and re-enroll",
                 code=ExitCode.UNLOCK_FAILED,
                 rc=0,
@@ -421,10 +423,6 @@ class Tpm:
             return None
         self._srk[expected.handle] = (esys, expected)
         return esys
-
-    def _why_parent_differs(self) -> str:
-        return "the TPM's storage root key differs from the one this binding was made with: " \
-            "the owner hierarchy was cleared, or this is a different TPM"
 
     def endorsement_name(self) -> bytes | None:
         """Name of the standard ECC EK: survives TPM2_Clear, so it tells "cleared" from "another TPM"."""

@@ -249,3 +249,15 @@ def test_open_without_device_mapper_says_use_load_key(tmp_path: Path, swtpm: Swt
     result = luks_tpm("open", image, "data", tcti=swtpm.tcti, expect=8)
     assert_one_line_error(result, "device-mapper is not available here; use load-key")
     assert file_digest(image) == before
+
+
+def test_owner_clear_with_a_persistent_srk(tmp_path: Path, fresh_swtpm: Swtpm, recovery_file: Path) -> None:
+    """TPM2_Clear also evicts the persistent SRK the token names: still reported as a cleared owner hierarchy."""
+    luks_tpm("persist-srk", tcti=fresh_swtpm.tcti)
+    image = tmp_path / "disk.img"
+    format_derived(image, fresh_swtpm.tcti, recovery_file)
+    with cryptsetup.open_device(image) as device:
+        assert json.loads(device.token_json_get(0) or "")["parent"]["handle"] == "0x81000001"
+    fresh_swtpm.tpm2("clear", "-c", "p")
+    result = luks_tpm("load-key", image, tcti=fresh_swtpm.tcti, expect=5)
+    assert_one_line_error(result, "owner hierarchy was cleared")
