@@ -1,0 +1,28 @@
+# Install the boot integration: the initramfs-tools hook and local-top script, the dracut module, and the
+# helper both use to list what luks-tpm needs. The Python package itself is installed with pip.
+#   make install [DESTDIR=/staging] [PREFIX=/usr]
+#   make uninstall
+PREFIX ?= /usr
+DESTDIR ?=
+INITRAMFS_TOOLS ?= $(PREFIX)/share/initramfs-tools
+DRACUT_MODULES ?= $(PREFIX)/lib/dracut/modules.d
+LIBDIR ?= $(PREFIX)/lib/luks-tpm
+
+DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm.service
+
+.PHONY: install uninstall
+install:
+	install -D -m 0755 hooks/initramfs/hooks/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm
+	install -D -m 0755 hooks/initramfs/scripts/local-top/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/local-top/luks-tpm
+	install -D -m 0644 hooks/initramfs/luks-tpm-files $(DESTDIR)$(LIBDIR)/luks-tpm-files
+	for f in $(DRACUT_FILES); do \
+		case $$f in *.sh) mode=0755 ;; *) mode=0644 ;; esac; \
+		install -D -m $$mode dracut/90luks-tpm/$$f $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/$$f || exit 1; \
+	done
+
+uninstall:
+	rm -f $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/local-top/luks-tpm
+	rm -f $(DESTDIR)$(LIBDIR)/luks-tpm-files
+	-rmdir $(DESTDIR)$(LIBDIR) 2>/dev/null
+	rm -f $(addprefix $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/,$(DRACUT_FILES))
+	-rmdir $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm 2>/dev/null

@@ -1,0 +1,90 @@
+#!/bin/bash
+# shellcheck disable=SC2154  # hostonly, initdir, moddir, dracutsysrootdir, systemdsystemunitdir: set by dracut
+# dracut module: unlock every crypttab volume marked x-luks-tpm from the TPM in one pass, before the crypt
+# module (or systemd-cryptsetup) asks for passphrases. Those it cannot open fall through to them.
+
+LUKS_TPM_LIBDIR=/usr/lib/luks-tpm
+LUKS_TPM_OPTION_RE='^[[:space:]]*[^#[:space:]]+[[:space:]]+[^[:space:]]+[[:space:]]+[^[:space:]]+[[:space:]]+([^[:space:]]*,)?x-luks-tpm(,|[[:space:]]|$)'
+
+# Included by default when hostonly and /etc/crypttab has an x-luks-tpm entry; otherwise on request
+# (--add luks-tpm).
+check() {
+    if [[ $hostonly ]] && grep -Eqs "$LUKS_TPM_OPTION_RE" "$dracutsysrootdir/etc/crypttab"; then
+        return 0
+    fi
+    return 255
+}
+
+depends() {
+    echo crypt
+    return 0
+}
+
+installkernel() {
+    # Built in on Debian/Fedora kernels; modules elsewhere. Missing ones are not an error.
+    hostonly='' instmods -o tpm_tis tpm_crb dm_crypt
+}
+
+# Which interpreter luks-tpm is installed for (same rules as the initramfs-tools hook).
+luks_tpm_python() {
+    local python=${LUKS_TPM_PYTHON:-} launcher
+    if [[ -z $python && -r $dracutsysrootdir/etc/luks-tpm/initramfs.conf ]]; then
+        python=$(sed -n 's/^PYTHON=//p' "$dracutsysrootdir/etc/luks-tpm/initramfs.conf" | tail -n1)
+    fi
+    if [[ -z $python ]] && launcher=$(command -v luks-tpm); then
+        python=$(sed -n '1s/^#! *\([^ ]*\).*/\1/p' "$launcher")
+    fi
+    echo "${python:-/usr/bin/python3}"
+}
+
+install() {
+    local python list kind src dest interpreter=""
+    python=$(luks_tpm_python)
+    # luks-tpm-files lists the interpreter, the modules luks-tpm imports, and every library it dlopens
+    # (libcryptsetup, libkeyutils, the TSS's TCTI, libgcc_s): see its docstring.
+    if ! list=$("$python" -I "$LUKS_TPM_LIBDIR/luks-tpm-files"); then
+        derror "luks-tpm: $python cannot import luks_tpm"
+        return 1
+    fi
+    while IFS=$'\t' read -r kind src dest; do
+        case $kind in
+        python) inst_binary "$src" "$dest" && interpreter=$dest ;;
+        exec)
+            inst_library "$src" "$dest" || return 1
+            # pip wheels ship unstripped extension modules; strip our copies only.
+            if [[ $dest == "$LUKS_TPM_LIBDIR"/* ]] && command -v strip >/dev/null; then
+                strip --strip-unneeded "$initdir$dest"
+            fi
+            ;;
+        file) inst_simple "$src" "$dest" ;;
+        dir) mkdir -p "$initdir$dest" ;;
+        esac || { derror "luks-tpm: cannot install $src"; return 1; }
+    done <<<"$list"
+    [[ -n $interpreter ]] || return 1
+
+    # The command: isolated (-I), no site (-S): no venv, .pth or PYTHON* variables in the initramfs.
+    mkdir -p "$initdir/usr/sbin"
+    cat >"$initdir/usr/sbin/luks-tpm" <<LAUNCHER
+#!/bin/sh
+exec $interpreter -I -S -c 'import sys; sys.path[:0] = ["$LUKS_TPM_LIBDIR/python"]; sys.argv[0] = "luks-tpm"; from luks_tpm.__main__ import main; sys.exit(main())' "\$@"
+LAUNCHER
+    chmod 0755 "$initdir/usr/sbin/luks-tpm"
+    inst_script "$moddir/luks-tpm-dracut.sh" /usr/sbin/luks-tpm-dracut
+    inst_multiple -o awk sed grep sleep timeout
+
+    # Our entries must be in the initramfs crypttab, under the same names, so that the crypt module and
+    # systemd-cryptsetup see the volumes we opened as already open. The crypt module writes one only in
+    # hostonly mode, filtered to the root's devices.
+    local line
+    while IFS= read -r line; do
+        grep -Fqx -- "$line" "$initdir/etc/crypttab" 2>/dev/null || printf '%s\n' "$line" >>"$initdir/etc/crypttab"
+    done < <(grep -Es "$LUKS_TPM_OPTION_RE" "$dracutsysrootdir/etc/crypttab")
+
+    if dracut_module_included systemd; then
+        inst_simple "$moddir/luks-tpm.service" "${systemdsystemunitdir:?}/luks-tpm.service"
+        $SYSTEMCTL -q --root "$initdir" add-wants cryptsetup.target luks-tpm.service
+    else
+        # Before udev is triggered, so it is queued ahead of the crypt module's cryptroot-ask jobs.
+        inst_hook pre-trigger 90 "$moddir/luks-tpm-queue.sh"
+    fi
+}
