@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,6 +156,7 @@ def persist_srk(context: Context) -> None:
 @click.option("--sector-size", type=click.Choice(["512", "1024", "2048", "4096"]), default="512",
               show_default=True)
 @click.option("--label", help="LUKS2 label.")
+@click.option("--uuid", "volume_uuid", type=click.UUID, help="UUID of the new volume (default: random).")
 @click.option("--passphrase-file", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
               help="Recovery passphrase from this file (exact bytes) instead of a generated recovery key.")
 @click.option("--passphrase", "ask_passphrase", is_flag=True, help="Ask for a recovery passphrase instead.")
@@ -167,8 +169,9 @@ def persist_srk(context: Context) -> None:
 @click.option("--yes", is_flag=True, help="Overwrite an existing LUKS header without asking.")
 @pass_context
 def format_command(context: Context, device: Path, cipher: str, key_size: str, sector_size: str,
-                   label: str | None, passphrase_file: Path | None, ask_passphrase: bool, no_recovery: bool,
-                   pbkdf: str, pbkdf_force_iterations: int | None, yes: bool) -> None:
+                   label: str | None, volume_uuid: uuid.UUID | None, passphrase_file: Path | None,
+                   ask_passphrase: bool, no_recovery: bool, pbkdf: str, pbkdf_force_iterations: int | None,
+                   yes: bool) -> None:
     """Create a LUKS2 volume on DEVICE whose volume key is derived by the TPM.
 
     A recovery key is generated and printed once (or use --passphrase-file,
@@ -182,7 +185,8 @@ def format_command(context: Context, device: Path, cipher: str, key_size: str, s
         Recovery.PASSPHRASE if passphrase_file or ask_passphrase else Recovery.GENERATE)
     settings = FormatSettings(
         device=device, recovery=recovery, pbkdf=Pbkdf(pbkdf, iterations=pbkdf_force_iterations),
-        cipher=cipher, key_size=int(key_size) // 8, sector_size=int(sector_size), label=label, yes=yes,
+        cipher=cipher, key_size=int(key_size) // 8, sector_size=int(sector_size), label=label,
+        uuid=str(volume_uuid) if volume_uuid else None, yes=yes,
     )
     source = _passphrase_source(passphrase_file, "Recovery passphrase: ", twice=True)
     _emit(context, format_volume(context.tcti, settings, _confirm, source))

@@ -107,7 +107,7 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
         die("not formatting: the existing header was kept", code=ExitCode.REFUSED)
     if settings.recovery is Recovery.NONE:
         progress("no recovery keyslot: clearing or losing the TPM will make the data unrecoverable")
-    uuid = str(uuid_module.uuid4())
+    uuid = settings.uuid or str(uuid_module.uuid4())
     passphrase = None
     if settings.recovery is Recovery.PASSPHRASE and recovery_passphrase is not None:
         passphrase = recovery_passphrase()

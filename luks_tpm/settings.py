@@ -27,6 +27,7 @@ class FormatSettings:
     sector_size: int = 512
     bank: Bank = Bank.SHA256
     label: str | None = None
+    uuid: str | None = None  # None: a random one
     yes: bool = False
 
 

@@ -230,11 +230,12 @@ def test_format_asks_before_overwriting_and_prints_recovery_key(tmp_path: Path, 
 
 def test_format_without_recovery_warns(tmp_path: Path, swtpm: Swtpm) -> None:
     image = tmp_path / "disk.img"
-    image.write_bytes(b"")
     with open(image, "wb") as handle:
         handle.truncate(32 << 20)
-    result = luks_tpm("format", image, "--no-recovery", tcti=swtpm.tcti)
+    chosen = "0f6e4a2c-8d1b-4c7e-9a55-3b2d1e0f9c88"
+    result = luks_tpm("format", image, "--no-recovery", "--uuid", chosen, tcti=swtpm.tcti)
     assert "unrecoverable" in result.stderr
+    assert chosen in result.stdout
     with cryptsetup.open_device(image) as device:
         assert device.keyslots() == []
     assert luks_tpm_json("status", image, tcti=swtpm.tcti)["volumes"][0]["tokens"][0]["unlocks"] is True
