@@ -138,6 +138,11 @@ class TpmError(LuksTpmError):
         super().__init__(message, hint=hint, code=code)
         self.rc = rc
 
+    @property
+    def wrong_auth(self) -> bool:
+        """The authorization value (the PIN) was wrong: a dictionary-attack failure was counted."""
+        return self.rc in (int(TPM2_RC.AUTH_FAIL), int(TPM2_RC.BAD_AUTH))
+
 
 def _translate(error: TSS2_Exception, doing: str) -> TpmError:
     rc = _rc(error)

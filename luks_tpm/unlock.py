@@ -145,7 +145,7 @@ class KeyRecovery:
         try:
             return self.tpm.unseal(token.blob, esys, token.pcr_policy, pin)
         except TpmError as error:
-            if token.pin and error.code is ExitCode.UNLOCK_FAILED and "PIN" in error.message:
+            if error.wrong_auth:
                 error.message += f"; {wait_for_lockout_text(self.tpm.lockout_state())}"
             elif error.code is ExitCode.LOCKED_OUT:
                 state = self.tpm.lockout_state()
