@@ -6,7 +6,6 @@ before success is reported, and nothing removes the last way into a volume unles
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import uuid as uuid_module
@@ -120,9 +119,6 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
             key = recovery.derive(uuid, salt, settings.key_size, parent, None)
             endorsement = tpm.endorsement_name()
         try:
-            token = Token(mode=Mode.DERIVED, digest=0, key_size=len(key), pcr_bank=settings.bank, pcrs=(),
-                          policy=b"", pin=False, parent=parent, created=utc_now(), salt=salt, wrapped_key=None,
-                          endorsement=endorsement)
             with open_device(path, load=False) as device:
                 cipher, _, mode = settings.cipher.partition("-")
                 progress(f"writing a LUKS2 header ({settings.cipher}, {8 * len(key)}-bit key) to {path}")
@@ -132,8 +128,9 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
                                         label=settings.label)
                 except CryptsetupError as error:
                     raise _write_error(device, error) from None
-                if default_digest(device) != token.digest:
-                    token = dataclasses.replace(token, digest=default_digest(device))
+                token = Token(mode=Mode.DERIVED, digest=default_digest(device), key_size=len(key),
+                              pcr_bank=settings.bank, pcrs=(), policy=b"", pin=False, parent=parent,
+                              created=utc_now(), salt=salt, wrapped_key=None, endorsement=endorsement)
                 token_id = _add_verified(device, tpm, token, key, None)
                 keyslot = None
                 secret = passphrase or recovery_key

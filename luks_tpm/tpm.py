@@ -199,9 +199,8 @@ def _tpm_errors(doing: str) -> Iterator[None]:
 def _secret_from_tpm2b(value: Any) -> Secret:
     """Copy a TPM2B returned by ESYS into a Secret and zero the ESYS allocation before it is freed."""
     cdata = value._cdata
-    raw = ffi.buffer(cdata.buffer, cdata.size)
     try:
-        return Secret.copy_of(raw, wipe_source=True)
+        return Secret.copy_of(ffi.buffer(cdata.buffer, cdata.size))
     finally:
         ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
 
@@ -668,16 +667,6 @@ class Tpm:
             return _secret_from_tpm2b(result)
         finally:
             self.flush(sealed)
-
-    # ---- tests and tooling --------------------------------------------------------------------------
-
-    def extend_pcr(self, index: int, bank: Bank, digest: bytes) -> None:
-        from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA
-
-        value = TPMT_HA(hashAlg=bank.algorithm)
-        value.digest.sha256 = digest
-        with _tpm_errors("extending a PCR"):
-            self._esapi.pcr_extend(ESYS_TR(ESYS_TR.PCR0 + index), TPML_DIGEST_VALUES([value]))
 
 
 def wait_for_lockout_text(state: LockoutState) -> str:
