@@ -25,18 +25,29 @@ def hmac_message(uuid: str, salt: bytes) -> bytes:
 
 
 def expand(prk: Secret, uuid: str, length: int) -> Secret:
-    """HKDF-Expand-SHA256 (RFC 5869 §2.3) with info = "luks-tpm volume key" 0x00 UUID L(2 bytes BE)."""
+    """The volume key (or KEK): HKDF-Expand-SHA256 with info = "luks-tpm volume key" 0x00 UUID L."""
+    return hkdf_expand(prk, b"luks-tpm volume key\0" + uuid.encode("ascii") + length.to_bytes(2, "big"), length)
+
+
+def hkdf_expand(prk: Secret, info: bytes, length: int) -> Secret:
+    """HKDF-Expand-SHA256 (RFC 5869 section 2.3). Every intermediate holding key bytes is a Secret: the
+    previous block T(i-1) is fed to the HMAC from its Secret (no `T || info || i` bytes object), and
+    each HMAC output is copied out and scrubbed."""
     if not 0 < length <= 255 * _HASH_SIZE:
         raise ValueError(f"cannot derive {length} bytes")
-    info = b"luks-tpm volume key\0" + uuid.encode("ascii") + length.to_bytes(2, "big")
     okm = Secret(length)
-    previous = b""
+    previous = 0
     for counter, offset in enumerate(range(0, length, _HASH_SIZE), start=1):
-        block = hmac.digest(prk.view(), previous + info + bytes([counter]), "sha256")
-        scrub_bytes(previous)
-        okm.view()[offset : offset + _HASH_SIZE] = block[: length - offset]
-        previous = block
-    scrub_bytes(previous)
+        mac = hmac.new(prk.buffer(), digestmod="sha256")
+        if previous:
+            mac.update(okm.view()[offset - _HASH_SIZE : offset])
+        mac.update(info)
+        mac.update(bytes([counter]))
+        block = mac.digest()
+        size = min(_HASH_SIZE, length - offset)
+        okm.view()[offset : offset + size] = memoryview(block)[:size]
+        scrub_bytes(block)
+        previous = size
     return okm
 
 

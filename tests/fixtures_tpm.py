@@ -70,9 +70,13 @@ class Swtpm:
         return subprocess.run(["tpm2_" + args[0], "-T", self.tcti, *args[1:]], check=True,
                               capture_output=True, text=True)
 
-    def assert_clean(self) -> None:
+    def loaded_handles(self) -> list[int]:
+        """Transient objects and sessions currently in the TPM (loaded and saved sessions included)."""
         with Tpm(self.tcti) as tpm:
-            left = tpm.loaded_handles()
+            return [handle for first in (0x80000000, 0x02000000, 0x03000000) for handle in tpm.handles(first)]
+
+    def assert_clean(self) -> None:
+        left = self.loaded_handles()
         assert left == [], f"the TPM still holds transient objects or sessions: {[hex(h) for h in left]}"
 
 
