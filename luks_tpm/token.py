@@ -1,4 +1,4 @@
-"""The `luks-tpm` LUKS2 token (DESIGN.md §3, a contract): parse, validate, serialize.
+"""The `luks-tpm` LUKS2 token (docs/token-format.md, a contract): parse, validate, serialize.
 
 Unknown fields are kept and written back unchanged; a higher `version` is refused. Nothing in a
 token is secret: derived tokens hold a salt and a wrapped key, sealed tokens a TPM-bound blob.

@@ -239,7 +239,7 @@ def srk_template() -> TPM2B_PUBLIC:
 
 
 def derived_primary_template(policy: bytes) -> TPM2B_PUBLIC:
-    """DESIGN.md §4 (contract): the keyed-hash primary whose HMAC key is re-created from the owner seed."""
+    """docs/derivation.md (contract): the keyed-hash primary whose HMAC key is re-created from the owner seed."""
     attributes = (
         TPMA_OBJECT.FIXEDTPM
         | TPMA_OBJECT.FIXEDPARENT
@@ -256,7 +256,7 @@ def derived_primary_template(policy: bytes) -> TPM2B_PUBLIC:
 
 
 def sealed_object_template(policy: bytes, *, pin: bool) -> TPM2B_PUBLIC:
-    """DESIGN.md §5: sealed data under the SRK, usable only through its policy; noDA unless a PIN guards it."""
+    """docs/sealing.md: sealed data under the SRK, usable only through its policy; noDA unless a PIN guards it."""
     attributes = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
     if not pin:
         attributes |= TPMA_OBJECT.NODA
