@@ -1,4 +1,4 @@
-"""The software half of key derivation and wrapping (DESIGN.md §4, a contract).
+"""The software half of key derivation and wrapping (docs/derivation.md, a contract).
 
 PRK comes from the TPM (`TPM2_HMAC` with the derived primary over `hmac_message`); everything here
 is deterministic and is pinned by fixed test vectors. All key material stays in `Secret`s; the only

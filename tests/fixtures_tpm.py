@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -42,10 +43,21 @@ class Swtpm:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not (self.socket.exists() and Path(f"{self.socket}.ctrl").exists()):
+        while not self._accepting():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"swtpm did not start (exit {self.process.poll()})")
             time.sleep(0.01)
+
+    def _accepting(self) -> bool:
+        """swtpm creates its socket files a moment before it listens on them (a connection can be refused
+        in between, about 1 start in 13 here): connect to both once to be sure."""
+        for path in (self.socket, Path(f"{self.socket}.ctrl")):
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    return False
+        return True
 
     def stop(self) -> None:
         """Shut down cleanly so the state is saved, as a real power-off would."""

@@ -1,4 +1,4 @@
-"""DESIGN.md §6 "Bus" and "Memory": key material never crosses the TPM bus in clear, nor lingers in memory.
+"""docs/security.md, "Bus" and "Memory": key material never crosses the TPM bus in clear, nor lingers in memory.
 
 The bus tests put a recording proxy (tests/tpm_proxy.py) between luks-tpm and swtpm, which sees what an
 interposer on the LPC/SPI bus would. Each proves it can fail: the same secret, fetched once *without*

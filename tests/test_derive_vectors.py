@@ -1,4 +1,4 @@
-"""The software half of the derivation (DESIGN.md §4) pinned by fixed vectors: a contract.
+"""The software half of the derivation (docs/derivation.md) pinned by fixed vectors: a contract.
 
 The vectors were computed once by this implementation and cross-checked here against independent
 implementations (cryptography's HKDF-Expand and RFC 3394 key wrap), so a change to either side fails.
