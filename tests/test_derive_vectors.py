@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
@@ -77,3 +78,49 @@ def test_unwrap_rejects_wrong_kek_and_damage() -> None:
     damaged[20] ^= 1
     assert derive.unwrap(secret(KEK_32), bytes(damaged)) is None
     assert derive.unwrap(secret(KEK_32), WRAPPED[:-1]) is None
+
+
+# Application keys (request-key `user luks-tpm:app:<name>`, decisions of issue 12): computed with
+# cryptography's HKDF-Expand from the documented info, then pinned here.
+APP_PRK = bytes(range(32))
+APP_VECTORS = [
+    (1000, "myservice", 32, "41fcc0f5454b6f88d13d6453235d0fc67a562556ffd988fabbe5ba62de80017e"),
+    (1001, "myservice", 32, "1dd7f84f4d9ebbfe45b96aa1c232dba7b9dc77b66fa3b6dfc1710d82e52d9db0"),
+    (1000, "myservice", 16, "9f0250945c3560947cda8e014a375644"),
+    (0, "backup@db-1.example:primary", 64,
+     "81248d95df10cff0dbe94bfe647444cd0c2c8a10daa8e9f1620829db8e52e6d2"
+     "d1ed13c2f9e3ea31f28ef6d0d08e522f15efdc95743f7ca835a91fd24deb2d61"),
+]
+
+
+def test_app_hmac_message_layout() -> None:
+    assert derive.app_hmac_message(1000, "myservice") == b"luks-tpm/app/v1\x001000\x00myservice"
+    assert derive.app_hmac_message(0, "a") == b"luks-tpm/app/v1\x000\x00a"
+    # Never a volume message: those start "luks-tpm/v1\0".
+    assert not derive.app_hmac_message(0, "a").startswith(derive.hmac_message(UUID, b"")[:12])
+
+
+def test_app_key_vectors() -> None:
+    for uid, name, length, expected in APP_VECTORS:
+        key = derive.app_expand(secret(APP_PRK), uid, name, length)
+        assert bytes(key.view()).hex() == expected
+        info = b"luks-tpm application key\x00" + str(uid).encode() + b"\x00" + name.encode() + length.to_bytes(2, "big")
+        assert HKDFExpand(hashes.SHA256(), length, info).derive(APP_PRK).hex() == expected
+
+
+def test_app_key_domain_is_not_the_volume_domain() -> None:
+    """Same PRK, same length: an application key named like a volume UUID is not that volume's key."""
+    assert bytes(derive.app_expand(secret(PRK), 0, UUID, 32).view()) != KEK_32
+
+
+def test_app_key_rejects_bad_lengths_names_and_uids() -> None:
+    for length in (0, 15, 65, 255):
+        with pytest.raises(ValueError):
+            derive.app_expand(secret(APP_PRK), 1000, "myservice", length)
+    for name in ("", "x" * 201, "a/b", "a b", "naïve", "a;b", "a\0b"):
+        with pytest.raises(ValueError):
+            derive.app_hmac_message(1000, name)
+    for uid in (-1, 2**32):
+        with pytest.raises(ValueError):
+            derive.app_hmac_message(uid, "myservice")
+    assert derive.app_hmac_message(1000, "x" * 200).endswith(b"x" * 200)
