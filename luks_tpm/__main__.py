@@ -6,18 +6,22 @@ from __future__ import annotations
 import logging
 import sys
 
-import click
-
 from .errors import ExitCode, LuksTpmError
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if _is_request_key(args):  # a kernel upcall: no click, nothing slow (see requestkey.py)
+        from .requestkey import main as request_key
+
+        sys.exit(request_key(args))
+    import click
+
     from . import cli
     from .secret import make_undumpable
 
     # Every command may hold key material: no core dumps, no ptrace by unprivileged processes.
     make_undumpable()
-    args = sys.argv[1:] if argv is None else argv
     verbose = cli.verbosity(args)
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
                         format="luks-tpm: %(name)s: %(message)s")
@@ -44,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"luks-tpm: internal error ({type(error).__name__}); rerun with -v and report it", file=sys.stderr)
         sys.exit(ExitCode.BUG)
+
+
+def _is_request_key(args: list[str]) -> bool:
+    """`[--tcti SPEC | --tcti=SPEC] request-key KEY TYPE DESCRIPTION CALLOUT SESSION`, as request-key.conf runs it."""
+    rest = args[2:] if args[:1] == ["--tcti"] else args[1:] if args[:1] and args[0].startswith("--tcti=") else args
+    return len(rest) == 6 and rest[0] == "request-key"
 
 
 def cli_json(args: list[str]) -> bool:
