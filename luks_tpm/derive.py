@@ -40,7 +40,7 @@ APP_NAME = re.compile(r"[A-Za-z0-9._@+:-]{1,200}")
 
 
 def _app_binding(uid: int, name: str) -> bytes:
-    if not 0 <= uid < 2**32 or not APP_NAME.fullmatch(name):
+    if not 0 <= uid < 2**32 - 1 or not APP_NAME.fullmatch(name):  # (uid_t)-1 is no uid
         raise ValueError("invalid application key uid or name")
     return str(uid).encode("ascii") + b"\0" + name.encode("ascii")
 

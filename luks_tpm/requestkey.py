@@ -4,7 +4,7 @@ that is not there yet (request_key(2), `keyctl request2`), configured in /etc/re
     luks-tpm [--tcti SPEC] request-key %k %t %d %c %S
 
 - `logon cryptsetup:<uuid>-d<digest>`, callout = the LUKS2 device, or `-` to find the block device with
-  that UUID: the volume key, recovered and verified exactly as `load-key` does it.
+  that UUID: the volume key, recovered and verified exactly as `load-key` does it; for root only.
 - `user luks-tpm:app:<name>`, callout = the length in bytes (16-64): an application key derived by the
   TPM for the requesting uid and that name (derive.app_hmac_message, derive.app_expand).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 import syslog
 from pathlib import Path
@@ -134,6 +135,10 @@ def _answer(request: _Request, uid: int) -> Secret:
         if match is None:
             die("not a volume key: logon keys luks-tpm answers are cryptsetup:<uuid>-d<digest>",
                 code=ExitCode.USAGE)
+        if uid != 0:
+            # Only root can load a dm table that uses the key; nobody else needs root to recover it, or to
+            # open a device path of their choosing on their behalf.
+            die("volume keys are only for root requesters", code=ExitCode.REFUSED)
         return _volume_key(request.tcti, match[1], int(match[2]), request.callout)
     if request.type == "user" and request.description.startswith(_APP_PREFIX):
         from .derive import APP_KEY_SIZES, APP_NAME
@@ -169,6 +174,12 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
             die(f"no block device has a LUKS header with UUID {uuid}", code=ExitCode.DEVICE)
     elif callout.startswith("/"):
         path = Path(callout)
+        try:
+            mode = path.stat().st_mode
+        except OSError as error:
+            die(f"{path}: {error.strerror}", code=ExitCode.DEVICE)
+        if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):  # a FIFO or a tty would hang the request
+            die(f"{path} is neither a block device nor an image file", code=ExitCode.DEVICE)
     else:
         die(f"the callout info must be the device's absolute path or '-', not {callout[:100]!r}",
             code=ExitCode.USAGE)

@@ -208,9 +208,13 @@ def test_volume_requests_that_cannot_be_answered_are_negated(swtpm: Swtpm, upcal
         (f"cryptsetup:{uuid}-d2", str(other.path)),  # another volume
         (f"cryptsetup:{uuid}-d3", "volume.img"),  # not an absolute path
         (f"cryptsetup:{uuid}-d4", str(tmp_path / "absent.img")),
+        (f"cryptsetup:{uuid}-d5", "/dev/null"),  # not a block device or an image file
         (f"cryptsetup:{other.uuid}-d0", str(other.path)),  # no luks-tpm token to recover it with
     ]:
         assert ENOKEY_TEXT in refused("logon", description, callout), description
+    with fsuid(1000), pytest.raises(keyring.KeyringError) as caught:  # volume keys are for root only
+        keyring.request_key("logon", f"cryptsetup:{uuid}-d0", str(image), keyring.SESSION)
+    assert caught.value.errno == errno.ENOKEY
     assert file_digest(image) == header
     other.volume_key.close()
     other.passphrase.close()
