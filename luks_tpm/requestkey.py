@@ -70,7 +70,9 @@ def _parse(argv: list[str]) -> _Request:
     return _Request(tcti, key, key_type, description, callout, session)
 
 
-def _log(priority: int, line: str) -> None:
+def _log(priority: int, text: str) -> None:
+    # Descriptions and callouts come from the requester: one line, printable, bounded.
+    line = "".join(char if char.isprintable() else "?" for char in text)[:1000]
     # LOG_AUTHPRIV: who got which key is security information. No LOG_CONS: never the console.
     syslog.openlog("luks-tpm", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
     syslog.syslog(priority, line)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from tpm2_pytss.constants import TPM2_ALG
 
 from luks_tpm import keyring
 from luks_tpm.doctor import request_key_check
@@ -33,7 +34,16 @@ from luks_tpm.tpm import Tpm
 
 from .fixtures_luks import TEST_PASSPHRASE, file_digest, make_luks_image
 from .fixtures_tpm import Swtpm
-from .helpers import REPO, format_derived, luks_tpm
+from .helpers import REPO, format_derived, luks_tpm, luks_tpm_json
+from .tpm_proxy import (
+    TPM_CC_HMAC,
+    TPM_CC_START_AUTH_SESSION,
+    TPMA_SESSION_ENCRYPT,
+    TpmProxy,
+    command_sessions,
+    parse_start_auth_session,
+    start_auth_session_handle,
+)
 
 REQUEST_KEY_D = Path("/etc/request-key.d")
 NEGATE_SECONDS = 2  # the handler's negative-key timeout in these tests (10 s by default)
@@ -290,6 +300,32 @@ def test_app_key_for_an_unprivileged_process(swtpm: Swtpm, upcall: Upcall) -> No
     assert result.stdout.split()[0] == expected
 
 
+def test_app_key_crosses_the_bus_encrypted(swtpm: Swtpm, upcalls: Callable[[str], Upcall], tmp_path: Path) -> None:
+    with TpmProxy(swtpm.socket, tmp_path / "proxy.sock") as (proxy, tcti):
+        upcall = upcalls(tcti)
+        key = take(request("user", upcall.app("bus"), "64"))
+        started = {}
+        hmacs = 0
+        for command, response in proxy.exchanges:
+            code = int.from_bytes(command[6:10], "big")
+            if code == TPM_CC_START_AUTH_SESSION and response is not None:
+                started[start_auth_session_handle(response)] = parse_start_auth_session(command)
+            if code == TPM_CC_HMAC:
+                hmacs += 1
+                [(handle, attributes)] = command_sessions(command, handles=1)
+                assert attributes & TPMA_SESSION_ENCRYPT, f"HMAC session attributes {attributes:#x}"
+                start = started[handle]
+                assert start.tpm_key >> 24 in (0x80, 0x81), f"not salted by the SRK: tpmKey {start.tpm_key:#x}"
+                assert start.symmetric == (0x0006, 128, 0x0043)  # AES-128-CFB
+        assert hmacs == 1, proxy.command_names()
+        traffic = proxy.traffic
+    message = b"luks-tpm/app/v1\x000\x00" + f"{upcall.prefix}bus".encode()
+    with Tpm(swtpm.tcti) as tpm, tpm.derived_primary() as primary:  # in clear, not through the proxy
+        prk = bytes(tpm._esapi.hmac(primary, message, TPM2_ALG.SHA256))
+    for secret in (prk, key):
+        assert not [i for i in range(len(secret) - 15) if secret[i : i + 16] in traffic], "crossed the bus in clear"
+
+
 def test_app_key_length_and_name_are_checked(swtpm: Swtpm, upcall: Upcall) -> None:
     # A negative key answers every later request for its description: one description per case.
     for number, length in enumerate(["15", "65", "032", "abc", "", "16 "]):
@@ -341,6 +377,10 @@ def test_each_request_logs_one_line(swtpm: Swtpm, upcall: Upcall, syslog_socket:
     [line] = received(syslog_socket, upcall.prefix)
     assert line.startswith("<86>") and "instantiated key" in line  # LOG_AUTHPRIV | LOG_INFO
 
+    refused("user", upcall.app("bad\nname"), "32")  # the requester chooses the description: still one line
+    [line] = received(syslog_socket, upcall.prefix)
+    assert "\n" not in line and f"{upcall.app('bad?name')} for uid 0: invalid application key name" in line
+
 
 def test_without_the_authority_nothing_happens() -> None:
     """Run by hand, not by /sbin/request-key: it cannot act for any key, and says so."""
@@ -379,7 +419,11 @@ def test_make_install_puts_the_conf_in_place(tmp_path: Path) -> None:
     assert not conf.exists()
 
 
-def test_doctor_says_whether_the_handler_is_installed(tmp_path: Path) -> None:
+def test_doctor_says_whether_the_handler_is_installed(tmp_path: Path, swtpm: Swtpm) -> None:
+    checks = {check["name"]: check for check in luks_tpm_json("doctor", tcti=swtpm.tcti)["checks"]}
+    installed = Path("/etc/request-key.d/luks-tpm.conf").exists()
+    assert ("handler installed" if installed else "not installed") in checks["request-key"]["detail"]
+
     helper = tmp_path / "request-key"
     helper.write_text("#!/bin/sh\n")
     helper.chmod(0o755)
