@@ -84,7 +84,10 @@ def request_key_check(conf: Path = REQUEST_KEY_CONF, helper: Path = REQUEST_KEY)
         return Check("request-key", False, f"{conf} runs {', '.join(missing) or 'nothing'}, which is not "
                      "an executable", "fix the program path on its lines (absolute, see request-key.conf(5))")
     types = sorted({f"{words[1]} {words[2]}" for words in lines if len(words) > 5})
-    return Check("request-key", True, f"handler installed for {', '.join(types)}, run by {helper}")
+    tctis = sorted({words[i + 1] for words in lines for i in range(len(words) - 1) if words[i] == "--tcti"}
+                   | {word.removeprefix("--tcti=") for words in lines for word in words if word.startswith("--tcti=")})
+    return Check("request-key", True, f"handler installed for {', '.join(types)}, run by {helper}; "
+                 f"TPM: {', '.join(tctis) or 'the default (device:/dev/tpmrm0)'}")
 
 
 def doctor(tcti: str) -> Report:

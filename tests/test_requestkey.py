@@ -432,7 +432,9 @@ def test_doctor_says_whether_the_handler_is_installed(tmp_path: Path, swtpm: Swt
 
     conf.write_text(f"# comment\ncreate user luks-tpm:app:* * {helper} request-key %k %t %d %c %S\n")
     check = request_key_check(conf, helper)
-    assert check.ok and "user luks-tpm:app:*" in check.detail
+    assert check.ok and "user luks-tpm:app:*" in check.detail and "TPM: the default" in check.detail
+    conf.write_text(f"create user luks-tpm:app:* * {helper} --tcti swtpm:path=/s request-key %k %t %d %c %S\n")
+    assert "TPM: swtpm:path=/s" in request_key_check(conf, helper).detail
 
     assert not request_key_check(conf, tmp_path / "absent").ok  # the kernel's helper is missing
     conf.write_text(f"create user luks-tpm:app:* * {tmp_path}/gone request-key %k %t %d %c %S\n")
