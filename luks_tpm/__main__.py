@@ -45,6 +45,11 @@ def _error(options: Globals, message: str, hint: str | None, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if _is_request_key(args):  # a kernel upcall: no click, nothing slow (see requestkey.py)
+        from .requestkey import main as request_key
+
+        sys.exit(request_key(args))
     import click
 
     from . import cli
@@ -52,7 +57,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every command may hold key material: no core dumps, no ptrace by unprivileged processes.
     make_undumpable()
-    args = sys.argv[1:] if argv is None else argv
     options = cli.Globals()
     try:
         cli.main.main(args, prog_name="luks-tpm", standalone_mode=False, obj=options)
@@ -71,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         if options.verbose:
             raise
         _error(options, f"internal error ({type(error).__name__}); rerun with -v and report it", None, ExitCode.BUG)
+
+
+def _is_request_key(args: list[str]) -> bool:
+    """`[--tcti SPEC | --tcti=SPEC] request-key KEY TYPE DESCRIPTION CALLOUT SESSION`, as request-key.conf runs
+    it: the one fixed, machine-made argv shape dispatched before the command line is parsed."""
+    rest = args[2:] if args[:1] == ["--tcti"] else args[1:] if args[:1] and args[0].startswith("--tcti=") else args
+    return len(rest) == 6 and rest[0] == "request-key"
 
 
 if __name__ == "__main__":

@@ -440,6 +440,23 @@ def remove(device: Path, token_id: int, force: bool) -> None:
     _emit(run(_globals().tcti, device, token_id, force))
 
 
+@main.command("request-key", context_settings={"ignore_unknown_options": True})
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+def request_key(arguments: tuple[str, ...]) -> None:
+    """Handler for /sbin/request-key: KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING.
+
+    \b
+    Run by the kernel, from /etc/request-key.d/luks-tpm.conf, as
+      luks-tpm --tcti SPEC request-key %k %t %d %c %S
+    when a program asks for a key that is not there (request_key(2)):
+      logon cryptsetup:<uuid>-d<digest>  callout: the LUKS2 device, or -
+      user  luks-tpm:app:<name>          callout: the length in bytes, 16-64
+    It answers through the keyring, logs to syslog, and is of no use from a shell.
+    """
+    die(f"request-key takes exactly KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING ({len(arguments)} given), "
+        "and only /sbin/request-key can run it", hint="see `luks-tpm request-key --help`", code=ExitCode.USAGE)
+
+
 @main.command()
 @global_options
 def fence() -> None:

@@ -57,11 +57,19 @@ def resolve(entry: Entry, dev: Path = Path("/dev"), sys_block: Path = Path("/sys
     if link.exists():
         return dataclasses.replace(entry, device=str(link))
     if kind == "UUID":
-        for block in sorted(sys_block.glob("*")) if sys_block.exists() else []:
-            candidate = dev / block.name
-            if _luks_uuid(candidate) == value.lower():
-                return dataclasses.replace(entry, device=str(candidate))
+        found = luks_device(value, dev, sys_block)
+        if found is not None:
+            return dataclasses.replace(entry, device=str(found))
     die(f"crypttab entry {entry.name}: no device with {entry.device}", code=ExitCode.DEVICE)
+
+
+def luks_device(uuid: str, dev: Path = Path("/dev"), sys_block: Path = Path("/sys/class/block")) -> Path | None:
+    """The block device whose LUKS header carries `uuid`, found by reading every block device's header."""
+    for block in sorted(sys_block.glob("*")) if sys_block.exists() else []:
+        candidate = dev / block.name
+        if _luks_uuid(candidate) == uuid.lower():
+            return candidate
+    return None
 
 
 def _luks_uuid(path: Path) -> str | None:

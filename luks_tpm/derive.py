@@ -8,6 +8,7 @@ is deterministic and is pinned by fixed test vectors. All key material stays in 
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -49,6 +50,32 @@ def hkdf_expand(prk: Secret, info: bytes, length: int) -> Secret:
         scrub_bytes(block)
         previous = size
     return okm
+
+
+# Application keys (`luks-tpm request-key`, type user, `luks-tpm:app:<name>`): the same derived primary
+# (the one without a policy), in a domain of their own: a message no volume derivation can produce
+# ("luks-tpm/app/v1" vs "luks-tpm/v1") and an HKDF info of their own.
+APP_KEY_SIZES = range(16, 65)
+APP_NAME = re.compile(r"[A-Za-z0-9._@+:-]{1,200}")
+
+
+def _app_binding(uid: int, name: str) -> bytes:
+    if not 0 <= uid < 2**32 - 1 or not APP_NAME.fullmatch(name):  # (uid_t)-1 is no uid
+        raise ValueError("invalid application key uid or name")
+    return str(uid).encode("ascii") + b"\0" + name.encode("ascii")
+
+
+def app_hmac_message(uid: int, name: str) -> bytes:
+    """What the TPM's HMAC key is applied to for the application key `name` of user `uid`."""
+    return b"luks-tpm/app/v1\0" + _app_binding(uid, name)
+
+
+def app_expand(prk: Secret, uid: int, name: str, length: int) -> Secret:
+    """HKDF-Expand-SHA256 with info = "luks-tpm application key" 0x00 uid 0x00 name L(2 bytes BE)."""
+    if length not in APP_KEY_SIZES:
+        raise ValueError(f"application keys are {APP_KEY_SIZES.start} to {APP_KEY_SIZES.stop - 1} bytes")
+    info = b"luks-tpm application key\0" + _app_binding(uid, name) + length.to_bytes(2, "big")
+    return hkdf_expand(prk, info, length)
 
 
 class _KeyWrap:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
+from pathlib import Path
 from typing import Any
 
 from . import cryptsetup, keyring
@@ -64,9 +67,39 @@ def _keyring_check() -> Check:
                      "the kernel needs CONFIG_KEYS; in containers, keyctl may be blocked by seccomp")
 
 
+REQUEST_KEY = Path("/sbin/request-key")  # the kernel runs exactly this path (CONFIG_KEYS)
+REQUEST_KEY_CONF = Path("/etc/request-key.d/luks-tpm.conf")
+
+
+def request_key_check(conf: Path = REQUEST_KEY_CONF, helper: Path = REQUEST_KEY) -> Check:
+    """Is the request-key handler installed, and can the kernel reach it? Not installed is fine (optional)."""
+    if not conf.exists():
+        return Check("request-key", True, f"handler not installed ({conf} absent; optional)",
+                     "`make install` installs it, for request_key(2) volume and application keys")
+    if not os.access(helper, os.X_OK):
+        return Check("request-key", False, f"{conf} is installed but the kernel's helper {helper} is missing",
+                     "install keyutils")
+    try:
+        lines = [shlex.split(line) for line in conf.read_text().splitlines() if line.strip()
+                 and not line.lstrip().startswith("#")]
+    except (OSError, ValueError) as error:
+        return Check("request-key", False, f"cannot read {conf}: {error}")
+    programs = {words[4] for words in lines if len(words) > 5}
+    missing = sorted(program for program in programs if not os.access(program, os.X_OK))
+    if not programs or missing:
+        return Check("request-key", False, f"{conf} runs {', '.join(missing) or 'nothing'}, which is not "
+                     "an executable", "fix the program path on its lines (absolute, see request-key.conf(5))")
+    types = sorted({f"{words[1]} {words[2]}" for words in lines if len(words) > 5})
+    tctis = sorted({words[i + 1] for words in lines for i in range(len(words) - 1) if words[i] == "--tcti"}
+                   | {word.removeprefix("--tcti=") for words in lines for word in words if word.startswith("--tcti=")})
+    return Check("request-key", True, f"handler installed for {', '.join(types)}, run by {helper}; "
+                 f"TPM: {', '.join(tctis) or 'the default (device:/dev/tpmrm0)'}")
+
+
 def doctor(tcti: str) -> Report:
     checks, facts = _tpm_checks(tcti)
     checks.append(_keyring_check())
+    checks.append(request_key_check())
     checks.append(Check("libcryptsetup", True, cryptsetup.library_version()))
     dm = cryptsetup.device_mapper_available()
     checks.append(Check("dm-crypt", dm, "available" if dm else "device-mapper or dm-crypt missing",

@@ -49,6 +49,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "keyctl_revoke": (_long, [_serial]),
     "keyctl_read": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
     "keyctl_describe": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
+    "request_key": (_serial, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _serial]),
+    "keyctl_assume_authority": (_long, [_serial]),
+    "keyctl_instantiate": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t, _serial]),
+    "keyctl_negate": (_long, [_serial, ctypes.c_uint, _serial]),
 }
 
 
@@ -176,3 +180,39 @@ def join_session_keyring(name: str | None = None) -> int:
     threads that already exist keep their own.
     """
     return _call("keyctl_join_session_keyring", None if name is None else name.encode())
+
+
+def request_key(key_type: str, description: str, callout: str | None, keyring: int) -> int:
+    """request_key(2), as an application asks for a key: found in its keyrings, or (with `callout`)
+    made by the /sbin/request-key handler for it; linked into `keyring`. Its serial."""
+    return _call("request_key", key_type.encode(), description.encode(),
+                 None if callout is None else callout.encode(), keyring)
+
+
+# ---- request-key handlers (the process /sbin/request-key runs for a key under construction) ----------
+
+
+def assume_authority(serial: int) -> None:
+    """Act for the process whose request created the uninstantiated key `serial` (calling thread only).
+
+    Only a process holding that request's authorization key (the one /sbin/request-key runs) can; after
+    this, `describe`, `instantiate` and `negate` work on the key, and the requester's keyrings are
+    searched as theirs.
+    """
+    _call("keyctl_assume_authority", serial)
+
+
+def instantiate(serial: int, payload: Secret, keyring: int = 0) -> None:
+    """Give the key under construction its payload, read in place from `payload`; waiters wake up.
+
+    `keyring` 0 links it nowhere new: the kernel already linked the key into the keyring the requester
+    named (or its default request-key keyring) when the request began.
+    """
+    _call("keyctl_instantiate", serial, payload.as_ctypes(), len(payload), keyring)
+
+
+def negate(serial: int, seconds: int, keyring: int = 0) -> None:
+    """Instantiate the key negatively: requests for it fail with ENOKEY, without an upcall, for `seconds`."""
+    if not 0 < seconds < 2**32:
+        raise ValueError(f"invalid negative-key timeout {seconds}")
+    _call("keyctl_negate", serial, seconds, keyring)
