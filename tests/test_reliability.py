@@ -48,7 +48,7 @@ def tokens(image: Path) -> dict[int, dict[str, Any]]:
     return {i: t for i, t in volumes.tokens(image).items() if t.get("type") == "luks-tpm"}
 
 
-def load_key(image: Path, tcti: str, *args: str | Path, expect: int = 0,
+def load_key(image: Path, tcti: str, *args: str | Path, expect: int | None = 0,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return luks_tpm("load-key", image, *args, tcti=tcti, expect=expect, stdin=b"", env=env)
 
