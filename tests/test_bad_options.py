@@ -134,8 +134,8 @@ def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
     """A command line that is right except for `option`'s value."""
     f = s.files
     if command == "format":
-        return ["format", s.blank, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--yes",
-                *([] if option == "--passphrase-file" else ["--passphrase-file", f["passphrase"]])]
+        recovery: list[str | Path] = [] if option == "--passphrase-file" else ["--passphrase-file", f["passphrase"]]
+        return ["format", s.blank, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--yes", *recovery]
     if command == "enroll":
         extra: list[str | Path] = [] if option == "--unlock-key-file" else ["--unlock-key-file", f["passphrase"]]
         mode = [] if option == "--mode" else ["--mode", "sealed"]
