@@ -45,6 +45,8 @@ def child(request):
         os.dup2(fd, target)
         os.close(fd)
     os.closerange(3, 256)
+    if request.get("delay"):
+        time.sleep(request["delay"])
     code = 0
     try:
         entry.main(request["args"])
@@ -127,9 +129,11 @@ class ForkedCli:
 
     def run_many(self, commands: Sequence[Sequence[str | os.PathLike[str]]], *, tcti: str | None,
                  stdin: bytes = b"", parallel: int = 1, lanes: Sequence[str] | None = None,
+                 delays: Sequence[float] | None = None,
                  timeout: float = 60) -> list[subprocess.CompletedProcess[str]]:
         """Run independent commands, up to `parallel` at once but never two of the same lane (e.g. two
-        on one swtpm, which has no resource manager); results in the order given."""
+        on one swtpm, which has no resource manager); `delays`: seconds each child waits before it runs
+        (to stagger concurrent commands); results in the order given."""
         with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
             input_path = Path(scratch) / "stdin"
             input_path.write_bytes(stdin)
@@ -140,6 +144,7 @@ class ForkedCli:
                 argvs.append(argv)
                 requests.append({"args": argv, "stdin": str(input_path), "timeout": timeout,
                                  "lane": lanes[number] if lanes is not None else None,
+                                 "delay": delays[number] if delays is not None else 0,
                                  "out": f"{scratch}/{number}.out", "err": f"{scratch}/{number}.err"})
             os.write(self._requests, (json.dumps({"requests": requests, "parallel": parallel}) + "\n").encode())
             line = self._replies.readline()

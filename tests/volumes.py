@@ -115,7 +115,7 @@ def keyslots(image: Path) -> list[int]:
 def flush_tpm(tcti: str) -> None:
     """What a resource manager does when a client dies: flush its transient objects and sessions.
     swtpm on a socket has none, so a killed luks-tpm would otherwise leave the TPM full."""
-    for kind in ("-t", "-l", "-s"):
+    for kind in ("-t", "-l"):
         run("tpm2_flushcontext", "-T", tcti, kind, check=False)
 
 
