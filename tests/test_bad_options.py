@@ -36,40 +36,56 @@ class Setup:
     files: dict[str, Path]
 
 
+def _make_setup(work: Path, swtpm: Swtpm, cli: ForkedCli) -> Setup:
+    passphrase = volumes.passphrase_file(work)
+    volume = volumes.luks_format(work / "volume.img", passphrase)
+    pin = work / "pin"
+    pin.write_bytes(b"2468")
+    cli.run("enroll", volume, "--mode", "derived", "--unlock-key-file", passphrase, tcti=swtpm.tcti)
+    cli.run("enroll", volume, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase, tcti=swtpm.tcti)
+    cli.run("enroll", volume, "--mode", "sealed", "--pcrs", "7", "--pin-file", pin, "--unlock-key-file",
+            passphrase, tcti=swtpm.tcti)
+    blank = work / "blank.img"
+    with open(blank, "wb") as handle:
+        handle.truncate(32 << 20)
+    empty = work / "empty"
+    empty.write_bytes(b"")
+    big = work / "big"
+    with open(big, "wb") as handle:
+        handle.truncate(9 << 20)
+    crypttab = work / "crypttab"
+    crypttab.write_text("onlyaname\n")
+    files = {"passphrase": passphrase, "pin": pin, "empty": empty, "big": big, "dir": work,
+             "through-file": passphrase / "x", "missing": work / "missing", "zero": Path("/dev/zero"),
+             "null": Path("/dev/null"), "crypttab-garbage": crypttab}
+    for length in (33, 64, 65, 1000):
+        path = work / f"pin-{length}"
+        path.write_bytes(b"7" * length)
+        files[f"pin-{length}"] = path
+    return Setup(swtpm.tcti, volume, blank, files)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[Setup]:
-    work = tmp_path_factory.mktemp("options")
-    swtpm = Swtpm(work / "swtpm")
-    swtpm.start()
+def setups(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[list[Setup]]:
+    """Two of everything (TPM, volumes, files), so two commands can run at once on two cores."""
+    started = []
     try:
-        passphrase = volumes.passphrase_file(work)
-        volume = volumes.luks_format(work / "volume.img", passphrase)
-        pin = work / "pin"
-        pin.write_bytes(b"2468")
-        cli.run("enroll", volume, "--mode", "derived", "--unlock-key-file", passphrase, tcti=swtpm.tcti)
-        cli.run("enroll", volume, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase, tcti=swtpm.tcti)
-        cli.run("enroll", volume, "--mode", "sealed", "--pcrs", "7", "--pin-file", pin, "--unlock-key-file",
-                passphrase, tcti=swtpm.tcti)
-        blank = work / "blank.img"
-        with open(blank, "wb") as handle:
-            handle.truncate(32 << 20)
-        empty = work / "empty"
-        empty.write_bytes(b"")
-        big = work / "big"
-        with open(big, "wb") as handle:
-            handle.truncate(9 << 20)
-        crypttab = work / "crypttab"
-        crypttab.write_text("onlyaname\n")
-        files = {"passphrase": passphrase, "pin": pin, "empty": empty, "big": big, "dir": work,
-                 "through-file": passphrase / "x", "missing": work / "missing", "zero": Path("/dev/zero"),
-                 "null": Path("/dev/null"), "crypttab-garbage": crypttab}
-        for length in (33, 64, 65, 1000):
-            path = work / f"pin-{length}"
-            path.write_bytes(b"7" * length)
-            files[f"pin-{length}"] = path
-        yield Setup(swtpm.tcti, volume, blank, files)
+        made = []
+        for number in range(2):
+            work = tmp_path_factory.mktemp(f"options-{number}")
+            swtpm = Swtpm(work / "swtpm")
+            swtpm.start()
+            started.append(swtpm)
+            made.append(_make_setup(work, swtpm, cli))
+        yield made
     finally:
-        swtpm.stop()
+        for swtpm in started:
+            swtpm.stop()
+
+
+@pytest.fixture
+def setup(setups: list[Setup]) -> Setup:
+    return setups[0]
 
 
 def _file_values(files: dict[str, Path], *names: str) -> list[tuple[str, str]]:
@@ -181,35 +197,43 @@ def test_every_option_has_bad_values(setup: Setup, cli: ForkedCli) -> None:
     assert not missing, f"options without bad values to try: {missing}"
 
 
-def test_bad_option_values_exit_2_in_one_line(setup: Setup, cli: ForkedCli) -> None:
-    table = bad_values(setup)
-    jobs: list[tuple[str, str, str, list[str | Path]]] = []
-    for (command, option), values in table.items():
-        for label, value in values:
-            jobs.append((command, option, label, [*base_argv(command, option, setup), option, value]))
-    pristine = {path: volumes.copy_image(path, path.with_suffix(".pristine")) for path in (setup.volume, setup.blank)}
-    before = {path: file_digest(path) for path in pristine}
+def test_bad_option_values_exit_2_in_one_line(setups: list[Setup], cli: ForkedCli) -> None:
+    jobs: list[tuple[Setup, str, str, str, list[str | Path]]] = []
+    tables = [bad_values(lane) for lane in setups]
+    for (command, option), values in tables[0].items():
+        for index in range(len(values)):
+            lane = setups[len(jobs) % len(setups)]
+            label, value = tables[setups.index(lane)][command, option][index]
+            jobs.append((lane, command, option, label, [*base_argv(command, option, lane), option, value]))
+    options = len(bad_values(setups[0]))
+    paths = [path for lane in setups for path in (lane.volume, lane.blank)]
+    pristine = {path: volumes.copy_image(path, path.with_suffix(".pristine")) for path in paths}
+    before = {path: file_digest(path) for path in paths}
     failures: list[str] = []
     tried = 0
-    for command, option, label, argv in jobs:
-        (result,) = cli.run_many([["--tcti", setup.tcti, *argv]], tcti=None, timeout=20)
-        tried += 1
-        what = f"{command} {option} {label}"
-        # progress lines may come first; the error is the last line that is not a hint
-        lines = _error_lines(result.stderr)
-        if result.returncode != 2:
-            failures.append(f"{what}: exit {result.returncode}: {(lines or ['(no message)'])[-1][:160]}")
-        elif "Traceback" in result.stderr or not lines:
-            failures.append(f"{what}: no one-line error: {result.stderr!r:.300}")
-        elif not _names(lines[-1], option, argv[-1] if isinstance(argv[-1], str) else ""):
-            failures.append(f"{what}: the message does not name {option}: {lines[-1][:160]}")
-        for path, digest in before.items():
-            if file_digest(path) != digest:
-                failures.append(f"{what}: changed {path.name}")
-                volumes.copy_image(pristine[path], path)
-    summary = f"{tried} bad option values tried over {len(table)} options, {len(failures)} failed"
+    by_lane = [[job for job in jobs if job[0] is lane] for lane in setups]
+    for step in range(max(len(x) for x in by_lane)):
+        batch = [x[step] for x in by_lane if step < len(x)]
+        results = cli.run_many([["--tcti", lane.tcti, *argv] for lane, *_, argv in batch], tcti=None,
+                               parallel=len(batch), timeout=20)
+        for (lane, command, option, label, argv), result in zip(batch, results, strict=True):
+            tried += 1
+            what = f"{command} {option} {label}"
+            # progress lines may come first; the error is the last line that is not a hint
+            lines = _error_lines(result.stderr)
+            if result.returncode != 2:
+                failures.append(f"{what}: exit {result.returncode}: {(lines or ['(no message)'])[-1][:160]}")
+            elif "Traceback" in result.stderr or not lines:
+                failures.append(f"{what}: no one-line error: {result.stderr!r:.300}")
+            elif not _names(lines[-1], option, argv[-1] if isinstance(argv[-1], str) else ""):
+                failures.append(f"{what}: the message does not name {option}: {lines[-1][:160]}")
+            for path in (lane.volume, lane.blank):
+                if file_digest(path) != before[path]:
+                    failures.append(f"{what}: changed {path.name}")
+                    volumes.copy_image(pristine[path], path)
+    summary = f"{tried} bad option values tried over {options} options, {len(failures)} failed"
     print(summary)
-    assert not failures, summary + ":\n" + "\n".join(failures)
+    assert not failures, summary + ":\n" + "\n".join(sorted(failures))
 
 
 @pytest.mark.parametrize("tcti", ["nosuchmodule:", "", "device:/nonexistent/tpm", "swtpm:path=/nonexistent",
