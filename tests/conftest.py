@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures_tpm",
     "tests.fixtures_luks",
     "tests.fixtures_keyring",
+    "tests.fixtures_cli",
 ]
