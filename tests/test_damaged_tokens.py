@@ -47,7 +47,7 @@ import pytest
 from luks_tpm import activate, crypttab
 from luks_tpm.errors import LuksTpmError
 from luks_tpm.secret import Secret
-from luks_tpm.tpm import srk_template
+from luks_tpm.tpm.srk import srk_template
 
 from . import volumes
 from .fixtures_luks import file_digest

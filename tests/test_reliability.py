@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from luks_tpm.tpm import Bank, Tpm
+from luks_tpm.model import Bank
+from luks_tpm.tpm import Tpm
+from luks_tpm.tpm.pcr import pcr_banks, pcr_values
 
 from . import volumes
 from .fixtures_luks import LuksImage, file_digest
@@ -27,12 +29,12 @@ BANKS = [Bank.SHA1, Bank.SHA256, Bank.SHA384]
 
 def offered_banks(tcti: str) -> list[Bank]:
     with Tpm(tcti) as tpm:
-        return tpm.pcr_banks()
+        return pcr_banks(tpm)
 
 
 def pcr(tcti: str, bank: Bank, index: int) -> bytes:
     with Tpm(tcti) as tpm:
-        return tpm.pcr_values(bank, [index])[index]
+        return pcr_values(tpm, bank, [index])[index]
 
 
 def extend(swtpm: Swtpm, bank: Bank, index: int, data: bytes) -> bytes:
