@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from . import cryptsetup, keyring
-from .errors import LuksTpmError
+from .errors import ExitCode, LuksTpmError
+from .model import FENCE_PCR, Bank
 from .output import Report
 from .secret import Secret
-from .tpm import SRK_PERSISTENT_HANDLE, Bank, Tpm, wait_for_lockout_text
+from .tpm import Tpm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,24 +29,29 @@ def _tpm_checks(tcti: str) -> tuple[list[Check], dict[str, Any]]:
         tpm = Tpm(tcti)
     except LuksTpmError as error:
         return [Check("tpm", False, error.message, error.hint)], {}
+    from .tpm import info, pcr, srk
+
     with tpm:
-        identity = tpm.identity()
-        banks = tpm.pcr_banks()
-        parent = tpm.parent()
-        lockout = tpm.lockout_state()
+        identity = info.identity(tpm)
+        banks = pcr.pcr_banks(tpm)
+        _, parent = srk.current_srk(tpm)
+        lockout = info.lockout_state(tpm)
+        fence_up = pcr.fence_is_up(tpm)
     facts = {"identity": identity, "banks": [str(bank) for bank in banks],
              "srk": {"persistent": parent.handle is not None, "name": parent.name.hex()},
-             "lockout": dataclasses.asdict(lockout)}
+             "lockout": dataclasses.asdict(lockout), "fence_up": fence_up}
     checks = [
         Check("tpm", True, f"reachable through {tcti}: {identity['manufacturer']} {identity['vendor']}, "
                            f"firmware {identity['firmware']}"),
         Check("pcr-banks", Bank.SHA256 in banks, ", ".join(map(str, banks)) or "none",
               None if Bank.SHA256 in banks else "enable the sha256 PCR bank in the firmware, or use --pcr-bank"),
         Check("srk", True,
-              f"persistent at {SRK_PERSISTENT_HANDLE:#x}" if parent.handle is not None
+              f"persistent at {parent.handle:#x}" if parent.handle is not None
               else "not persistent; created on each use (fast on swtpm, up to ~1 s on hardware)"),
-        Check("lockout", not lockout.in_lockout, wait_for_lockout_text(lockout),
+        Check("lockout", not lockout.in_lockout, lockout.describe(),
               "wait, or clear it with `tpm2_dictionarylockout --clear-lockout`" if lockout.in_lockout else None),
+        Check("fence", True, f"PCR {FENCE_PCR} is " + (
+            "raised: fenced tokens cannot be recovered until reboot" if fence_up else "down")),
     ]
     return checks, facts
 
@@ -101,4 +107,4 @@ def doctor(tcti: str) -> Report:
     lines = [f"{'OK ' if check.ok else 'BAD'} {check.name}: {check.detail}"
              + (f" -> {check.hint}" if check.hint else "") for check in checks]
     data = {"ok": all(check.ok for check in checks), "checks": [dataclasses.asdict(c) for c in checks], **facts}
-    return Report(data, lines)
+    return Report(data, lines, exit_code=ExitCode.OK if checks[0].ok else ExitCode.TPM_UNAVAILABLE)

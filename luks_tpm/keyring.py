@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import errno as errnos
-import functools
-import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from luks_tpm.secret import Secret, wipe
+from .clib import CLibrary, CLibraryError, Convention
+from .secret import Secret, wipe
 
 # Special keyring IDs (KEY_SPEC_*), resolved by the kernel against the calling thread's credentials.
 THREAD = -1
@@ -27,21 +25,14 @@ USER_SESSION = -5
 
 _KEYRING_NAMES = {"@t": THREAD, "@p": PROCESS, "@s": SESSION, "@u": USER, "@us": USER_SESSION}
 
-# Permission bits (key_perm_t): possessor, owner user, group, other; one byte each.
+# Permission bits (key_perm_t): possessor, owner user, group, other; one byte each. Only the possessor's
+# are used: see logon_key_permissions.
 KEY_POS_VIEW = 0x01000000
 KEY_POS_READ = 0x02000000
 KEY_POS_WRITE = 0x04000000
 KEY_POS_SEARCH = 0x08000000
 KEY_POS_LINK = 0x10000000
 KEY_POS_SETATTR = 0x20000000
-KEY_POS_ALL = 0x3F000000
-KEY_USR_VIEW = 0x00010000
-KEY_USR_READ = 0x00020000
-KEY_USR_WRITE = 0x00040000
-KEY_USR_SEARCH = 0x00080000
-KEY_USR_LINK = 0x00100000
-KEY_USR_SETATTR = 0x00200000
-KEY_USR_ALL = 0x003F0000
 
 _serial = ctypes.c_int32  # key_serial_t
 _long = ctypes.c_long
@@ -65,31 +56,13 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
-class KeyringError(OSError):
+class KeyringError(CLibraryError):
     """A keyring call failed: `.errno` says why, `.function` which call (e.g. `keyctl_search`)."""
 
-    def __init__(self, errno: int, function: str) -> None:
-        super().__init__(errno, f"{function}: {os.strerror(errno)}")
-        self.function = function
 
-
-@functools.cache
-def _library() -> dict[str, Callable[..., int]]:
-    """Loaded on first use, so that commands which never touch the keyring work without libkeyutils."""
-    lib = ctypes.CDLL("libkeyutils.so.1", use_errno=True)
-    functions: dict[str, Callable[..., int]] = {}
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        function = getattr(lib, name)
-        function.restype, function.argtypes = restype, argtypes
-        functions[name] = function
-    return functions
-
-
-def _call(name: str, *args: Any) -> int:
-    result = _library()[name](*args)
-    if result == -1:
-        raise KeyringError(ctypes.get_errno(), name)
-    return result
+# Loaded on first use, so that commands which never touch the keyring work without libkeyutils.
+_c = CLibrary("libkeyutils.so.1", _SIGNATURES, convention=Convention.MINUS_ONE, error=KeyringError)
+_call = _c.call
 
 
 @dataclass(frozen=True)

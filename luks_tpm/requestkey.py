@@ -158,7 +158,7 @@ def _answer(request: _Request, uid: int) -> Secret:
 
 
 def _tcti(option: str | None) -> str:
-    from .tpm import tcti_from_environment
+    from .settings import tcti_from_environment
 
     return tcti_from_environment(option, dict(os.environ))
 
@@ -168,7 +168,7 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
     from .cryptsetup import open_device
     from .crypttab import luks_device
     from .tpm import Tpm
-    from .unlock import KeyRecovery, digest_ids, recover_verified
+    from .unlock import KeyRecovery, recover_verified
 
     if callout == "-":
         path = luks_device(uuid)
@@ -186,28 +186,28 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
         die(f"the callout info must be the device's absolute path or '-', not {callout[:100]!r}",
             code=ExitCode.USAGE)
     with open_device(path) as device:
-        if (device.uuid or "").lower() != uuid.lower():
+        if device.uuid.lower() != uuid.lower():
             die(f"{path} is LUKS2 volume {device.uuid}, not {uuid}", code=ExitCode.DEVICE)
-        if digest not in digest_ids(device):
+        if digest not in device.digest_ids():
             die(f"{path} has no LUKS2 digest {digest}", code=ExitCode.DEVICE)
         with Tpm(_tcti(tcti)) as tpm, KeyRecovery(tpm) as recovery:
-            token_id, token, key = recover_verified(device, recovery)
-    if token.digest != digest:
-        key.close()
-        die(f"{path}: token {token_id} yields the key of digest {token.digest}, not {digest}",
+            found = recover_verified(device, recovery)
+    if found.token.digest != digest:
+        found.key.close()
+        die(f"{path}: token {found.token_id} yields the key of digest {found.token.digest}, not {digest}",
             code=ExitCode.UNLOCK_FAILED)
-    return key
+    return found.key
 
 
 def _app_key(tcti: str | None, uid: int, name: str, length: int) -> Secret:
-    """HMAC by the derived primary without a policy, in an SRK-salted session with response encryption."""
+    """TPM2_HMAC by the derived primary without a policy, in an SRK-salted session with response
+    encryption (the machinery `format` derives with), then HKDF-Expand."""
     from . import derive
     from .tpm import Tpm
-    from .unlock import KeyRecovery
+    from .unlock import KeyRecovery, srk_for_new_binding
 
     with Tpm(_tcti(tcti)) as tpm, KeyRecovery(tpm) as recovery:
-        session = recovery.session(tpm.parent(), None)
-        with tpm.derived_primary() as primary:
-            prk = tpm.hmac(primary, derive.app_hmac_message(uid, name), session, last_use=True)
+        srk, _ = srk_for_new_binding(tpm)
+        prk = recovery.derive(derive.app_hmac_message(uid, name), srk)
     with prk:
         return derive.app_expand(prk, uid, name, length)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -487,10 +488,14 @@ def test_unreadable_image_is_permission_denied(nobody_dir: Path) -> None:
 def test_library_messages_go_to_logging(tmp_path: Path, luks_image: Path,
                                         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="luks_tpm.cryptsetup")
-    with pytest.raises(LuksTpmError), cryptsetup.open_device(tmp_path / "missing.img"):
-        pass
+    # open_device refuses a missing path before libcryptsetup sees it: ask libcryptsetup itself
+    missing = tmp_path / "missing.img"
+    handle = ctypes.c_void_p()
+    with pytest.raises(cryptsetup.CryptsetupError) as raised:
+        cryptsetup._call("crypt_init", ctypes.byref(handle), bytes(missing))
     errors = [r for r in caplog.records if r.name == "luks_tpm.cryptsetup" and r.levelno == logging.ERROR]
-    assert any(str(tmp_path / "missing.img") in r.getMessage() for r in errors)
+    assert any(str(missing) in r.getMessage() for r in errors), [r.getMessage() for r in caplog.records]
+    assert any(str(missing) in line for line in raised.value.log)  # kept with the error, to explain it
 
     caplog.clear()
     with cryptsetup.open_device(luks_image):
