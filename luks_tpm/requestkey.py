@@ -53,7 +53,8 @@ class _Request:
                  session: str) -> None:
         self.tcti = tcti
         self.key = key
-        self.serial = int(key) if re.fullmatch(r"[1-9][0-9]{0,9}", key) else None
+        serial = int(key) if re.fullmatch(r"[1-9][0-9]{0,9}", key) else 0
+        self.serial = serial if 0 < serial < 2**31 else None  # key_serial_t: a positive int32
         self.type = key_type
         self.description = description
         self.callout = callout
