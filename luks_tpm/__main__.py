@@ -4,7 +4,6 @@ their exit code; bugs show a traceback only with -v. Logging goes to stderr; key
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -12,26 +11,6 @@ from .errors import ExitCode, LuksTpmError
 
 if TYPE_CHECKING:
     from .cli import Globals
-
-
-def apply_verbosity(options: Globals) -> None:
-    """Logging for -v/-vv, once the command line is parsed; -vv also turns on libcryptsetup's debug log."""
-    logging.basicConfig(level=logging.DEBUG if options.verbose > 1 else logging.INFO if options.verbose
-                        else logging.WARNING, format="luks-tpm: %(name)s: %(message)s", force=True)
-    if options.verbose > 1:
-        from . import cryptsetup
-
-        cryptsetup.set_debug(True)
-    if options.verbose and "luks_tpm.tpm.context" in sys.modules:
-        _say_tss_log_overridden()
-
-
-def _say_tss_log_overridden() -> None:
-    from .tpm import USER_TSS2_LOG
-
-    if USER_TSS2_LOG not in (None, "", "all+NONE"):
-        logging.getLogger("luks_tpm").info("ignoring TSS2_LOG=%s: the TSS's own trace can print key material",
-                                           USER_TSS2_LOG)
 
 
 def _error(options: Globals, message: str, hint: str | None, code: int) -> None:
@@ -45,10 +24,11 @@ def _error(options: Globals, message: str, hint: str | None, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if _is_request_key(sys.argv[1:] if argv is None else argv):  # a kernel upcall: no click, nothing slow
+    args = sys.argv[1:] if argv is None else argv
+    if _is_request_key(args):  # a kernel upcall: no click, nothing slow (see requestkey.py)
         from .requestkey import main as request_key
 
-        sys.exit(request_key(sys.argv[1:] if argv is None else argv))
+        sys.exit(request_key(args))
     import click
 
     from . import cli
@@ -56,7 +36,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every command may hold key material: no core dumps, no ptrace by unprivileged processes.
     make_undumpable()
-    args = sys.argv[1:] if argv is None else argv
     options = cli.Globals()
     try:
         cli.main.main(args, prog_name="luks-tpm", standalone_mode=False, obj=options)
@@ -78,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _is_request_key(args: list[str]) -> bool:
-    """`[--tcti SPEC | --tcti=SPEC] request-key KEY TYPE DESCRIPTION CALLOUT SESSION`, as request-key.conf runs it."""
+    """`[--tcti SPEC | --tcti=SPEC] request-key KEY TYPE DESCRIPTION CALLOUT SESSION`, as request-key.conf runs
+    it: the one fixed, machine-made argv shape dispatched before the command line is parsed."""
     rest = args[2:] if args[:1] == ["--tcti"] else args[1:] if args[:1] and args[0].startswith("--tcti=") else args
     return len(rest) == 6 and rest[0] == "request-key"
 

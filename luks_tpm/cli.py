@@ -8,6 +8,7 @@ boundary (`__main__`) also reads.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -82,10 +83,28 @@ def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def apply_verbosity(options: Globals) -> None:
+    """Logging for -v/-vv, once the command line is parsed; -vv also turns on libcryptsetup's debug log."""
+    logging.basicConfig(level=logging.DEBUG if options.verbose > 1 else logging.INFO if options.verbose
+                        else logging.WARNING, format="luks-tpm: %(name)s: %(message)s", force=True)
+    if options.verbose > 1:
+        from . import cryptsetup
+
+        cryptsetup.set_debug(True)
+    if options.verbose and "luks_tpm.tpm.context" in sys.modules:
+        _say_tss_log_overridden()
+
+
+def _say_tss_log_overridden() -> None:
+    from .tpm import USER_TSS2_LOG
+
+    if USER_TSS2_LOG not in (None, "", "all+NONE"):
+        logging.getLogger("luks_tpm").info("ignoring TSS2_LOG=%s: the TSS's own trace can print key material",
+                                           USER_TSS2_LOG)
+
+
 class _Command(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
-        from .__main__ import apply_verbosity
-
         apply_verbosity(_globals())
         return super().invoke(ctx)
 
@@ -440,17 +459,6 @@ def remove(device: Path, token_id: int, force: bool) -> None:
     _emit(run(_globals().tcti, device, token_id, force))
 
 
-@main.command()
-@global_options
-def fence() -> None:
-    """Raise the PCR-15 fence: extend PCR 15 so that no fenced token can be recovered until reboot.
-
-    The boot integration does this before the real root runs. Idempotent in effect."""
-    from .activate import raise_fence
-
-    _emit(raise_fence(_globals().tcti))
-
-
 @main.command("request-key", context_settings={"ignore_unknown_options": True})
 @click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
 def request_key(arguments: tuple[str, ...]) -> None:
@@ -466,3 +474,14 @@ def request_key(arguments: tuple[str, ...]) -> None:
     """
     die(f"request-key takes exactly KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING ({len(arguments)} given), "
         "and only /sbin/request-key can run it", hint="see `luks-tpm request-key --help`", code=ExitCode.USAGE)
+
+
+@main.command()
+@global_options
+def fence() -> None:
+    """Raise the PCR-15 fence: extend PCR 15 so that no fenced token can be recovered until reboot.
+
+    The boot integration does this before the real root runs. Idempotent in effect."""
+    from .activate import raise_fence
+
+    _emit(raise_fence(_globals().tcti))

@@ -30,9 +30,31 @@ def expand(prk: Secret, uuid: str, length: int) -> Secret:
     return hkdf_expand(prk, b"luks-tpm volume key\0" + uuid.encode("ascii") + length.to_bytes(2, "big"), length)
 
 
-# Application keys (`luks-tpm request-key`, type user, `luks-tpm:app:<name>`; docs/derivation.md): the same
-# derived primary (the one without a policy), in a domain of their own: a message no volume derivation can
-# produce ("luks-tpm/app/v1" vs "luks-tpm/v1") and an HKDF info of their own.
+def hkdf_expand(prk: Secret, info: bytes, length: int) -> Secret:
+    """HKDF-Expand-SHA256 (RFC 5869 section 2.3). Every intermediate holding key bytes is a Secret: the
+    previous block T(i-1) is fed to the HMAC from its Secret (no `T || info || i` bytes object), and
+    each HMAC output is copied out and scrubbed."""
+    if not 0 < length <= 255 * _HASH_SIZE:
+        raise ValueError(f"cannot derive {length} bytes")
+    okm = Secret(length)
+    previous = 0
+    for counter, offset in enumerate(range(0, length, _HASH_SIZE), start=1):
+        mac = hmac.new(prk.buffer(), digestmod="sha256")
+        if previous:
+            mac.update(okm.view()[offset - _HASH_SIZE : offset])
+        mac.update(info)
+        mac.update(bytes([counter]))
+        block = mac.digest()
+        size = min(_HASH_SIZE, length - offset)
+        okm.view()[offset : offset + size] = memoryview(block)[:size]
+        scrub_bytes(block)
+        previous = size
+    return okm
+
+
+# Application keys (`luks-tpm request-key`, type user, `luks-tpm:app:<name>`): the same derived primary
+# (the one without a policy), in a domain of their own: a message no volume derivation can produce
+# ("luks-tpm/app/v1" vs "luks-tpm/v1") and an HKDF info of their own.
 APP_KEY_SIZES = range(16, 65)
 APP_NAME = re.compile(r"[A-Za-z0-9._@+:-]{1,200}")
 
@@ -54,28 +76,6 @@ def app_expand(prk: Secret, uid: int, name: str, length: int) -> Secret:
         raise ValueError(f"application keys are {APP_KEY_SIZES.start} to {APP_KEY_SIZES.stop - 1} bytes")
     info = b"luks-tpm application key\0" + _app_binding(uid, name) + length.to_bytes(2, "big")
     return hkdf_expand(prk, info, length)
-
-
-def hkdf_expand(prk: Secret, info: bytes, length: int) -> Secret:
-    """HKDF-Expand-SHA256 (RFC 5869 section 2.3). Every intermediate holding key bytes is a Secret: the
-    previous block T(i-1) is fed to the HMAC from its Secret (no `T || info || i` bytes object), and
-    each HMAC output is copied out and scrubbed."""
-    if not 0 < length <= 255 * _HASH_SIZE:
-        raise ValueError(f"cannot derive {length} bytes")
-    okm = Secret(length)
-    previous = 0
-    for counter, offset in enumerate(range(0, length, _HASH_SIZE), start=1):
-        mac = hmac.new(prk.buffer(), digestmod="sha256")
-        if previous:
-            mac.update(okm.view()[offset - _HASH_SIZE : offset])
-        mac.update(info)
-        mac.update(bytes([counter]))
-        block = mac.digest()
-        size = min(_HASH_SIZE, length - offset)
-        okm.view()[offset : offset + size] = memoryview(block)[:size]
-        scrub_bytes(block)
-        previous = size
-    return okm
 
 
 class _KeyWrap:

@@ -234,10 +234,11 @@ def _app_key(tcti: str | None, uid: int, name: str, length: int) -> Secret:
     encryption (the machinery `format` derives with), then HKDF-Expand."""
     from . import derive
     from .tpm import Tpm
-    from .unlock import KeyRecovery, srk_for_new_binding
+    from .tpm.srk import current_srk
+    from .unlock import KeyRecovery
 
     with Tpm(_tcti(tcti)) as tpm, KeyRecovery(tpm) as recovery:
-        srk, _ = srk_for_new_binding(tpm)
+        srk, _ = current_srk(tpm)
         prk = recovery.derive(derive.app_hmac_message(uid, name), srk)
     with prk:
         return derive.app_expand(prk, uid, name, length)

@@ -158,9 +158,10 @@ def fsuid(uid: int) -> Iterator[None]:
 def expected_app_key(tcti: str, uid: int, name: str, length: int) -> bytes:
     """The documented derivation, computed here with no code from luks_tpm.derive."""
     message = b"luks-tpm/app/v1\x00" + str(uid).encode() + b"\x00" + name.encode()
-    with Tpm(tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:
+    with Tpm(tcti) as tpm:
         srk, _ = tpm_srk.current_srk(tpm)
-        with tpm_keys.salted_session(tpm, srk) as session, tpm_keys.hmac(tpm, primary, message, session) as secret:
+        with (tpm_keys.salted_session(tpm, srk) as session, tpm_keys.derived_primary(tpm) as primary,
+              tpm_keys.hmac(tpm, primary, message, session) as secret):
             prk = bytes(secret.view())
     info = b"luks-tpm application key\x00" + str(uid).encode() + b"\x00" + name.encode() + length.to_bytes(2, "big")
     return HKDFExpand(hashes.SHA256(), length, info).derive(prk)
