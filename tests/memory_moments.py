@@ -166,6 +166,7 @@ class Copies:
 
     windows: list[int]  # for each window offset 0..len-16: how many times it occurs
     starts: dict[int, list[int]]  # address the needle would start at -> window offsets found there
+    before: dict[int, bytes]  # address -> the 2 bytes just before it (a TPM2B's size field, if it is one)
 
     @property
     def most(self) -> int:
@@ -208,6 +209,7 @@ def find_copies(core_path: Path, needles: dict[str, bytes]) -> dict[str, Copies]
             chunks = [(at, needle[at : at + _CHUNK]) for at in range(0, len(needle) - _CHUNK + 1, _CHUNK)]
             counts = [0] * windows
             starts: dict[int, list[int]] = {}
+            before: dict[int, bytes] = {}
             for offset, address, size in segments:
                 end = offset + size
                 candidates = set()  # file offsets where a copy of the needle would start
@@ -223,5 +225,6 @@ def find_copies(core_path: Path, needles: dict[str, bytes]) -> dict[str, Copies]
                                 core[first : first + _WINDOW] == needle[window : window + _WINDOW]:
                             counts[window] += 1
                             starts.setdefault(address + start - offset, []).append(window)
-            found[name] = Copies(counts, starts)
+                            before[address + start - offset] = core[max(offset, start - 2) : max(offset, start)]
+            found[name] = Copies(counts, starts, before)
     return found
