@@ -152,7 +152,7 @@ def _survey_volume(tpm: Tpm, found: Found) -> dict[str, Any]:
     from .unlock import luks_tpm_tokens
 
     volume: dict[str, Any] = {"device": found.path, "found_by": found.found_by, "uuid": None, "keyslots": [],
-                              "tokens": [], "other_tokens": [], "error": found.error}
+                              "tokens": [], "other_tokens": [], "error": found.error, "affected": False}
     if found.error is None:
         try:
             with open_device(found.path) as device:
@@ -165,6 +165,7 @@ def _survey_volume(tpm: Tpm, found: Found) -> dict[str, Any]:
             if "argument" in found.found_by:  # the operator named it: that is an error, not a footnote
                 raise
             volume["error"] = error.message
+    volume["affected"] = any(token["fate"] == Fate.DIES for token in volume["tokens"])
     volume["after"] = _after(volume)
     return volume
 
@@ -190,12 +191,10 @@ def _token_fate(tpm: Tpm, entry: TokenEntry) -> dict[str, Any]:
 
 
 def _after(volume: dict[str, Any]) -> str:
-    """What is left of the volume after the clear."""
+    """What opens the volume after the clear."""
     fates = {token["fate"] for token in volume["tokens"]}
     if volume["error"] is not None:
         return "unknown"
-    if Fate.DIES not in fates:
-        return "unaffected"
     if volume["keyslots"]:
         return "recoverable"
     if fates & {Fate.OTHER_TPM, Fate.UNAFFECTED, Fate.UNKNOWN, Fate.DAMAGED}:
@@ -220,12 +219,13 @@ def _volume_lines(volume: dict[str, Any]) -> list[str]:
         lines.append("    no luks-tpm token")
     slots = ", ".join(map(str, volume["keyslots"]))
     survivors = [str(t["id"]) for t in volume["tokens"] if t["fate"] not in _VERIFIED]
+    if not volume["affected"]:
+        already = " (it has no way in left already)" if volume["after"] == "unrecoverable" else ""
+        return [*lines, f"    afterwards: nothing of it changes{already}"]
     lines.append("    afterwards: " + {
-        "unaffected": "unaffected",
         "recoverable": f"keyslot {slots} stays: its recovery key or passphrase still opens the volume",
         "other-tpm-only": f"no keyslot; only token {', '.join(survivors)} (made elsewhere) can still open it",
         "unrecoverable": "no keyslot and no other binding: the volume becomes UNRECOVERABLE",
-        "unknown": "unknown",
     }[volume["after"]])
     return lines
 
@@ -353,10 +353,10 @@ def _verify_wipe(tpm: Tpm, surveyed: Survey) -> tuple[list[str], bool]:
     nv_left = {nv.index for nv in owner.nv_indices(tpm)[0]}
     not_gone = [f"{item.handle:#x}" for item in surveyed.evicted if item.handle in remaining]
     not_gone += [f"NV {nv.index:#010x}" for nv in surveyed.deleted_nv if nv.index in nv_left]
-    evicted = len(surveyed.evicted) + len(surveyed.deleted_nv) - len(not_gone)
     if surveyed.evicted or surveyed.deleted_nv:
-        lines.append(f"{evicted} persistent objects and NV indices gone" +
-                     (f"; still there: {', '.join(not_gone)}" if not_gone else ""))
+        state = f"still there: {', '.join(not_gone)}" if not_gone else "gone"
+        lines.append(f"listed persistent objects ({len(surveyed.evicted)}) and owner NV indices "
+                     f"({len(surveyed.deleted_nv)}): {state}")
     verified = not failed and not not_gone
     lines.append(f"verified: all {checked} listed tokens are destroyed" if verified and checked else
                  "verified: no luks-tpm token was bound to this TPM" if verified else

@@ -89,6 +89,7 @@ def test_wipe_lists_clears_and_proves_every_token_destroyed(tmp_path: Path, fres
     assert _fates(volumes[str(both)]) == {0: "dies", 1: "other-tpm"}
     assert _fates(volumes[str(only_here)]) == {0: "dies"}
     assert volumes[str(both)]["keyslots"] == [0] and volumes[str(both)]["after"] == "recoverable"
+    assert volumes[str(both)]["affected"] is True
     assert {"0x81000001", OTHER_KEY} <= {item["handle"] for item in dry["persistent"]}
     assert OTHER_NV in {nv["index"] for nv in dry["nv_indices"]}
     assert dry["dry_run"] is True and dry["cleared"] is False
@@ -109,6 +110,8 @@ def test_wipe_lists_clears_and_proves_every_token_destroyed(tmp_path: Path, fres
                 assert "destroyed" not in token
     assert _owner_objects(here) == ([], [])
     assert {image: file_digest(image) for image in headers} == headers  # wipe never writes a header
+    again = _by_device(luks_tpm_json("wipe", "--dry-run", *args, tcti=here.tcti))[str(both)]
+    assert _fates(again) == {0: "dead", 1: "other-tpm"} and again["affected"] is False
 
     # Afterwards: this TPM's tokens refuse as cleared, the other TPM's is marked, not a failure...
     after = luks_tpm_json("status", both, tcti=here.tcti, expect=5)["volumes"][0]["tokens"]
