@@ -87,7 +87,12 @@ def fence_is_up(tpm: Tpm) -> bool:
 def raise_fence(tpm: Tpm) -> list[Bank]:
     """Extend PCR 15 in every allocated bank with the bank's hash of FENCE_MESSAGE; the banks extended."""
     banks = pcr_banks(tpm)
-    digests = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=bank.algorithm, digest=bank.hash(FENCE_MESSAGE)) for bank in banks])
+    values = []
+    for bank in banks:
+        value = TPMT_HA(hashAlg=bank.algorithm)
+        setattr(value.digest, bank.value, bank.hash(FENCE_MESSAGE))  # the union member is named after the hash
+        values.append(value)
+    digests = TPML_DIGEST_VALUES(values)
     with tpm_errors("extending PCR 15"):
         tpm.esapi.pcr_extend(getattr(ESYS_TR, f"PCR{FENCE_PCR}"), digests)
     return banks
