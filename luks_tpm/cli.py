@@ -511,7 +511,8 @@ def _typed_confirmation() -> Callable[[list[str], str], bool]:
 @main.command()
 @click.argument("devices", nargs=-1, type=click.Path(path_type=Path), metavar="[DEVICE...]")
 @click.option("--lockout-auth-file", type=_file,
-              help="The TPM's lockout authorization (exact bytes; - for stdin). Default: empty, as TPMs ship.")
+              help="The TPM's lockout authorization (exact bytes: a trailing newline counts; - for stdin). "
+                   "Default: empty, as TPMs ship.")
 @click.option("--crypttab", "crypttab_path", type=click.Path(path_type=Path, dir_okay=False),
               help="The crypttab whose x-luks-tpm entries are listed (default: /etc/crypttab, when it exists).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be destroyed; clear nothing.")
