@@ -111,12 +111,14 @@ def _handles(tpm: Tpm, first: int, last: int) -> list[int]:
 
 
 def _read_public(tpm: Tpm, handle: int) -> PersistentObject:
+    cached = tpm.srks.get(handle)  # ESYS hands out that same object again: it must not be closed here
     with tpm_errors(f"reading the persistent object at {handle:#x}"):
-        esys = tpm.esapi.tr_from_tpmpublic(handle)
+        esys = cached[0] if cached is not None else tpm.esapi.tr_from_tpmpublic(handle)
         try:
             public, name, _ = tpm.esapi.read_public(esys)
         finally:
-            tpm.esapi.tr_close(esys)
+            if cached is None:
+                tpm.esapi.tr_close(esys)
     role = None
     if is_standard_srk(public):
         role = "the standard SRK (luks-tpm, systemd-cryptenroll and tpm2-tools use it)"
