@@ -276,7 +276,7 @@ def _lockout_auth(path: Path | None) -> Secret | None:
         return None
     if str(path) != "-" and path.is_file() and path.stat().st_size == 0:
         return None
-    return read_file(path, what="lockout authorization")
+    return read_file(path, what="lockout authorization", option="--lockout-auth-file", limit=64)
 
 
 def wipe(tcti: str, devices: Sequence[Path], *, crypttab_path: Path | None, lockout_auth_file: Path | None,
