@@ -256,7 +256,8 @@ def main() -> None:
     \b
     Exit codes: 0 ok, 1 bug, 2 usage, 3 device, header or token problem, 4 TPM
     unavailable, 5 unlock failed (status: some volume would not unlock), 6 TPM in
-    lockout, 7 refused (would lose data, or declined), 8 unsupported.
+    lockout, 7 refused (would lose data, or declined), 8 unsupported, 9 wipe or
+    erase done but its check found something left.
     """
 
 
@@ -513,3 +514,70 @@ def fence() -> None:
     from .activate import raise_fence
 
     _emit(raise_fence(_globals().tcti))
+
+
+def _typed_confirmation() -> Callable[[list[str], str], bool]:
+    """Show what is destroyed, then ask for YES typed in capitals (as cryptsetup asks); no terminal, no
+    going ahead: a script must say --yes."""
+    as_json = _globals().json
+
+    def confirm(lines: list[str], question: str) -> bool:
+        stream = sys.stderr if as_json else sys.stdout  # with --json, stdout holds only the JSON result
+        for line in lines:
+            print(line, file=stream)
+        stream.flush()
+        if not sys.stdin.isatty():
+            die("no terminal to confirm on, and no --yes: nothing was changed",
+                hint="pass --yes (or -q/--batch-mode) to go ahead; --dry-run only lists", code=ExitCode.REFUSED)
+        answer = click.prompt(f"{question} Type YES in capital letters to go on", default="", show_default=False,
+                              err=True)
+        return bool(answer == "YES")
+
+    return confirm
+
+
+@main.command()
+@click.argument("devices", nargs=-1, type=click.Path(path_type=Path), metavar="[DEVICE...]")
+@click.option("--lockout-auth-file", type=_file,
+              help="The TPM's lockout authorization (exact bytes: a trailing newline counts; - for stdin). "
+                   "Default: empty, as TPMs ship.")
+@click.option("--crypttab", "crypttab_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="The crypttab whose x-luks-tpm entries are listed (default: /etc/crypttab, when it exists).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be destroyed; clear nothing.")
+@yes_option
+@global_options
+def wipe(devices: tuple[Path, ...], lockout_auth_file: Path | None, crypttab_path: Path | None, dry_run: bool,
+         yes: bool) -> None:
+    """Clear the TPM owner hierarchy (TPM2_Clear): every key bound to it dies.
+
+    \b
+    First lists what dies: the volumes it knows (DEVICEs, crypttab entries marked
+    x-luks-tpm, block devices with a luks-tpm token), each token's fate and
+    whether a keyslot keeps the volume openable; the persistent objects and owner
+    NV indices (other software's keys too). Asks for YES unless --yes. Then clears
+    with the lockout authorization and checks that every listed token now fails
+    as destroyed. Exit 0 only when all do, 9 when some check fails.
+    Keyslots stay: recovery keys and passphrases still open wiped volumes."""
+    from .decommission import wipe as run
+
+    _emit(run(_globals().tcti, devices, crypttab_path=crypttab_path, lockout_auth_file=lockout_auth_file,
+              dry_run=dry_run, confirm=None if yes else _typed_confirmation()))
+
+
+@main.command()
+@click.argument("devices", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="DEVICE...")
+@click.option("--dry-run", is_flag=True, help="Only list what would be destroyed; change nothing.")
+@yes_option
+@global_options
+def erase(devices: tuple[Path, ...], dry_run: bool, yes: bool) -> None:
+    """Crypto-erase volumes: destroy every keyslot and every token (luks-tpm's and other tools').
+
+    \b
+    Afterwards no passphrase, recovery key or TPM opens them, which is checked by
+    reading the header back (exit 0; 9 if anything is left). The TPM is kept for
+    the machine's other volumes. The data area is not overwritten: without the key
+    it is noise. Interrupted, it can be run again and finishes. Asks for YES
+    unless --yes."""
+    from .decommission import erase as run
+
+    _emit(run(devices, dry_run=dry_run, confirm=None if yes else _typed_confirmation()))

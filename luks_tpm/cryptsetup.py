@@ -127,6 +127,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "crypt_keyslot_add_by_volume_key": (_int, [_cd, _int, _key, _size, _key, _size]),
     "crypt_keyslot_max": (_int, [_str]),
     "crypt_keyslot_status": (_int, [_cd, _int]),
+    "crypt_keyslot_destroy": (_int, [_cd, _int]),
     "crypt_token_max": (_int, [_str]),
     "crypt_token_json_get": (_int, [_cd, _int, _strp]),
     "crypt_token_json_set": (_int, [_cd, _int, _str]),
@@ -350,6 +351,14 @@ class Device:
         count = _call("crypt_keyslot_max", _LUKS2)
         return [slot for slot in range(count)
                 if _fn("crypt_keyslot_status")(self._cd, slot) in (_SLOT_ACTIVE, _SLOT_ACTIVE_LAST)]
+
+    def keyslots_in_header(self) -> list[int]:
+        """Every keyslot the header holds, whatever its state (unbound and reencryption keyslots too)."""
+        return sorted(int(slot) for slot in self.metadata().get("keyslots", {}))
+
+    def keyslot_destroy(self, keyslot: int) -> None:
+        """Overwrite the keyslot's key material area, then write the header without the keyslot."""
+        _call("crypt_keyslot_destroy", self._cd, keyslot)
 
     # tokens
 

@@ -17,7 +17,7 @@ from tpm2_pytss.types import TPM2B_AUTH, TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENS
 from ..errors import Cause, ExitCode, LuksTpmError
 from ..model import SealedBlob
 from ..secret import Secret
-from .context import Tpm, c_data, fill_tpm2b, secret_from_tpm2b, tpm_errors, wipe_response_buffer, zero_c
+from .context import Tpm, TpmError, c_data, fill_tpm2b, secret_from_tpm2b, tpm_errors, wipe_response_buffer, zero_c
 
 DERIVED_PRIMARY_UNIQUE = hashlib.sha256(b"luks-tpm derived primary v1").digest()
 
@@ -120,11 +120,19 @@ def _clear_auth(tpm: Tpm, handle: Any) -> None:
 
 
 def load_sealed(tpm: Tpm, blob: SealedBlob, srk: Any) -> Any:
-    """Load a sealed object (tracked: flushed by the caller or at close)."""
-    with tpm_errors("loading the sealed key"):
-        public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
-        private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
-        return tpm.track(tpm.esapi.load(srk, private, public))
+    """Load a sealed object (tracked: flushed by the caller or at close). The SRK's name was checked
+    against the token before, so an object the TPM rejects as not its own is a damaged blob."""
+    try:
+        with tpm_errors("loading the sealed key"):
+            public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+            private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
+            return tpm.track(tpm.esapi.load(srk, private, public))
+    except TpmError as error:
+        if error.cause is not Cause.SRK_CHANGED:
+            raise
+        raise TpmError("the TPM rejects the sealed object under the very SRK it was made with: the token's blob is "
+                       "damaged", hint="remove the token and re-enroll with the recovery key", code=ExitCode.DEVICE,
+                       cause=Cause.CORRUPT_TOKEN, rc=error.rc) from None
 
 
 def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: Any, *, last_use: bool) -> Secret:
