@@ -201,6 +201,12 @@ def _paths(token: dict[str, Any]) -> list[tuple[str, ...]]:
     return paths
 
 
+# Another persistent handle than the one the binding was made with: indistinguishable from an evicted
+# persistent SRK, and the standard SRK re-created from its template has the recorded name, so the
+# binding still works (exit 0, with a warning): issue 8, defect 6.
+MOVED_SRK = frozenset({0})
+
+
 def _generic_allowed(kind: str, path: tuple[str, ...], label: str) -> frozenset[int]:
     field = path[-1] if path[0] != "pcr_values" else "pcr_values.*"
     if path[0] in {"created", "endorsement"}:
@@ -267,9 +273,9 @@ def _specific(kind: str, token: dict[str, Any], other: dict[str, Any],
         (("parent",), "list [handle, name]", [token["parent"]["handle"], token["parent"]["name"]], c),
         (("parent",), "only a name", {"name": token["parent"]["name"]}, c),
         (("parent",), "only a handle", {"handle": "0x81000001"}, c),
-        (("parent", "handle"), "'0x81000001' (absent here)", "0x81000001", cv),
-        (("parent", "handle"), "'0x81000002'", "0x81000002", cv),
-        (("parent", "handle"), "'0x81800000' (platform range)", "0x81800000", cv),
+        (("parent", "handle"), "'0x81000001' (absent here)", "0x81000001", cv | MOVED_SRK),
+        (("parent", "handle"), "'0x81000002'", "0x81000002", cv | MOVED_SRK),
+        (("parent", "handle"), "'0x81800000' (platform range)", "0x81800000", cv | MOVED_SRK),
         (("parent", "handle"), "'0x1'", "0x1", c), (("parent", "handle"), "'0x40000001' (owner hierarchy)",
                                                     "0x40000001", c),
         (("parent", "handle"), "'0x80000000' (transient)", "0x80000000", c),
