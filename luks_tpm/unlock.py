@@ -109,7 +109,12 @@ class KeyRecovery:
             tpm_pcr.restart_policy(self.tpm, session)
         if not last_use:
             self._used.add(id(session))
-        tpm_pcr.apply_policy(self.tpm, session, policy, trial=False)
+        try:
+            tpm_pcr.apply_policy(self.tpm, session, policy, trial=False)
+        except TpmError:
+            if last_use:
+                self.tpm.release(session)
+            raise
         return session, last_use
 
     def derive(self, message: bytes, srk: Any, policy: PcrPolicy | None = None, policy_digest: bytes = b"") -> Secret:
@@ -119,7 +124,12 @@ class KeyRecovery:
             session, last_use = self._session(srk, policy=False)
         else:
             session, last_use = self._policy_session(srk, policy)
-        return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
+        try:
+            return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
+        except TpmError:
+            if last_use:  # the TPM did not end it: free its slot before the next token tries
+                self.tpm.release(session)
+            raise
 
     def precheck(self, token: Token) -> Any:
         """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs.
@@ -171,7 +181,12 @@ class KeyRecovery:
                     code=ExitCode.UNLOCK_FAILED, cause=Cause.NEEDS_PIN)
         try:
             session, last_use = self._policy_session(srk, token.pcr_policy(pin=token.pin))
-            key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
+            try:
+                key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
+            except TpmError:
+                if last_use:  # the TPM did not end it: free its slot before the next token tries
+                    self.tpm.release(session)
+                raise
         except TpmError as error:
             if pin is not None:
                 pin.close()

@@ -269,6 +269,12 @@ class Tpm:
         with tpm_errors("flushing a transient object"):
             self.esapi.flush_context(handle)
 
+    def release(self, handle: Any) -> None:
+        """Flush a handle now if it is still loaded (a session the TPM did not end because its command
+        failed): without a resource manager three of them exhaust the TPM for the next token."""
+        if handle in self._flush:
+            self.flush(handle)
+
     @contextmanager
     def transient(self, handle: Any) -> Iterator[Any]:
         """A tracked handle flushed when the block ends."""
