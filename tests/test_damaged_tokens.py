@@ -587,7 +587,7 @@ def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path, monkeypatch
                 volumes.flush_tpm(lane.tcti)
     summary = tally.report(kind)
     print(summary)
-    assert tally.tried >= 100, summary
+    assert tally.tried >= (60 if kind == "enrolled" else 100), summary  # a wrapped token has fewer fields
     assert not tally.failures, summary
 
 
