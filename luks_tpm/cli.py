@@ -209,7 +209,8 @@ def _new_pin_source(path: Path | None, *, required: bool) -> Callable[[], Secret
 
 def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
-        die(f"{question} (not asking: no terminal)", hint="pass --yes to confirm", code=ExitCode.REFUSED)
+        die(f"{question} (not asking: no terminal)", hint="pass --yes to confirm", code=ExitCode.REFUSED,
+            cause=Cause.REFUSED)
     return click.confirm(question, default=False, err=True)
 
 
