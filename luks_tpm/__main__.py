@@ -3,7 +3,6 @@ their exit code; bugs show a traceback only with -v. Logging goes to stderr; key
 
 from __future__ import annotations
 
-import logging
 import sys
 import traceback
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -12,26 +11,6 @@ from .errors import Cause, ExitCode, LuksTpmError
 
 if TYPE_CHECKING:
     from .cli import Globals
-
-
-def apply_verbosity(options: Globals) -> None:
-    """Logging for -v/-vv, once the command line is parsed; -vv also turns on libcryptsetup's debug log."""
-    logging.basicConfig(level=logging.DEBUG if options.verbose > 1 else logging.INFO if options.verbose
-                        else logging.WARNING, format="luks-tpm: %(name)s: %(message)s", force=True)
-    if options.verbose > 1:
-        from . import cryptsetup
-
-        cryptsetup.set_debug(True)
-    if options.verbose and "luks_tpm.tpm.context" in sys.modules:
-        _say_tss_log_overridden()
-
-
-def _say_tss_log_overridden() -> None:
-    from .tpm import USER_TSS2_LOG
-
-    if USER_TSS2_LOG not in (None, "", "all+NONE"):
-        logging.getLogger("luks_tpm").info("ignoring TSS2_LOG=%s: the TSS's own trace can print key material",
-                                           USER_TSS2_LOG)
 
 
 def _error(options: Globals, error: dict[str, Any]) -> NoReturn:

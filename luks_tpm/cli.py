@@ -8,6 +8,7 @@ boundary (`__main__`) also reads.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -86,6 +87,26 @@ def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def apply_verbosity(options: Globals) -> None:
+    """Logging for -v/-vv, once the command line is parsed; -vv also turns on libcryptsetup's debug log."""
+    logging.basicConfig(level=logging.DEBUG if options.verbose > 1 else logging.INFO if options.verbose
+                        else logging.WARNING, format="luks-tpm: %(name)s: %(message)s", force=True)
+    if options.verbose > 1:
+        from . import cryptsetup
+
+        cryptsetup.set_debug(True)
+    if options.verbose and "luks_tpm.tpm.context" in sys.modules:
+        _say_tss_log_overridden()
+
+
+def _say_tss_log_overridden() -> None:
+    from .tpm import USER_TSS2_LOG
+
+    if USER_TSS2_LOG not in (None, "", "all+NONE"):
+        logging.getLogger("luks_tpm").info("ignoring TSS2_LOG=%s: the TSS's own trace can print key material",
+                                           USER_TSS2_LOG)
+
+
 def json_requested(command: click.Command, ctx: click.Context, args: list[str]) -> bool:
     """Whether --json stands on a command line that click could not parse.
 
@@ -122,8 +143,6 @@ class _JsonOnParseErrors(click.Command):
 
 class _Command(_JsonOnParseErrors):
     def invoke(self, ctx: click.Context) -> Any:
-        from .__main__ import apply_verbosity
-
         apply_verbosity(_globals())
         try:
             return super().invoke(ctx)

@@ -121,11 +121,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "crypt_get_pbkdf_default": (ctypes.POINTER(_PbkdfType), [_str]),
     "crypt_get_type": (_str, [_cd]),
     "crypt_get_uuid": (_str, [_cd]),
-    "crypt_get_cipher": (_str, [_cd]),
-    "crypt_get_cipher_mode": (_str, [_cd]),
-    "crypt_get_device_name": (_str, [_cd]),
-    "crypt_get_data_offset": (_u64, [_cd]),
-    "crypt_get_sector_size": (_int, [_cd]),
     "crypt_get_volume_key_size": (_int, [_cd]),
     "crypt_volume_key_verify": (_int, [_cd, _key, _size]),
     "crypt_volume_key_get": (_int, [_cd, _int, _key, ctypes.POINTER(_size), _key, _size]),
@@ -435,28 +430,6 @@ class Device:
     @property
     def uuid(self) -> str:
         return self._string("crypt_get_uuid") or ""
-
-    @property
-    def cipher(self) -> str | None:
-        return self._string("crypt_get_cipher")
-
-    @property
-    def cipher_mode(self) -> str | None:
-        return self._string("crypt_get_cipher_mode")
-
-    @property
-    def device_name(self) -> str | None:
-        return self._string("crypt_get_device_name")
-
-    @property
-    def data_offset(self) -> int:
-        """Start of the data segment, in 512-byte sectors."""
-        offset: int = _fn("crypt_get_data_offset")(self._cd)
-        return offset
-
-    @property
-    def sector_size(self) -> int:
-        return _call("crypt_get_sector_size", self._cd)
 
     @property
     def volume_key_size(self) -> int:

@@ -87,6 +87,11 @@ class _Binding:
 
 
 def _prepare(tpm: Tpm, enrollment: Enrollment) -> _Binding:
+    if enrollment.mode is Mode.DERIVED and enrollment.fence and tpm_pcr.fence_is_up(tpm):
+        die(f"the fence is up (PCR {FENCE_PCR} is not zero), so the TPM cannot compute a fenced derived key now",
+            hint="enroll from the installer or the initramfs before the fence is raised, or use --mode sealed "
+            "--fence (sealed to PCR 15 = zeros, verified at the next boot)", code=ExitCode.REFUSED,
+            cause=Cause.FENCE_UP)
     if enrollment.persist_srk:
         _persist_srk_if_free(tpm)
     srk, parent = tpm_srk.current_srk(tpm)
@@ -95,11 +100,6 @@ def _prepare(tpm: Tpm, enrollment: Enrollment) -> _Binding:
     policy = PcrPolicy(enrollment.bank, enrollment.pcrs, values, enrollment.pin, enrollment.fence)
     if enrollment.mode is Mode.DERIVED and policy.empty:
         return _Binding(srk, parent, None, b"", tpm_srk.endorsement_name(tpm))
-    if enrollment.mode is Mode.DERIVED and enrollment.fence and tpm_pcr.fence_is_up(tpm):
-        die(f"the fence is up (PCR {FENCE_PCR} is not zero), so the TPM cannot compute a fenced derived key now",
-            hint="enroll from the installer or the initramfs before the fence is raised, or use --mode sealed "
-            "--fence (sealed to PCR 15 = zeros, verified at the next boot)", code=ExitCode.REFUSED,
-            cause=Cause.FENCE_UP)
     return _Binding(srk, parent, policy, tpm_pcr.policy_digest(tpm, policy), tpm_srk.endorsement_name(tpm))
 
 

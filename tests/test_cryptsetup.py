@@ -80,11 +80,10 @@ def test_format_writes_chosen_uuid_cipher_and_label(tmp_path: Path) -> None:
     assert luks_dump_field(path, r"\s*cipher") == "aes-xts-plain64"
     assert luks_dump_field(path, r"\s*sector") == "4096 [bytes]"
     with cryptsetup.open_device(path) as device:
-        assert (device.type, device.uuid, device.cipher, device.cipher_mode) == (
-            "LUKS2", chosen, "aes", "xts-plain64")
-        assert device.sector_size == 4096
-        assert device.device_name == str(path)
-        assert device.data_offset == 16 << 20 >> 9  # default LUKS2 data offset: 16 MiB in sectors
+        assert (device.type, device.uuid) == ("LUKS2", chosen)
+        segment = device.metadata()["segments"]["0"]
+        assert (segment["encryption"], segment["sector_size"]) == ("aes-xts-plain64", 4096)
+        assert int(segment["offset"]) == 16 << 20  # default LUKS2 data offset: 16 MiB
         digest = device.metadata()["digests"]["0"]
     assert digest["iterations"] == 1000  # the NO_BENCHMARK pbkdf reached libcryptsetup
 

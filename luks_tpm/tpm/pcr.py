@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tpm2_pytss.constants import ESYS_TR, TPM2_CAP
-from tpm2_pytss.types import TPML_DIGEST_VALUES, TPML_PCR_SELECTION, TPMT_HA, TPMU_HA
+from tpm2_pytss.types import TPML_DIGEST_VALUES, TPML_PCR_SELECTION, TPMT_HA
 
 from ..errors import Cause, ExitCode, die
 from ..model import FENCE_BANK, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
@@ -87,9 +87,12 @@ def fence_is_up(tpm: Tpm) -> bool:
 def raise_fence(tpm: Tpm) -> list[Bank]:
     """Extend PCR 15 in every allocated bank with the bank's hash of FENCE_MESSAGE; the banks extended."""
     banks = pcr_banks(tpm)
-    # TPMU_HA's members are named after the banks (sha1, sha256, sha384); the TSS wants the union, not bytes.
-    digests = TPML_DIGEST_VALUES([
-        TPMT_HA(hashAlg=bank.algorithm, digest=TPMU_HA(**{bank.value: bank.hash(FENCE_MESSAGE)})) for bank in banks])
+    values = []
+    for bank in banks:
+        value = TPMT_HA(hashAlg=bank.algorithm)
+        setattr(value.digest, bank.value, bank.hash(FENCE_MESSAGE))  # the union member is named after the hash
+        values.append(value)
+    digests = TPML_DIGEST_VALUES(values)
     with tpm_errors("extending PCR 15"):
         tpm.esapi.pcr_extend(getattr(ESYS_TR, f"PCR{FENCE_PCR}"), digests)
     return banks
