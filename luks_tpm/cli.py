@@ -117,6 +117,8 @@ def json_requested(command: click.Command, ctx: click.Context, args: list[str]) 
     parser.ignore_unknown_options = True
     try:
         opts, rest, _ = parser.parse_args(list(args))
+    except click.BadOptionUsage:  # an option missing its value: only the last word can be one
+        return bool(args) and json_requested(command, ctx, args[:-1])
     except click.UsageError:
         return False
     if opts.get("json"):
@@ -134,7 +136,9 @@ class _JsonOnParseErrors(click.Command):
         line = list(args)  # click's parser consumes the list it is given
         try:
             return super().parse_args(ctx, args)
-        except click.UsageError:
+        except click.UsageError as error:
+            if error.ctx is None:  # click's parser leaves it out for an option missing its value
+                error.ctx = ctx
             found = ctx.find_object(Globals)
             if found is not None and json_requested(self, ctx, line):
                 found.json = True

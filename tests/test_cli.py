@@ -77,21 +77,21 @@ def test_tcti_from_the_environment(swtpm: Swtpm, derived_image: Path) -> None:
     luks_tpm("status", derived_image, tcti=None, env={"LUKS_TPM_TCTI": swtpm.tcti})
 
 
-def test_load_key_verbose_after_the_device(swtpm: Swtpm, derived_image: Path) -> None:
+def test_load_key_verbose_after_the_device(swtpm: Swtpm, derived_image: Path, private_session_keyring: int) -> None:
     result = luks_tpm("load-key", derived_image, "-v", tcti=swtpm.tcti)
     assert int(result.stdout.split()[0]) > 0
     assert "libcryptsetup" not in result.stderr and "luks_tpm.cryptsetup" not in result.stderr
 
 
-@pytest.mark.parametrize("spelling", [("--debug",), ("-vv",), ("-v", "-v"), ("--verbose", "--verbose")])
-def test_debug_is_vv_and_turns_on_libcryptsetups_log(swtpm: Swtpm, derived_image: Path,
-                                                      spelling: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("spelling", [("--debug",), ("-vv",), ("--verbose", "--verbose")])
+def test_debug_is_vv_and_turns_on_libcryptsetups_log(swtpm: Swtpm, derived_image: Path, spelling: tuple[str, ...],
+                                                      private_session_keyring: int) -> None:
     result = luks_tpm("load-key", derived_image, *spelling, tcti=swtpm.tcti)
     assert f"luks-tpm: luks_tpm.cryptsetup: Trying to load any crypt type from device {derived_image}" \
         in result.stderr
 
 
-def test_verbose_counts_across_both_sides(swtpm: Swtpm, derived_image: Path) -> None:
+def test_verbose_counts_across_both_sides(swtpm: Swtpm, derived_image: Path, private_session_keyring: int) -> None:
     result = luks_tpm("-v", "load-key", derived_image, "-v", tcti=swtpm.tcti)
     assert "luks_tpm.cryptsetup" in result.stderr
 
@@ -99,7 +99,7 @@ def test_verbose_counts_across_both_sides(swtpm: Swtpm, derived_image: Path) -> 
 # ---- cryptsetup's spellings -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spelling", ["-q", "--batch-mode", "--yes"])
+@pytest.mark.parametrize("spelling", ["-q", "--batch-mode"])
 def test_batch_mode_is_yes(swtpm: Swtpm, derived_image: Path, passphrase: Path, spelling: str) -> None:
     before = file_digest(derived_image)
     result = luks_tpm("format", derived_image, "--no-recovery", tcti=swtpm.tcti, expect=7, stdin=b"")
@@ -125,6 +125,8 @@ USAGE_ERRORS = [
     (["status", "DEV", "--json", "--bogus"], "No such option '--bogus'"),
     (["--bogus", "status", "--json"], "No such option '--bogus'"),  # the group stops there
     (["--json", "status", "--bogus"], "No such option '--bogus'"),
+    (["status", "DEV", "--json", "--tcti"], "Option '--tcti' requires an argument"),
+    (["--json", "--tcti"], "Option '--tcti' requires an argument"),
     (["remove", "DEV", "--token-id", "99", "--json"], "'--token-id': 99 is not in the range"),
     (["load-key", "--json"], "Missing argument 'DEVICE...'"),
     (["--json", "no-such-command"], "No such command 'no-such-command'"),
