@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from .helpers import REPO
-
-SCHEMA_PATH = REPO / "docs" / "json-schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "json-schema.json"
 
 
 @functools.cache
