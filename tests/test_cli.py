@@ -51,6 +51,7 @@ def test_doctor_json_after_the_command(swtpm: Swtpm) -> None:
     report = json.loads(luks_tpm("doctor", "--json", "--tcti", swtpm.tcti, tcti=None).stdout)
     validate("doctor", report)
     assert (report["checks"][0]["name"], report["checks"][0]["ok"]) == ("tpm", True)
+    assert "OK  tpm:" in luks_tpm("doctor", "-v", "--tcti", swtpm.tcti, tcti=None).stdout
 
 
 def test_status_json_before_and_after_the_command(swtpm: Swtpm, derived_image: Path) -> None:
