@@ -35,6 +35,8 @@ from ..model import Parent  # noqa: E402
 from ..secret import Secret, wipe  # noqa: E402
 
 log = logging.getLogger(__name__)
+if USER_TSS2_LOG not in (None, "", "all+NONE"):
+    log.info("ignoring TSS2_LOG=%s: the TSS's own debug and trace output can print key material", USER_TSS2_LOG)
 
 _LAYER_MASK = 0xFF0000
 _TPM_LAYER, _MU_LAYER, _TCTI_LAYER = 0x000000, 0x090000, 0x0A0000

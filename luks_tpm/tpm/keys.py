@@ -112,6 +112,13 @@ def _set_auth(tpm: Tpm, handle: Any, pin: Secret) -> None:
         zero_c(c_data(auth))
 
 
+def _clear_auth(tpm: Tpm, handle: Any) -> None:
+    """ESYS keeps its own copy of an object's auth value (Esys_TR_SetAuth assigns the whole TPM2B to the
+    object's record) and frees that record on flush without zeroing it: the PIN would outlive its Secret
+    in freed heap. Assigning an all-zero TPM2B_AUTH overwrites it (clearing just the size would not)."""
+    tpm.esapi.tr_set_auth(handle, TPM2B_AUTH())
+
+
 def load_sealed(tpm: Tpm, blob: SealedBlob, srk: Any) -> Any:
     """Load a sealed object (tracked: flushed by the caller or at close)."""
     with tpm_errors("loading the sealed key"):
@@ -128,4 +135,6 @@ def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: An
             _set_auth(tpm, sealed, pin)
         return _take_result(tpm, session, last_use, "unsealing the volume key", tpm.esapi.unseal, sealed)
     finally:
+        if pin is not None:
+            _clear_auth(tpm, sealed)
         tpm.flush(sealed)
