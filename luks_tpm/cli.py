@@ -158,9 +158,9 @@ def _passphrase_source(path: Path | None, prompt: str, twice: bool = False) -> C
 
 
 def _pin_source(path: Path | None) -> Callable[[int], Secret | None]:
-    from .prompt import ask, read_file
-
     def pins(token_id: int) -> Secret | None:
+        from .prompt import ask, read_file  # only for a token with a PIN: not on an unattended unlock
+
         if path is not None:
             return read_file(path, what="PIN")
         if sys.stdin.isatty():
