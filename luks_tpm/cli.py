@@ -228,9 +228,9 @@ def _passphrase_source(path: Path | None, prompt: str, option: str, twice: bool 
 
 
 def _pin_source(path: Path | None) -> Callable[[int], Secret | None]:
-    from .prompt import ask
-
     def pins(token_id: int) -> Secret | None:
+        from .prompt import ask  # only for a token with a PIN: not on an unattended unlock
+
         if path is not None:
             return _read(path, "PIN", "--pin-file", _MAX_PIN)
         if sys.stdin.isatty():
@@ -446,7 +446,10 @@ def load_key(devices: tuple[Path, ...], keyring_spec: str, timeout: int | None, 
 
     try:
         target = keyring.parse_keyring(keyring_spec)
-        keyring.keyring_id(target)  # exists (the kernel creates @s, @u, @p and @t on demand)
+        # The process and thread keyrings exist only once asked for, and creating them is harmless; @s
+        # must not be created (that would be a new anonymous session, gone when we exit), and it need not
+        # be: without one the kernel falls back to the user session keyring.
+        keyring.keyring_id(target, create=target in (keyring.PROCESS, keyring.THREAD))
     except (ValueError, keyring.KeyringError) as error:
         raise click.BadParameter(str(error), param_hint="--keyring") from None
     _emit(load_keys(_globals().tcti, devices, target, timeout, table, token_id, _pin_source(pin_file)))
