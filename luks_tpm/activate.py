@@ -8,6 +8,7 @@ that references such a key (open). It never reaches a file, pipe, argv or the en
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,12 +84,7 @@ def _load_one(device: Device, recovery: KeyRecovery, target: int, timeout: int |
     found = recover_verified(device, recovery, token_id=token_id)
     description = key_description(device, found.token.digest)
     with found.key:
-        existing = keyring.search(target, "logon", description)
-        if existing is not None:  # our keys have no WRITE permission: replace, not update
-            # (the search also finds keys in keyrings nested in `target`, which stay where they are)
-            with contextlib.suppress(keyring.KeyringError):
-                keyring.unlink(existing, target)
-        serial = keyring.add_logon_key(description, found.key, target)
+        serial = _add_replacing(description, found.key, target)
     keyring.set_permissions(serial, keyring.logon_key_permissions())
     if timeout:
         keyring.set_timeout(serial, timeout)
@@ -98,6 +94,25 @@ def _load_one(device: Device, recovery: KeyRecovery, target: int, timeout: int |
     if table:
         result["table"] = dm_table(device, found.token.digest, found.token.key_size)
     return result
+
+
+def _add_replacing(description: str, key: Secret, target: int) -> int:
+    """Add the logon key, replacing one of the same name: ours have no WRITE permission, so they cannot be
+    updated in place. Another luks-tpm may add the same key between our unlink and our add (two unlocks of
+    one volume at once): then unlink and add again."""
+    for _attempt in range(5):
+        existing = keyring.search(target, "logon", description)
+        if existing is not None:
+            # (the search also finds keys in keyrings nested in `target`, which stay where they are)
+            with contextlib.suppress(keyring.KeyringError):
+                keyring.unlink(existing, target)
+        try:
+            return keyring.add_logon_key(description, key, target)
+        except keyring.KeyringError as error:
+            if error.errno != errno.EACCES:
+                die(f"cannot add the logon key {description}: {error}", code=ExitCode.DEVICE, cause=Cause.GENERIC)
+    die(f"cannot add the logon key {description}: another process keeps adding it", hint="run the command again",
+        cause=Cause.GENERIC)
 
 
 def _activate(device: Device, name: str, key: Secret, options: Activation) -> None:
