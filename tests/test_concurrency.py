@@ -1,8 +1,8 @@
 """Two luks-tpm processes changing one header at once (issue 8, "Concurrency").
 
 Pairs: enroll + enroll, enroll + remove, reseal + remove (and load-key + load-key), each run many
-times with the second command started 0 to 250 ms after the first, so that its header write lands before, inside and after the
-other's read-modify-write window. The two processes talk to two swtpm instances with the same state
+times with the second command started 0 to 250 ms after the first, so that its header write lands
+before, inside and after the other's read-modify-write window. The two processes talk to two swtpm instances with the same state
 (same seeds, so every token works on both): swtpm has no resource manager, and two clients on one
 instance would exhaust its object slots, which a real /dev/tpmrm0 never does.
 
