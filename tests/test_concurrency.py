@@ -2,9 +2,10 @@
 
 Pairs: enroll + enroll, enroll + remove, reseal + remove (and load-key + load-key), each run many
 times with the second command started 0 to 250 ms after the first, so that its header write lands
-before, inside and after the other's read-modify-write window. The two processes talk to two swtpm instances with the same state
-(same seeds, so every token works on both): swtpm has no resource manager, and two clients on one
-instance would exhaust its object slots, which a real /dev/tpmrm0 never does.
+before, inside and after the other's read-modify-write window. The two processes talk to two swtpm
+instances with the same state (same seeds, so every token works on both): swtpm has no resource
+manager, and two clients on one instance would exhaust its object slots, which a real /dev/tpmrm0
+never does.
 
 After every round:
 - nothing claimed is missing: a process that exited 0 has its effect in the header (an enrolled
