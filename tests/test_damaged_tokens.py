@@ -47,7 +47,6 @@ import pytest
 from luks_tpm import activate, crypttab
 from luks_tpm.errors import LuksTpmError
 from luks_tpm.secret import Secret
-from luks_tpm.tpm import srk_template
 
 from . import volumes
 from .fixtures_luks import file_digest
@@ -105,7 +104,7 @@ class Real:
     base: Path  # keyslot 0 only (the passphrase), same UUID and volume key as the tokens
     passphrase: Path
     tokens: dict[str, dict[str, Any]]  # "format", "enrolled", "sealed", "other-sealed"
-    srk_public: bytes  # a valid TPM2B_PUBLIC of another object type (the SRK template)
+    srk_public: bytes  # a valid TPM2B_PUBLIC of another object type (an ECC storage key)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +136,10 @@ def real(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[R
             ids.append(cli.json("enroll", scratch, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file",
                                 passphrase, tcti=first.tcti)["token"])
         found = volumes.tokens(scratch)
+        # a valid TPM2B_PUBLIC of another type of object (an ECC storage key), made by tpm2-tools
+        first.tpm2("createprimary", "-C", "o", "-G", "ecc256:aes128cfb", "-c", str(work / "srk.ctx"))
+        first.tpm2("readpublic", "-c", str(work / "srk.ctx"), "-o", str(work / "srk.pub"))
+        first.tpm2("flushcontext", "-t")
         # A second TPM with the same seeds, so two cores can each drive one.
         first.stop()
         shutil.copytree(first.state, work / "twin", ignore=shutil.ignore_patterns("*.sock*", "*.log"))
@@ -147,7 +150,7 @@ def real(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[R
         yield Real([t.tcti for t in twins], base, passphrase,
                    {"format": format_token, "enrolled": found[ids[0]], "sealed": found[ids[1]],
                     "other-sealed": found[ids[2]]},
-                   bytes(srk_template().marshal()))
+                   (work / "srk.pub").read_bytes())
     finally:
         for swtpm in twins:
             swtpm.stop()
