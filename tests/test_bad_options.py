@@ -114,6 +114,8 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("format", "--uuid"): [("not a uuid", "not-a-uuid"), ("empty", "")],
         ("format", "--passphrase-file"): _file_values(f, *unreadable),
         ("format", "--pbkdf"): [("unknown", "scrypt")],
+        ("format", "--pcrs"): pcrs,
+        ("format", "--pcr-bank"): [("sha512", "sha512"), ("empty", "")],
         ("format", "--pbkdf-force-iterations"): [("0", "0"), ("-1", "-1"), ("2**32", str(2**32)), ("2**64", GIANT),
                                                  ("letter", "x")],
         ("enroll", "--mode"): [("unknown", "other"), ("empty", "")],
@@ -135,14 +137,17 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("reseal", "--pcr-bank"): [("sha512", "sha512"), ("empty", "")],
         ("reseal", "--pcr-value"): pcr_values,
         ("reseal", "--pin-file"): _file_values(f, *unreadable, "pin-33", "pin-1000"),
+        ("reseal", "--new-pin-file"): _file_values(f, *unreadable, "pin-33", "pin-1000"),
         ("reseal", "--unlock-key-file"): _file_values(f, *unreadable),
         ("remove", "--token-id"): [*token_ids, ("absent", "20")],
     }
 
 
-# Options that take no value, or whose every value is fine (flags; --json and --help are global).
+# Options that take no value (flags), and --tcti, whose bad values are "no TPM" (exit 4, README) and
+# are tried by test_unusable_tcti_is_no_tpm_in_one_line.
 NO_BAD_VALUE = {"--help", "--passphrase", "--no-recovery", "--yes", "--pin", "--table", "--all", "--readonly",
-                "--allow-discards", "--force"}
+                "--allow-discards", "--force", "--fence", "--transient-srk", "--json", "--verbose", "--debug",
+                "--batch-mode", "--tcti"}
 COMMANDS = ["format", "enroll", "load-key", "open", "status", "reseal", "remove", "doctor", "persist-srk"]
 
 
@@ -162,8 +167,10 @@ def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
         return ["open", "--all"] if option == "--crypttab" else ["open", s.volume, "data"]
     if command == "reseal":
         extra = [] if option == "--unlock-key-file" else ["--unlock-key-file", f["passphrase"]]
-        token = [] if option == "--token-id" else ["--token-id", "2" if option == "--pin-file" else "1"]
-        return ["reseal", s.volume, *token, *extra]
+        with_pin = option in {"--pin-file", "--new-pin-file"}
+        token = [] if option == "--token-id" else ["--token-id", "2" if with_pin else "1"]
+        pin: list[str | Path] = ["--pin-file", f["pin"]] if option == "--new-pin-file" else []
+        return ["reseal", s.volume, *token, *pin, *extra]
     if command == "remove":
         return ["remove", s.volume]
     raise AssertionError(command)
@@ -251,18 +258,20 @@ def test_contradicting_options_exit_2(setup: Setup, cli: ForkedCli) -> None:
     cases: list[list[str | Path]] = [
         ["format", setup.blank, "--passphrase-file", f["passphrase"], "--no-recovery", "--yes"],
         ["format", setup.blank, "--passphrase", "--no-recovery", "--yes"],
-        ["enroll", setup.volume, "--mode", "derived", "--pcrs", "7", "--unlock-key-file", f["passphrase"]],
         ["enroll", setup.volume, "--mode", "derived", "--pin-file", f["pin"], "--unlock-key-file", f["passphrase"]],
         ["enroll", setup.volume, "--mode", "sealed", "--pcr-bank", "sha1", "--pcr-value", "7=" + "ab" * 32,
          "--unlock-key-file", f["passphrase"]],
         ["open", "--all", setup.volume],
         ["open", setup.volume],
     ]
+    pristine = volumes.copy_image(setup.volume, setup.volume.with_suffix(".before-contradictions"))
     before = file_digest(setup.volume)
     failures = []
     for argv in cases:
         result = cli.run(*argv, tcti=setup.tcti, expect=None)
         if result.returncode != 2 or not _error_lines(result.stderr) or "Traceback" in result.stderr:
             failures.append(f"{' '.join(map(str, argv))}: exit {result.returncode}: {result.stderr!r:.200}")
-    assert file_digest(setup.volume) == before
+        if file_digest(setup.volume) != before:
+            failures.append(f"{' '.join(map(str, argv))}: changed the header")
+            volumes.copy_image(pristine, setup.volume)
     assert not failures, "\n".join(failures)

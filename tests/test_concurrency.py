@@ -194,7 +194,7 @@ def test_load_key_and_load_key(twins: Twins, cli: ForkedCli, tmp_path: Path) -> 
     for number in range(2 * ROUNDS):
         results = cli.run_many([["--tcti", twins.a.tcti, "load-key", image],
                                 ["--tcti", twins.b.tcti, "load-key", image]], tcti=None, parallel=2,
-                               delays=[0.0, DELAYS[number % len(DELAYS)] / 10])
+                               delays=[0.0, DELAYS[number % len(DELAYS)] / 10], own_keyring=False)
         failures += [f"round {number}: exit {r.returncode}: {r.stderr.strip()[:200]}" for r in results
                      if r.returncode != 0]
     assert not failures, f"{len(failures)} of {4 * ROUNDS} concurrent load-keys failed:\n" + "\n".join(failures)

@@ -55,9 +55,6 @@ from .forked_cli import ForkedCli
 
 GOOD_ID = 31  # the good token's id: tried after every damaged one
 BATCH = 30  # damaged tokens per volume (ids 0..29)
-# Keys go to each command's own thread keyring, gone when it exits: the volumes of both lanes share
-# one UUID, and two load-keys racing on one description in one keyring is another test's business.
-THREAD = ["--keyring", "@t"]
 MAX_ALONE = 90  # inputs of failing batches tried again one per volume, per kind of token
 MISSING = object()
 
@@ -412,7 +409,8 @@ def _one_line_problem(result: Any) -> str | None:
 
 
 def _describe(result: Any) -> str:
-    return f"exit {result.returncode}: {_first_line(result.stderr)}"
+    # with --json, errors may come as JSON on stdout
+    return f"exit {result.returncode}: {_first_line(result.stderr or result.stdout)}"
 
 
 class _Recorder:
@@ -482,7 +480,7 @@ def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tal
 
     before = {lane.labels: file_digest(lane.volume) for lane in lanes}
     jobs = _interleave(lanes, lambda lane: [
-        ("beside", ["--tcti", lane.tcti, "--json", "load-key", lane.volume, *THREAD]),
+        ("beside", ["--tcti", lane.tcti, "--json", "load-key", lane.volume]),
         ("status", ["--tcti", lane.tcti, "--json", "status", lane.volume])])
     for (lane, what, _), result in zip(jobs, _run(cli, jobs, tally), strict=True):
         if what == "beside" and result.returncode != 0:
@@ -500,14 +498,14 @@ def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tal
             tally.fail("header byte-identical after load-key and status", f"[{lane.labels}]")
 
     jobs = _interleave(lanes, lambda lane: [
-        (token_id, ["--tcti", lane.tcti, "load-key", lane.volume, "--token-id", str(token_id), *THREAD])
+        (token_id, ["--tcti", lane.tcti, "load-key", lane.volume, "--token-id", str(token_id)])
         for token_id in lane.placed])
     for (lane, token_id, _), result in zip(jobs, _run(cli, jobs, tally), strict=True):
         _check_single(lane, token_id, result, tally)
 
     for lane in lanes:
         if any(0 not in d.allowed for d in lane.placed.values()):
-            only = cli.run("load-key", lane.alone, *THREAD, tcti=lane.tcti, expect=None)
+            only = cli.run("load-key", lane.alone, tcti=lane.tcti, expect=None)
             tally.calls += 1
             problem = _one_line_problem(only) if only.returncode != 0 else "succeeded"
             # one damaged token alone: its own exit code; many: any failure but a bug (they mix)
@@ -528,7 +526,7 @@ def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tal
         left = set(volumes.tokens(lane.volume)) - {GOOD_ID}
         if left and len(tally.failures.get("remove --token-id N of the damaged token", [])) == 0:
             tally.fail("remove --token-id N of the damaged token", f"[{lane.labels}] still there: {sorted(left)}")
-        after = cli.run("load-key", lane.volume, "--token-id", str(GOOD_ID), *THREAD, tcti=lane.tcti, expect=None)
+        after = cli.run("load-key", lane.volume, "--token-id", str(GOOD_ID), tcti=lane.tcti, expect=None)
         tally.calls += 1
         if after.returncode != 0 or not volumes.passphrase_opens(lane.volume, real.passphrase):
             tally.fail("the good token and the keyslot work after the removals", f"[{lane.labels}] {_describe(after)}")
