@@ -658,3 +658,22 @@ def test_damage_enumeration_covers_every_field(real: Real) -> None:
                 assert name in labels or unchanged, name
     sealed_fields = {".".join(p) for p in _paths(real.tokens["sealed"])}
     assert {"blob.public", "blob.private", "pcr_values.7", "parent.handle", "parent.name"} <= sealed_fields
+
+
+@pytest.mark.parametrize("count", [1, 4, 8])
+def test_tokens_the_tpm_rejects_do_not_use_up_the_pass(count: int, real: Real, cli: ForkedCli, tmp_path: Path) -> None:
+    """Sealed tokens whose blob the TPM refuses to load (a flipped bit: the integrity check fails), tried
+    before a good one in the same pass: every failed try must give back what it took from the TPM
+    (sessions, objects), or the good token after them fails ("out of memory for session contexts")."""
+    token = real.tokens["sealed"]
+    private = base64.b64decode(token["blob"]["private"])
+    flipped = {**token, "blob": {**token["blob"], "private": _b64(private[:-5] + bytes([private[-5] ^ 0x10]) +
+                                                                  private[-4:])}}
+    volume = volumes.copy_image(real.base, tmp_path / "rejected.img")
+    assert volumes.set_token(volume, json.dumps(token), GOOD_ID) == GOOD_ID
+    for token_id in range(count):
+        assert volumes.set_token(volume, json.dumps(flipped), token_id) == token_id
+    result = cli.run("--json", "load-key", volume, tcti=real.tctis[0], expect=None)
+    volumes.flush_tpm(real.tctis[0])
+    assert result.returncode == 0, f"{count} rejected sealed tokens before the good one: {_describe(result)}"
+    assert json.loads(result.stdout)["token"] == GOOD_ID
