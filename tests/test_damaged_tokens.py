@@ -220,7 +220,7 @@ def _generic_allowed(kind: str, path: tuple[str, ...], label: str) -> frozenset[
     if kind == "format" and path == ("wrapped_key",) and label == "null":
         return HARMLESS
     if path == ("parent", "handle") and label == "null":
-        return HARMLESS  # the module's TPM has no persistent SRK: every token records a null handle
+        return HARMLESS  # null: the SRK re-created from its template, whose name the token checks
     if kind == "sealed" and path == ("pcrs",) and label == "empty list":
         return CORRUPT_OR_NOT_VERIFYING  # a valid list, the wrong one: the policy no longer matches
     if kind == "sealed" and path == ("pin",) and label == "true":
