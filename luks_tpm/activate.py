@@ -212,8 +212,7 @@ def _volume_status(path: Path, tpm: Tpm | None, tpm_error: LuksTpmError | None, 
                 lines.append(f"  token {entry.token_id}: {info['summary']}")
                 if info.get("pcrs") or info.get("fence"):
                     lines.append(f"    {_bound_line(info)}")
-                lines.append("    " + ("unlocks now" + (" (needs the PIN)" if info.get("note") else "")
-                                      if info["unlocks"] else f"would NOT unlock: {info['reason']}"))
+                lines.append("    " + _verdict(info))
             if not volume["tokens"]:
                 lines.append("  no luks-tpm token")
     except LuksTpmError as error:
@@ -224,6 +223,14 @@ def _volume_status(path: Path, tpm: Tpm | None, tpm_error: LuksTpmError | None, 
     volume["unlocks"] = any(token["unlocks"] for token in volume["tokens"])
     volume["_lines"] = lines
     return volume
+
+
+def _verdict(info: dict[str, Any]) -> str:
+    if info["unlocks"]:
+        return "unlocks now" + (" (needs the PIN)" if info.get("note") else "")
+    if info.get("other_tpm"):
+        return "another TPM's binding: not for this machine (it works where it was made)"
+    return f"would NOT unlock: {info['reason']}"
 
 
 def _bound_line(info: dict[str, Any]) -> str:
@@ -239,12 +246,12 @@ def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | Non
     if token is None:
         assert damage is not None
         return {"id": token_id, "summary": "damaged", "unlocks": False, "reason": damage.message,
-                "cause": str(damage.cause)}
+                "cause": str(damage.cause), "other_tpm": False}
     info: dict[str, Any] = {
         "id": token_id, "mode": str(token.mode), "pcr_bank": str(token.pcr_bank), "pcrs": list(token.pcrs),
         "pin": token.pin, "fence": token.fence, "created": token.created, "parent": token.parent.name.hex(),
         "parent_handle": None if token.parent.handle is None else f"{token.parent.handle:#x}",
-        "summary": f"{token.describe()}, created {token.created}",
+        "summary": f"{token.describe()}, created {token.created}", "other_tpm": False,
     }
     if tpm is None:
         assert tpm_error is not None
@@ -264,11 +271,17 @@ def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | Non
             recover_verified(device, recovery, token_id=token_id).key.close()
         return {**info, "unlocks": True, "reason": None, "cause": None}
     except UnlockFailed as error:
-        failure = error.failures[0].error
-        return {**info, "unlocks": False, "reason": failure.message, "cause": str(failure.cause),
-                **({"summary": f"{info['summary']} (another TPM)"} if failure.cause is Cause.OTHER_TPM else {})}
+        return _would_not_unlock(info, error.failures[0].error)
     except LuksTpmError as error:
-        return {**info, "unlocks": False, "reason": error.message, "cause": str(error.cause)}
+        return _would_not_unlock(info, error)
+
+
+def _would_not_unlock(info: dict[str, Any], error: LuksTpmError) -> dict[str, Any]:
+    """Another TPM's token is not a failure here: it is marked as such, and the volume's verdict rests on
+    this TPM's tokens (a volume with only other TPMs' tokens does not unlock here, and says so)."""
+    other = error.cause is Cause.OTHER_TPM
+    return {**info, "unlocks": False, "reason": error.message, "cause": str(error.cause), "other_tpm": other,
+            **({"summary": f"{info['summary']} (another TPM)"} if other else {})}
 
 
 def raise_fence(tcti: str) -> Report:

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+import stat
 import sys
 import uuid
 from collections.abc import Callable
@@ -91,16 +92,6 @@ def apply_verbosity(options: Globals) -> None:
         from . import cryptsetup
 
         cryptsetup.set_debug(True)
-    if options.verbose and "luks_tpm.tpm.context" in sys.modules:
-        _say_tss_log_overridden()
-
-
-def _say_tss_log_overridden() -> None:
-    from .tpm import USER_TSS2_LOG
-
-    if USER_TSS2_LOG not in (None, "", "all+NONE"):
-        logging.getLogger("luks_tpm").info("ignoring TSS2_LOG=%s: the TSS's own trace can print key material",
-                                           USER_TSS2_LOG)
 
 
 class _Command(click.Command):
@@ -117,6 +108,12 @@ def _emit(report: Report) -> None:
     report.emit(_globals().json)
     if report.exit_code != ExitCode.OK:
         sys.exit(report.exit_code)
+
+
+def _label(value: str | None) -> str | None:
+    if value is not None and (len(value.encode()) > 47 or not value.isprintable()):
+        raise click.BadParameter("at most 47 bytes, printable characters only", param_hint="--label")
+    return value
 
 
 def _pcr_list(text: str | None, option: str = "--pcrs") -> tuple[int, ...]:
@@ -143,41 +140,67 @@ def _pcr_values(items: tuple[str, ...], bank: Bank | None) -> dict[int, bytes]:
     return values
 
 
-def _secret_file(path: Path, what: str) -> Callable[[], Secret]:
+# Key, passphrase and PIN files are checked when the command line is parsed (exists, a regular file of
+# an acceptable size), so a bad one is a usage error naming its option before anything is done; they
+# are read, byte for byte into a Secret, only when needed.
+_MAX_KEY_FILE = 8192 * 1024  # cryptsetup's own limit for key files
+_MAX_PIN = 32  # a sealed object's authValue is at most its nameAlg's digest size (SHA-256)
+
+
+def _secret_file_check(limit: int) -> Callable[[click.Context, click.Parameter, Path | None], Path | None]:
+    def check(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+        if value is None or str(value) == "-":
+            return value
+        try:
+            info = os.stat(value)
+        except OSError as error:
+            raise click.BadParameter(f"{value}: {error.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise click.BadParameter(f"{value}: not a regular file")
+        if not 0 < info.st_size <= limit:
+            raise click.BadParameter(f"{value}: {'empty' if not info.st_size else f'longer than {limit} bytes'}")
+        if not os.access(value, os.R_OK):
+            raise click.BadParameter(f"{value}: not readable")
+        return value
+
+    return check
+
+
+def _read(path: Path, what: str, option: str, limit: int = _MAX_KEY_FILE) -> Secret:
     from .prompt import read_file
 
-    return lambda: read_file(path, what=what)
+    return read_file(path, what=what, option=option, limit=limit)
 
 
-def _passphrase_source(path: Path | None, prompt: str, twice: bool = False) -> Callable[[], Secret]:
+def _passphrase_source(path: Path | None, prompt: str, option: str, twice: bool = False) -> Callable[[], Secret]:
     from .prompt import ask
 
     if path is not None:
-        return _secret_file(path, "passphrase")
+        return lambda: _read(path, "passphrase", option)
     return lambda: ask(prompt, twice=twice)
 
 
 def _pin_source(path: Path | None) -> Callable[[int], Secret | None]:
-    from .prompt import ask, read_file
+    from .prompt import ask
 
     def pins(token_id: int) -> Secret | None:
         if path is not None:
-            return read_file(path, what="PIN")
+            return _read(path, "PIN", "--pin-file", _MAX_PIN)
         if sys.stdin.isatty():
-            return ask(f"PIN for token {token_id}: ")
+            return ask(f"PIN for token {token_id}: ", limit=_MAX_PIN)
         return None
 
     return pins
 
 
-def _new_pin_source(path: Path | None, *, required: bool) -> Callable[[], Secret | None]:
-    from .prompt import ask, read_file
+def _new_pin_source(path: Path | None, *, required: bool, option: str) -> Callable[[], Secret | None]:
+    from .prompt import ask
 
     def new_pin() -> Secret | None:
         if path is not None:
-            return read_file(path, what="PIN")
+            return _read(path, "PIN", option, _MAX_PIN)
         if required or sys.stdin.isatty():
-            return ask("New PIN: ", twice=True)
+            return ask("New PIN: ", twice=True, limit=_MAX_PIN)
         return None
 
     return new_pin
@@ -190,12 +213,14 @@ def _confirm(question: str) -> bool:
 
 
 _file = click.Path(path_type=Path, dir_okay=False, allow_dash=True)
+_key_file_check = _secret_file_check(_MAX_KEY_FILE)
+_pin_file_check = _secret_file_check(_MAX_PIN)
 device_argument = click.argument("device", type=click.Path(path_type=Path))
 token_option = click.option("--token-id", type=click.IntRange(0, 31), help="Use only this luks-tpm token.")
-pin_file_option = click.option("--pin-file", type=_file, help="Read the PIN from this file (exact bytes) instead of "
-                               "asking.")
+pin_file_option = click.option("--pin-file", type=_file, callback=_pin_file_check,
+                               help="Read the PIN (1-32 bytes) from this file (exact bytes) instead of asking.")
 unlock_key_option = click.option(
-    "--unlock-key-file", "--key-file", "unlock_key_file", type=_file,
+    "--unlock-key-file", "--key-file", "unlock_key_file", type=_file, callback=_key_file_check,
     help="Existing passphrase, recovery key or key file that opens a keyslot (exact bytes; - for stdin). "
          "Asked for on the terminal otherwise.")
 yes_option = click.option("--yes", "-q", "--batch-mode", "yes", is_flag=True,
@@ -231,7 +256,8 @@ def main() -> None:
     \b
     Exit codes: 0 ok, 1 bug, 2 usage, 3 device, header or token problem, 4 TPM
     unavailable, 5 unlock failed (status: some volume would not unlock), 6 TPM in
-    lockout, 7 refused (would lose data, or declined), 8 unsupported.
+    lockout, 7 refused (would lose data, or declined), 8 unsupported, 9 wipe or
+    erase done but its check found something left.
     """
 
 
@@ -277,16 +303,16 @@ def _enrollment(mode: Mode, pcrs: str | None, bank: str | None, values: tuple[st
               help="Volume key size in bits.")
 @click.option("--sector-size", type=click.Choice(["512", "1024", "2048", "4096"]), default="512",
               show_default=True)
-@click.option("--label", help="LUKS2 label.")
+@click.option("--label", callback=lambda _c, _p, v: _label(v), help="LUKS2 label (at most 47 printable bytes).")
 @click.option("--uuid", "volume_uuid", type=click.UUID, help="UUID of the new volume (default: random).")
-@click.option("--passphrase-file", type=_file,
+@click.option("--passphrase-file", type=_file, callback=_key_file_check,
               help="Recovery passphrase from this file (exact bytes) instead of a generated recovery key.")
 @click.option("--passphrase", "ask_passphrase", is_flag=True, help="Ask for a recovery passphrase instead.")
 @click.option("--no-recovery", is_flag=True,
               help="No recovery keyslot: clearing or losing the TPM then destroys the data.")
 @click.option("--pbkdf", type=click.Choice(["argon2id", "argon2i", "pbkdf2"]), default="argon2id",
               show_default=True, help="PBKDF of the recovery keyslot.")
-@click.option("--pbkdf-force-iterations", type=click.IntRange(min=1),
+@click.option("--pbkdf-force-iterations", type=click.IntRange(1, 2**32 - 1),
               help="Fixed PBKDF cost instead of benchmarking (like cryptsetup).")
 @pcrs_option
 @bank_option
@@ -318,7 +344,7 @@ def format_command(device: Path, cipher: str, key_size: str, sector_size: str, l
         uuid=str(volume_uuid) if volume_uuid else None, yes=yes,
         binding=_enrollment(Mode.DERIVED, pcrs, pcr_bank, (), False, fence, transient_srk),
     )
-    source = _passphrase_source(passphrase_file, "Recovery passphrase: ", twice=True)
+    source = _passphrase_source(passphrase_file, "Recovery passphrase: ", "--passphrase-file", twice=True)
     _emit(format_volume(_globals().tcti, settings, _confirm, source))
 
 
@@ -349,15 +375,15 @@ def enroll(device: Path, mode: str, pcrs: str | None, pcr_bank: str | None, pcr_
                                "nothing (the TPM re-creates the key without it)")
     enrollment = _enrollment(chosen, pcrs, pcr_bank, pcr_value, with_pin, fence, transient_srk)
     _emit(run(_globals().tcti, device, enrollment,
-              _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: "),
-              _new_pin_source(pin_file, required=True)))
+              _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file"),
+              _new_pin_source(pin_file, required=True, option="--pin-file")))
 
 
 @main.command("load-key")
 @click.argument("devices", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="DEVICE...")
 @click.option("--keyring", "keyring_spec", default="@s", show_default=True,
               help="Keyring to add the logon keys to: @s, @u, @p, @t, @us or a serial number.")
-@click.option("--timeout", type=click.IntRange(min=1), help="Expire the keys after this many seconds.")
+@click.option("--timeout", type=click.IntRange(1, 2**32 - 1), help="Expire the keys after this many seconds.")
 @click.option("--table", is_flag=True, help="Also print the dm-crypt table line that references each key.")
 @token_option
 @pin_file_option
@@ -383,7 +409,8 @@ def load_key(devices: tuple[Path, ...], keyring_spec: str, timeout: int | None, 
 @click.argument("name", required=False)
 @click.option("--all", "all_volumes", is_flag=True,
               help="Open every crypttab entry with option x-luks-tpm, in one TPM pass.")
-@click.option("--crypttab", type=click.Path(path_type=Path, dir_okay=False), default="/etc/crypttab",
+@click.option("--crypttab", type=click.Path(path_type=Path, dir_okay=False, exists=True, readable=True),
+              default="/etc/crypttab",
               show_default=True, help="The crypttab for --all.")
 @click.option("--readonly", is_flag=True)
 @click.option("--allow-discards", is_flag=True)
@@ -429,7 +456,8 @@ def status(devices: tuple[Path, ...]) -> None:
 @bank_option
 @click.option("--pcr-value", multiple=True, metavar="INDEX=HEX", help="Bind to this value (repeatable).")
 @pin_file_option
-@click.option("--new-pin-file", type=_file, help="The new binding's PIN (default: the old PIN, once verified).")
+@click.option("--new-pin-file", type=_file, callback=_pin_file_check,
+              help="The new binding's PIN (default: the old PIN, once verified).")
 @click.option("--force", is_flag=True, help="Replace the old token even if the new one cannot be verified now.")
 @unlock_key_option
 @global_options
@@ -441,8 +469,9 @@ def reseal(device: Path, token_id: int | None, pcrs: str | None, pcr_bank: str |
 
     values = _pcr_values(pcr_value, None)
     _emit(run(_globals().tcti, device, token_id, _pcr_list(pcrs) if pcrs is not None else None, values, pcr_bank,
-              force, _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: "),
-              _pin_source(pin_file), _new_pin_source(new_pin_file, required=False)))
+              force, _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ",
+                                        "--unlock-key-file"),
+              _pin_source(pin_file), _new_pin_source(new_pin_file, required=False, option="--new-pin-file")))
 
 
 @main.command()
@@ -485,3 +514,70 @@ def fence() -> None:
     from .activate import raise_fence
 
     _emit(raise_fence(_globals().tcti))
+
+
+def _typed_confirmation() -> Callable[[list[str], str], bool]:
+    """Show what is destroyed, then ask for YES typed in capitals (as cryptsetup asks); no terminal, no
+    going ahead: a script must say --yes."""
+    as_json = _globals().json
+
+    def confirm(lines: list[str], question: str) -> bool:
+        stream = sys.stderr if as_json else sys.stdout  # with --json, stdout holds only the JSON result
+        for line in lines:
+            print(line, file=stream)
+        stream.flush()
+        if not sys.stdin.isatty():
+            die("no terminal to confirm on, and no --yes: nothing was changed",
+                hint="pass --yes (or -q/--batch-mode) to go ahead; --dry-run only lists", code=ExitCode.REFUSED)
+        answer = click.prompt(f"{question} Type YES in capital letters to go on", default="", show_default=False,
+                              err=True)
+        return bool(answer == "YES")
+
+    return confirm
+
+
+@main.command()
+@click.argument("devices", nargs=-1, type=click.Path(path_type=Path), metavar="[DEVICE...]")
+@click.option("--lockout-auth-file", type=_file,
+              help="The TPM's lockout authorization (exact bytes: a trailing newline counts; - for stdin). "
+                   "Default: empty, as TPMs ship.")
+@click.option("--crypttab", "crypttab_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="The crypttab whose x-luks-tpm entries are listed (default: /etc/crypttab, when it exists).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be destroyed; clear nothing.")
+@yes_option
+@global_options
+def wipe(devices: tuple[Path, ...], lockout_auth_file: Path | None, crypttab_path: Path | None, dry_run: bool,
+         yes: bool) -> None:
+    """Clear the TPM owner hierarchy (TPM2_Clear): every key bound to it dies.
+
+    \b
+    First lists what dies: the volumes it knows (DEVICEs, crypttab entries marked
+    x-luks-tpm, block devices with a luks-tpm token), each token's fate and
+    whether a keyslot keeps the volume openable; the persistent objects and owner
+    NV indices (other software's keys too). Asks for YES unless --yes. Then clears
+    with the lockout authorization and checks that every listed token now fails
+    as destroyed. Exit 0 only when all do, 9 when some check fails.
+    Keyslots stay: recovery keys and passphrases still open wiped volumes."""
+    from .decommission import wipe as run
+
+    _emit(run(_globals().tcti, devices, crypttab_path=crypttab_path, lockout_auth_file=lockout_auth_file,
+              dry_run=dry_run, confirm=None if yes else _typed_confirmation()))
+
+
+@main.command()
+@click.argument("devices", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="DEVICE...")
+@click.option("--dry-run", is_flag=True, help="Only list what would be destroyed; change nothing.")
+@yes_option
+@global_options
+def erase(devices: tuple[Path, ...], dry_run: bool, yes: bool) -> None:
+    """Crypto-erase volumes: destroy every keyslot and every token (luks-tpm's and other tools').
+
+    \b
+    Afterwards no passphrase, recovery key or TPM opens them, which is checked by
+    reading the header back (exit 0; 9 if anything is left). The TPM is kept for
+    the machine's other volumes. The data area is not overwritten: without the key
+    it is noise. Interrupted, it can be run again and finishes. Asks for YES
+    unless --yes."""
+    from .decommission import erase as run
+
+    _emit(run(devices, dry_run=dry_run, confirm=None if yes else _typed_confirmation()))

@@ -127,6 +127,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "crypt_keyslot_add_by_volume_key": (_int, [_cd, _int, _key, _size, _key, _size]),
     "crypt_keyslot_max": (_int, [_str]),
     "crypt_keyslot_status": (_int, [_cd, _int]),
+    "crypt_keyslot_destroy": (_int, [_cd, _int]),
     "crypt_token_max": (_int, [_str]),
     "crypt_token_json_get": (_int, [_cd, _int, _strp]),
     "crypt_token_json_set": (_int, [_cd, _int, _str]),
@@ -351,6 +352,14 @@ class Device:
         return [slot for slot in range(count)
                 if _fn("crypt_keyslot_status")(self._cd, slot) in (_SLOT_ACTIVE, _SLOT_ACTIVE_LAST)]
 
+    def keyslots_in_header(self) -> list[int]:
+        """Every keyslot the header holds, whatever its state (unbound and reencryption keyslots too)."""
+        return sorted(int(slot) for slot in self.metadata().get("keyslots", {}))
+
+    def keyslot_destroy(self, keyslot: int) -> None:
+        """Overwrite the keyslot's key material area, then write the header without the keyslot."""
+        _call("crypt_keyslot_destroy", self._cd, keyslot)
+
     # tokens
 
     def token_json_get(self, token_id: int) -> str | None:
@@ -528,9 +537,12 @@ def _header_lock(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def open_device(path: str | os.PathLike[str], *, load: bool = True, write: bool = False) -> Iterator[Device]:
+def open_device(path: str | os.PathLike[str], *, load: bool = True, write: bool = False,
+                allow_detached: bool = False) -> Iterator[Device]:
     """crypt_init (+ crypt_load of a LUKS2 header when `load`); always crypt_free. With `write`, the
     device must be writable and the header stays locked against other luks-tpm writers meanwhile.
+    A detached header (data on another device) is refused unless `allow_detached` (tests write tokens
+    into one to prove the commands refuse it).
 
     Failing to open or load is raised as a `LuksTpmError` with a hint; later calls raise
     `CryptsetupError`. Note: like every libcryptsetup user (even `cryptsetup isLuks`), loading a
@@ -549,7 +561,7 @@ def open_device(path: str | os.PathLike[str], *, load: bool = True, write: bool 
         device = Device(name, handle)
         try:
             if load:
-                _load(device)
+                _load(device, allow_detached)
             yield device
         finally:
             device._handle = None
@@ -572,7 +584,7 @@ def _raise_open_error(name: str, error: CryptsetupError) -> NoReturn:
     die(f"{name}: cannot open: {error}", cause=Cause.DEVICE)
 
 
-def _load(device: Device) -> None:
+def _load(device: Device, allow_detached: bool) -> None:
     name = device.path
     try:
         _call("crypt_load", device._cd, None, None)  # any LUKS version, so LUKS1 can be named as such
@@ -598,7 +610,7 @@ def _load(device: Device) -> None:
             code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
     if kind != "LUKS2":
         die(f"{name}: unsupported device type {kind}", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
-    if device.is_detached_header():
+    if not allow_detached and device.is_detached_header():
         die(f"{name} is a detached LUKS2 header (its data segment starts inside the header area, so the data "
             "lives on another device); luks-tpm does not support detached headers",
             hint="keep the header on the data device", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)

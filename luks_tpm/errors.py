@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     LOCKED_OUT = 6  # the TPM is in dictionary-attack lockout
     REFUSED = 7  # the operation would lose a way into the volume, or the user declined
     UNSUPPORTED = 8  # LUKS1, a future token version, no device-mapper here, missing kernel feature
+    INCOMPLETE = 9  # wipe/erase ran, but the check afterwards found a way in left or could not check
 
 
 class Cause(enum.StrEnum):
@@ -49,6 +50,8 @@ class Cause(enum.StrEnum):
     WRONG_KEY = "wrong-key"  # the recovered key does not verify (re-encrypted volume, altered token)
     UNSUPPORTED = "unsupported"
     REFUSED = "refused"
+    CLEAR_DISABLED = "clear-disabled"  # TPM2_Clear refused: disableClear is set
+    WRONG_AUTH = "wrong-auth"  # a hierarchy's authorization (e.g. the lockout's) was wrong
 
 
 # Failures that prove a binding can never recover its key again (on this TPM): such a token is not a

@@ -15,6 +15,7 @@ import datetime
 import enum
 import hashlib
 import json
+import struct
 from typing import Any
 
 from .errors import Cause, ExitCode, LuksTpmError, die
@@ -85,6 +86,25 @@ class PcrPolicy:
     @property
     def empty(self) -> bool:
         return not (self.pcrs or self.pin or self.fence)
+
+    def digest(self) -> bytes:
+        """The policy digest, computed in software (docs/policy.md): what the TPM's trial session gives,
+        used to tell a token whose fields disagree with its `policy` (a damaged token) without a TPM."""
+        digest = bytes(32)
+        parts = ([self] if self.pcrs else []) + ([FENCE_DOWN] if self.fence else [])
+        for part in parts:
+            bitmap = bytearray(3)
+            for index in part.pcrs:
+                bitmap[index // 8] |= 1 << (index % 8)
+            selection = struct.pack(">IHB", 1, part.bank.algorithm, len(bitmap)) + bytes(bitmap)
+            digest = hashlib.sha256(digest + struct.pack(">I", _CC_POLICY_PCR) + selection + part.pcr_digest).digest()
+        if self.pin:
+            digest = hashlib.sha256(digest + struct.pack(">I", _CC_POLICY_AUTH_VALUE)).digest()
+        return digest
+
+
+_CC_POLICY_PCR, _CC_POLICY_AUTH_VALUE = 0x0000017F, 0x0000016B  # TPM_CC values (Part 2)
+FENCE_DOWN = PcrPolicy(FENCE_BANK, (FENCE_PCR,), {FENCE_PCR: bytes(FENCE_BANK.size)})  # fenced: PCR 15 = zeros
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +364,10 @@ def _parse_fields(raw: dict[str, Any]) -> Token:
         "endorsement": None if endorsement is None else _hex(endorsement, "endorsement", (34, 50, 22)),
         "extra": {key: value for key, value in raw.items() if key not in _KNOWN},
     }
+    if set(common["pcr_values"]) == set(pcrs) and (policy or mode == Mode.SEALED):
+        expected = PcrPolicy(bank, pcrs, common["pcr_values"], pin, fence).digest()
+        if policy != expected:
+            raise _Damage("field 'policy' does not match the token's PCRs, PCR values, fence and PIN")
     if mode == Mode.DERIVED:
         if pin:
             raise _Damage("field 'pin' must be false for a derived token")

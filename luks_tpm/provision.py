@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import logging
 import secrets
 import uuid as uuid_module
 from collections.abc import Callable
@@ -34,6 +36,8 @@ from .unlock import KeyRecovery, PinSource, Recovered, luks_tpm_tokens, recover_
 # random 256/512-bit keys, so a cheap digest costs no security and saves ~100 ms on every unlock.
 _DIGEST_PBKDF = Pbkdf("pbkdf2", iterations=1000)
 
+log = logging.getLogger(__name__)
+
 Confirm = Callable[[str], bool]
 PassphraseSource = Callable[[], Secret]
 NewPinSource = Callable[[], Secret | None]
@@ -45,11 +49,15 @@ def write_error(device: Device, error: CryptsetupError) -> LuksTpmError:
     if "concurrent" in said:
         return LuksTpmError(f"{device.path}: another process changed the LUKS header meanwhile; nothing was "
                             "written", hint="run the command again", cause=Cause.HEADER_CHANGED)
-    if "space" in said or "free token" in said or "no free" in said:
+    if "free token" in said or "no free" in said:
         return LuksTpmError(f"{device.path}: the LUKS2 header is full ({error.log[-1] if error.log else error})",
                             hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`) or keyslots; the "
                             "JSON area size is fixed when the volume is formatted", cause=Cause.HEADER_FULL)
-    if error.errno in (30, 13, 1):  # EROFS, EACCES, EPERM
+    if error.errno == errno.ENOSPC:
+        return LuksTpmError(f"{device.path}: the LUKS2 header's JSON area is full", hint="remove unused tokens "
+                            "(`luks-tpm status`, `luks-tpm remove`) or keyslots; a larger area can only be chosen "
+                            "when formatting (`cryptsetup luksFormat --luks2-metadata-size`)", cause=Cause.HEADER_FULL)
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return LuksTpmError(f"{device.path}: cannot write the LUKS header ({error.strerror})",
                             hint="is the device or image read-only?", cause=Cause.DEVICE)
     return LuksTpmError(f"{device.path}: writing the LUKS header failed: {error}", cause=Cause.DEVICE)
@@ -200,7 +208,9 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
             f"{path} already holds a LUKS header. Overwrite it, destroying all data on it?"
         ):
             die("not formatting: the existing header was kept", code=ExitCode.REFUSED, cause=Cause.REFUSED)
-        if settings.recovery is Recovery.NONE:
+        if settings.recovery is not Recovery.NONE:
+            _check_pbkdf(device, settings.pbkdf)
+        else:
             progress("no recovery keyslot: clearing or losing the TPM will make the data unrecoverable")
         uuid = settings.uuid or str(uuid_module.uuid4())
         passphrase = recovery_passphrase() if settings.recovery is Recovery.PASSPHRASE and recovery_passphrase \
@@ -219,8 +229,10 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
                     device.format_luks2(cipher=cipher, cipher_mode=mode, uuid=uuid, volume_key=key,
                                         sector_size=settings.sector_size, pbkdf=_DIGEST_PBKDF, label=settings.label)
                 except CryptsetupError as error:
-                    if error.errno == 22 and "cipher" in " ".join(error.log).lower():  # EINVAL
-                        die(f"--cipher {settings.cipher}: libcryptsetup cannot use this cipher here",
+                    if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+                        # libcryptsetup tries the cipher (kernel crypto API, then dm-crypt) before writing
+                        said = f" ({error.log[-1]})" if error.log else ""
+                        die(f"--cipher {settings.cipher}: libcryptsetup cannot use this cipher here{said}",
                             hint="e.g. aes-xts-plain64 (the default)", code=ExitCode.USAGE, cause=Cause.USAGE)
                     raise write_error(device, error) from None
                 # The recovery keyslot first: an interruption after it leaves a volume the recovery key opens.
@@ -245,6 +257,16 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
     line = f"{path}: formatted LUKS2 {uuid}, TPM-derived key in token {token_id}" + (
         f", recovery keyslot {keyslot}" if keyslot is not None else ", NO recovery keyslot")
     return Report(data, [line], recovery_key=recovery_key, warnings=warnings)
+
+
+def _check_pbkdf(device: Device, pbkdf: Pbkdf) -> None:
+    """Let libcryptsetup judge the recovery keyslot's PBKDF before anything is written."""
+    try:
+        device.set_pbkdf(pbkdf)
+    except CryptsetupError as error:
+        said = error.log[-1] if error.log else str(error)
+        die(f"--pbkdf {pbkdf.type}" + (f" --pbkdf-force-iterations {pbkdf.iterations}" if pbkdf.iterations else "")
+            + f": {said}", code=ExitCode.USAGE, cause=Cause.USAGE)
 
 
 def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> Secret:
@@ -291,7 +313,9 @@ def reseal(tcti: str, device_path: Path, token_id: int | None, pcrs: tuple[int, 
         if token_id is not None:
             bound = [e for e in bound if e.token_id == token_id]
         if not bound:
-            die(f"{path} has no PCR-bound luks-tpm token" + (f" with id {token_id}" if token_id is not None else ""),
+            which = f"--token-id {token_id}: token {token_id} of {path} is not" if token_id is not None else \
+                f"{path} has no luks-tpm token"
+            die(f"{which} bound to PCRs or the fence: nothing to reseal",
                 hint="`luks-tpm status` lists the tokens", code=ExitCode.USAGE, cause=Cause.USAGE)
         old_id, old = bound[0].token_id, bound[0].token
         assert old is not None
@@ -326,7 +350,7 @@ def _key_for_reseal(device: Device, recovery: KeyRecovery, passphrase: Passphras
     try:
         found = recover_verified(device, recovery)
     except LuksTpmError as error:
-        progress(f"{error.message}; using the passphrase or recovery key instead")
+        log.warning("%s; using the passphrase or recovery key instead", error.message)
         return None
     progress(f"got the volume key from token {found.token_id}")
     return found

@@ -23,6 +23,7 @@ import re
 import stat
 import sys
 import syslog
+import threading
 from pathlib import Path
 
 from . import keyring
@@ -34,6 +35,10 @@ from .secret import Secret, make_undumpable
 # for operators who want another value (set it on the conf line with /usr/bin/env).
 NEGATE_SECONDS = 10
 NEGATE_ENVIRONMENT = "LUKS_TPM_NEGATE_TIMEOUT"
+# The TSS waits for a TPM answer without a timeout, and the requester waits for us: a TPM (or socket) that
+# never answers must not hang it. Past this many seconds the request is negated and the handler exits.
+DEADLINE_SECONDS = 30
+DEADLINE_ENVIRONMENT = "LUKS_TPM_REQUEST_DEADLINE"
 
 _UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _VOLUME = re.compile(rf"cryptsetup:({_UUID})-d([0-9]{{1,3}})")
@@ -48,11 +53,13 @@ class _Request:
                  session: str) -> None:
         self.tcti = tcti
         self.key = key
-        self.serial = int(key) if re.fullmatch(r"[1-9][0-9]{0,9}", key) else None
+        serial = int(key) if re.fullmatch(r"[1-9][0-9]{0,9}", key) else 0
+        self.serial = serial if 0 < serial < 2**31 else None  # key_serial_t: a positive int32
         self.type = key_type
         self.description = description
         self.callout = callout
         self.session = session
+        self.uid: int | None = None  # the key's, once described
 
     def what(self) -> str:
         return f"{self.type} {self.description}"
@@ -80,9 +87,36 @@ def _log(priority: int, text: str) -> None:
         print(f"luks-tpm: {line}", file=sys.stderr)
 
 
-def _negate_seconds() -> int:
-    value = os.environ.get(NEGATE_ENVIRONMENT, "")
-    return int(value) if re.fullmatch(r"[1-9][0-9]{0,5}", value) else NEGATE_SECONDS
+def _seconds(variable: str, default: int) -> int:
+    value = os.environ.get(variable, "")
+    return int(value) if re.fullmatch(r"[1-9][0-9]{0,5}", value) else default
+
+
+def _negate(request: _Request, reason: str) -> None:
+    seconds = _seconds(NEGATE_ENVIRONMENT, NEGATE_SECONDS)
+    try:
+        assert request.serial is not None
+        keyring.negate(request.serial, seconds)
+        negated = f"negated for {seconds} s"
+    except keyring.KeyringError as error:  # e.g. instantiated after all, or the requester gave up
+        negated = f"not negated ({os.strerror(error.errno or 0)})"
+    uid = "unknown" if request.uid is None else request.uid
+    _log(syslog.LOG_ERR, f"request-key: {request.what()} for uid {uid}: {reason}; {negated}")
+
+
+def _start_deadline(request: _Request) -> threading.Timer:
+    """A daemon thread that gives up for the main thread when it is stuck in the TSS. Started after the
+    authority was assumed: a new thread inherits the creating thread's credentials, the authority too."""
+    seconds = _seconds(DEADLINE_ENVIRONMENT, DEADLINE_SECONDS)
+
+    def give_up() -> None:
+        _negate(request, f"no answer after {seconds} s (is the TPM responding?)")
+        os._exit(ExitCode.TPM_UNAVAILABLE)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def main(argv: list[str]) -> int:
@@ -100,14 +134,15 @@ def main(argv: list[str]) -> int:
         _log(syslog.LOG_ERR, f"request-key: {request.what()}: cannot act for key {request.serial} "
                              f"({os.strerror(error.errno or 0)}); only /sbin/request-key can run this")
         return ExitCode.REFUSED
-    uid: int | None = None
+    deadline = _start_deadline(request)
     try:
         asked = keyring.describe(request.serial)
-        uid = asked.uid
+        request.uid = uid = asked.uid
         if (asked.type, asked.description) != (request.type, request.description):
             die(f"the key under construction is {asked.type} {asked.description}, not what the arguments say",
                 code=ExitCode.USAGE)
         with _answer(request, uid) as payload:
+            deadline.cancel()  # answered in time: nothing may negate it now
             if request.type == "logon":
                 # As load-key does: no WRITE (no update in place), nothing for others. Before instantiating:
                 # only the authority (divested by instantiation) makes the key ours to change.
@@ -121,13 +156,8 @@ def main(argv: list[str]) -> int:
         reason, code = f"keyring: {error.function}: {os.strerror(error.errno or 0)}", ExitCode.BUG
     except Exception as error:  # a bug: the requester must still get its answer at once
         reason, code = f"internal error ({type(error).__name__}); please report it", ExitCode.BUG
-    seconds = _negate_seconds()
-    try:
-        keyring.negate(request.serial, seconds)
-        negated = f"negated for {seconds} s"
-    except keyring.KeyringError as error:  # e.g. instantiated after all, or the requester gave up
-        negated = f"not negated ({os.strerror(error.errno or 0)})"
-    _log(syslog.LOG_ERR, f"request-key: {request.what()} for uid {uid}: {reason}; {negated}")
+    deadline.cancel()
+    _negate(request, reason)
     return code
 
 
@@ -186,7 +216,7 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
         die(f"the callout info must be the device's absolute path or '-', not {callout[:100]!r}",
             code=ExitCode.USAGE)
     with open_device(path) as device:
-        if (device.uuid or "").lower() != uuid.lower():
+        if device.uuid.lower() != uuid.lower():
             die(f"{path} is LUKS2 volume {device.uuid}, not {uuid}", code=ExitCode.DEVICE)
         if digest not in device.digest_ids():
             die(f"{path} has no LUKS2 digest {digest}", code=ExitCode.DEVICE)
@@ -200,7 +230,8 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
 
 
 def _app_key(tcti: str | None, uid: int, name: str, length: int) -> Secret:
-    """HMAC by the derived primary without a policy, in an SRK-salted session with response encryption."""
+    """TPM2_HMAC by the derived primary without a policy, in an SRK-salted session with response
+    encryption (the machinery `format` derives with), then HKDF-Expand."""
     from . import derive
     from .tpm import Tpm
     from .tpm.srk import current_srk

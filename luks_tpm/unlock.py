@@ -109,7 +109,12 @@ class KeyRecovery:
             tpm_pcr.restart_policy(self.tpm, session)
         if not last_use:
             self._used.add(id(session))
-        tpm_pcr.apply_policy(self.tpm, session, policy, trial=False)
+        try:
+            tpm_pcr.apply_policy(self.tpm, session, policy, trial=False)
+        except TpmError:
+            if last_use:
+                self.tpm.release(session)
+            raise
         return session, last_use
 
     def derive(self, message: bytes, srk: Any, policy: PcrPolicy | None = None, policy_digest: bytes = b"") -> Secret:
@@ -119,7 +124,12 @@ class KeyRecovery:
             session, last_use = self._session(srk, policy=False)
         else:
             session, last_use = self._policy_session(srk, policy)
-        return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
+        try:
+            return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
+        except TpmError:
+            if last_use:  # the TPM did not end it: free its slot before the next token tries
+                self.tpm.release(session)
+            raise
 
     def precheck(self, token: Token) -> Any:
         """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs.
@@ -171,7 +181,12 @@ class KeyRecovery:
                     code=ExitCode.UNLOCK_FAILED, cause=Cause.NEEDS_PIN)
         try:
             session, last_use = self._policy_session(srk, token.pcr_policy(pin=token.pin))
-            key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
+            try:
+                key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
+            except TpmError:
+                if last_use:  # the TPM did not end it: free its slot before the next token tries
+                    self.tpm.release(session)
+                raise
         except TpmError as error:
             if pin is not None:
                 pin.close()
@@ -202,7 +217,7 @@ def changed_pcrs(tpm: Tpm, token: Token) -> list[int]:
     return [index for index in token.pcrs if token.pcr_values.get(index) not in (None, current.get(index))]
 
 
-def _order(entries: list[TokenEntry], token_id: int | None) -> list[TokenEntry]:
+def _order(entries: list[TokenEntry], token_id: int | None, tpm: Tpm) -> list[TokenEntry]:
     if token_id is not None:
         chosen = [entry for entry in entries if entry.token_id == token_id]
         if not chosen:
@@ -210,12 +225,36 @@ def _order(entries: list[TokenEntry], token_id: int | None) -> list[TokenEntry]:
                 code=ExitCode.USAGE, cause=Cause.USAGE)
         return chosen
     # Derived tokens need nothing but the TPM; sealed ones may need a PIN or fail on changed PCRs.
-    return sorted(entries, key=lambda entry: (not isinstance(entry.token, DerivedToken), entry.token_id))
+    return _this_tpm_first(tpm, sorted(entries, key=lambda entry: (not isinstance(entry.token, DerivedToken),
+                                                                   entry.token_id)))
+
+
+def _this_tpm_first(tpm: Tpm, entries: list[TokenEntry]) -> list[TokenEntry]:
+    """A volume that moves between machines carries tokens of several TPMs: try this TPM's first, known by
+    SRK name alone, so that when one of them recovers the key the others' are never touched (no EK made
+    to name them, no sealed object of theirs loaded). Cheap names first (a persistent SRK's), then the
+    re-created SRK's; without a match the order stays and each token says why it fails."""
+    parents = {entry.token.parent.name for entry in entries if entry.token is not None}
+    if len(parents) < 2:  # one SRK for every token: nothing to choose
+        return entries
+    for create in (False, True):
+        mine = {entry.token_id for entry in entries if entry.token is not None
+                and _is_this_tpm(tpm, entry.token.parent, create=create)}
+        if mine:
+            return [e for e in entries if e.token_id in mine] + [e for e in entries if e.token_id not in mine]
+    return entries
+
+
+def _is_this_tpm(tpm: Tpm, parent: Parent, *, create: bool) -> bool:
+    try:
+        return tpm_srk.is_this_tpm(tpm, parent, create=create)
+    except LuksTpmError:  # the token's own try says what is wrong
+        return False
 
 
 def recover_verified(device: Device, recovery: KeyRecovery, *, token_id: int | None = None) -> Recovered:
     """Try the volume's luks-tpm tokens in order; the first key that verifies wins."""
-    entries = _order(luks_tpm_tokens(device), token_id)
+    entries = _order(luks_tpm_tokens(device), token_id, recovery.tpm)
     if not entries:
         die(f"{device.path} has no luks-tpm token", hint="bind it first with `luks-tpm enroll`",
             code=ExitCode.UNLOCK_FAILED, cause=Cause.NO_TOKEN)

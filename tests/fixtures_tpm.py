@@ -117,3 +117,15 @@ def fresh_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
         swtpm.assert_clean()
     finally:
         swtpm.stop()
+
+
+@pytest.fixture
+def second_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
+    """Another TPM (another machine's): its own seeds, its own EK, for volumes that carry tokens of both."""
+    swtpm = Swtpm(tmp_path / "second-swtpm")
+    swtpm.start()
+    yield swtpm
+    try:
+        swtpm.assert_clean()
+    finally:
+        swtpm.stop()

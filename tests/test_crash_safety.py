@@ -182,6 +182,11 @@ def test_killed_format_never_leaves_a_tpm_only_volume(lanes: tuple[list[Lane], P
         if volumes.passphrase_opens(image, passphrase):
             return []
         tokens = volumes.tokens(image)
+        # A header with neither keyslot nor token (killed between crypt_format and the keyslot) holds no
+        # data and the blank image had no way in: nothing was lost, and running format again finishes it.
+        # What must never happen (issue 8, defect 7) is a token without the recovery keyslot.
+        if not tokens and not volumes.keyslots(image):
+            return []
         return [f"a LUKS2 volume without its recovery keyslot (keyslots {volumes.keyslots(image)}, "
                 f"tokens {sorted(tokens)})"]
 

@@ -13,6 +13,7 @@ header file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -29,9 +30,15 @@ TIMEOUT_S = 8  # every refusal here is immediate; a hang is a bug
 NOT_A_VOLUME = {2, 3}
 
 
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("Usage:", "Try '"))
-            and not line.startswith("luks-tpm: hint:")]
+def _error_lines(stderr: str, stdout: str = "") -> list[str]:
+    """The error's words: lines on stderr, or with --json the error object on stdout."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("Usage:", "Try '"))
+             and not line.startswith("luks-tpm: hint:")]
+    try:
+        error = json.loads(stdout).get("error") if stdout.strip() else None
+    except ValueError:
+        error = None
+    return lines + ([str(error["message"])] if isinstance(error, dict) and error.get("message") else [])
 
 
 def commands(path: Path, passphrase: Path) -> dict[str, list[str | Path]]:
@@ -54,7 +61,7 @@ def _check_refused(kind: str, path: Path, passphrase: Path, cli: ForkedCli, tcti
     # refused paths never get as far as the TPM, so the commands may run side by side
     results = cli.run_many(list(chosen.values()), tcti=tcti, parallel=3, timeout=TIMEOUT_S)
     for name, result in zip(chosen, results, strict=True):
-        lines = _error_lines(result.stderr)
+        lines = _error_lines(result.stderr, result.stdout)
         if result.returncode == TIMEOUT:
             failures.append(f"{kind}: {name} hung (killed after {TIMEOUT_S} s)")
         elif result.returncode not in allowed:
@@ -184,7 +191,7 @@ def test_detached_header_is_refused_or_supported(tmp_path: Path, tpm: Swtpm, pas
         if name == "format":
             continue  # formatting over it is what --yes asks for
         result = cli.run(*argv, tcti=tpm.tcti, expect=None, timeout=TIMEOUT_S)
-        lines = _error_lines(result.stderr)
+        lines = _error_lines(result.stderr, result.stdout)
         if result.returncode in {TIMEOUT, 1} or "Traceback" in result.stderr:
             failures.append(f"detached header: {name}: exit {result.returncode}: {result.stderr[-200:]!r}")
         elif result.returncode != 0 and not any("detached" in line.lower() for line in lines):

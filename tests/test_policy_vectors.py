@@ -20,6 +20,8 @@ from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
 from tpm2_pytss.types import TPML_PCR_SELECTION
 
+from luks_tpm.model import Bank, PcrPolicy
+
 from .fixtures_tpm import Swtpm
 from .helpers import REPO
 
@@ -186,3 +188,10 @@ def test_docs_show_these_vectors() -> None:
     shown = set(re.findall(r"\b[0-9a-f]{64}\b", text))
     missing = [name for name, digest in EXPECTED.items() if digest not in shown]
     assert not missing, f"docs/policy.md lacks the digests of: {missing}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_the_package_computes_the_pinned_digest(case: Case) -> None:
+    """luks_tpm.model checks every token's `policy` against its fields with its own computation."""
+    policy = PcrPolicy(Bank(case.bank), tuple(sorted(case.values)), case.values, case.pin, case.fence)
+    assert policy.digest().hex() == EXPECTED[case.name]

@@ -8,11 +8,11 @@ with `keyctl request2` (as a shell user would) or request_key(2) in process (to 
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -57,11 +57,11 @@ ENOKEY_TEXT = "Required key not available"
 class Upcall:
     """One request-key.d file routing this test's descriptions to this checkout's luks-tpm."""
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, environment: str = "") -> None:
         self.prefix = f"t{secrets.token_hex(6)}"
         self.path = REQUEST_KEY_D / f"luks-tpm-test-{self.prefix}.conf"
         # The kernel's helper runs with PATH=/sbin:/bin:/usr/sbin:/usr/bin in /: absolute paths only.
-        self.command = (f"/usr/bin/env PYTHONPATH={REPO} LUKS_TPM_NEGATE_TIMEOUT={NEGATE_SECONDS} "
+        self.command = (f"/usr/bin/env PYTHONPATH={REPO} LUKS_TPM_NEGATE_TIMEOUT={NEGATE_SECONDS} {environment} "
                         f"{sys.executable} -m luks_tpm --tcti {tcti} request-key %k %t %d %c %S")
         self.volumes: list[str] = []
         self._write()
@@ -86,7 +86,7 @@ class Upcall:
 
 
 @pytest.fixture
-def upcalls(private_session_keyring: int) -> Iterator[Callable[[str], Upcall]]:
+def upcalls(private_session_keyring: int) -> Iterator[Callable[..., Upcall]]:
     """Makes `Upcall`s for a TPM; every file made is removed at the end."""
     if os.geteuid() != 0:
         pytest.skip("needs root to write /etc/request-key.d")
@@ -94,8 +94,8 @@ def upcalls(private_session_keyring: int) -> Iterator[Callable[[str], Upcall]]:
         pytest.skip("needs keyutils' /sbin/request-key and /etc/request-key.d")
     made: list[Upcall] = []
 
-    def make(tcti: str) -> Upcall:
-        made.append(Upcall(tcti))
+    def make(tcti: str, environment: str = "") -> Upcall:
+        made.append(Upcall(tcti, environment))
         return made[-1]
 
     try:
@@ -106,7 +106,7 @@ def upcalls(private_session_keyring: int) -> Iterator[Callable[[str], Upcall]]:
 
 
 @pytest.fixture
-def upcall(swtpm: Swtpm, upcalls: Callable[[str], Upcall]) -> Upcall:
+def upcall(swtpm: Swtpm, upcalls: Callable[..., Upcall]) -> Upcall:
     return upcalls(swtpm.tcti)
 
 
@@ -236,7 +236,7 @@ def test_volume_requests_that_cannot_be_answered_are_negated(swtpm: Swtpm, upcal
 
 
 def test_cleared_tpm_fails_fast_and_a_retry_after_the_fix_works(fresh_swtpm: Swtpm,
-                                                                 upcalls: Callable[[str], Upcall],
+                                                                 upcalls: Callable[..., Upcall],
                                                                  tmp_path: Path) -> None:
     upcall = upcalls(fresh_swtpm.tcti)
     passphrase = tmp_path / "passphrase"
@@ -260,6 +260,25 @@ def test_cleared_tpm_fails_fast_and_a_retry_after_the_fix_works(fresh_swtpm: Swt
     time.sleep(NEGATE_SECONDS + 1)
     serial = request("logon", description, str(image))
     assert keyring.describe(serial).type == "logon"
+
+
+def test_a_tpm_that_never_answers_fails_the_request(upcalls: Callable[..., Upcall], tmp_path: Path,
+                                                    syslog_socket: socket.socket) -> None:
+    """The TSS waits for an answer forever; the handler's deadline negates the key instead."""
+    listeners = []
+    for path in (tmp_path / "silent.sock", tmp_path / "silent.sock.ctrl"):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(8)  # connections complete in the backlog and are never answered
+        listeners.append(listener)
+    try:
+        upcall = upcalls(f"swtpm:path={tmp_path / 'silent.sock'}", "LUKS_TPM_REQUEST_DEADLINE=2")
+        assert ENOKEY_TEXT in refused("user", upcall.app("silent"), "32")
+        [line] = received(syslog_socket, upcall.prefix)
+        assert "no answer after 2 s" in line and f"negated for {NEGATE_SECONDS} s" in line
+    finally:
+        for listener in listeners:
+            listener.close()
 
 
 # ---- application keys ------------------------------------------------------------------------------------
@@ -305,7 +324,7 @@ def test_app_key_for_an_unprivileged_process(swtpm: Swtpm, upcall: Upcall) -> No
     assert result.stdout.split()[0] == expected
 
 
-def test_app_key_crosses_the_bus_encrypted(swtpm: Swtpm, upcalls: Callable[[str], Upcall], tmp_path: Path) -> None:
+def test_app_key_crosses_the_bus_encrypted(swtpm: Swtpm, upcalls: Callable[..., Upcall], tmp_path: Path) -> None:
     with TpmProxy(swtpm.socket, tmp_path / "proxy.sock") as (proxy, tcti):
         upcall = upcalls(tcti)
         key = take(request("user", upcall.app("bus"), "64"))
@@ -396,15 +415,14 @@ def test_without_the_authority_nothing_happens() -> None:
 
 
 def test_the_handler_imports_no_click() -> None:
-    code = ("import sys\nfrom luks_tpm.__main__ import main\n"
+    code = ("import json, sys\nfrom luks_tpm.__main__ import main\n"
             "try:\n    main(['--tcti=none', 'request-key', '1', 'user', 'luks-tpm:app:x', '32', '0'])\n"
             "except SystemExit as end:\n"
-            "    print(end.code, sorted(m for m in sys.modules if m.startswith(('click', 'luks_tpm'))))")
+            "    print(json.dumps([end.code, sorted(sys.modules)]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    code_text, _, listed = result.stdout.partition(" ")
-    assert code_text == "7"
-    modules = set(ast.literal_eval(listed))
-    assert not {"click", "luks_tpm.cli", "luks_tpm.tpm"} & modules, modules
+    exit_code, modules = json.loads(result.stdout)
+    assert exit_code == 7
+    assert not {"click", "luks_tpm.cli", "luks_tpm.tpm", "tpm2_pytss"} & set(modules), modules
 
 
 # ---- installation and doctor ----------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def is_luks(image: Path) -> bool:
 
 def tokens(image: Path) -> dict[int, dict[str, Any]]:
     """Every token's JSON, by id."""
-    with cryptsetup.open_device(image) as device:
+    with cryptsetup.open_device(image, allow_detached=True) as device:
         found = {}
         for token_id, _kind in device.tokens():
             text = device.token_json_get(token_id)
@@ -85,7 +85,7 @@ def tokens(image: Path) -> dict[int, dict[str, Any]]:
 
 
 def token_text(image: Path, token_id: int) -> str:
-    with cryptsetup.open_device(image) as device:
+    with cryptsetup.open_device(image, allow_detached=True) as device:
         text = device.token_json_get(token_id)
     assert text is not None, f"{image} has no token {token_id}"
     return text
@@ -93,7 +93,7 @@ def token_text(image: Path, token_id: int) -> str:
 
 def set_token(image: Path, text: str, token_id: int | None = None) -> int | None:
     """Write a token (replacing `token_id`); None when libcryptsetup refuses it (its own validation)."""
-    with cryptsetup.open_device(image) as device:
+    with cryptsetup.open_device(image, allow_detached=True) as device:
         if token_id is not None and device.token_json_get(token_id) is not None:
             device.token_remove(token_id)
         try:
@@ -109,12 +109,12 @@ def import_token(image: Path, text: str, header: Path | None = None) -> None:
 
 
 def remove_token(image: Path, token_id: int) -> None:
-    with cryptsetup.open_device(image) as device:
+    with cryptsetup.open_device(image, allow_detached=True) as device:
         device.token_remove(token_id)
 
 
 def keyslots(image: Path) -> list[int]:
-    with cryptsetup.open_device(image) as device:
+    with cryptsetup.open_device(image, allow_detached=True) as device:
         return device.keyslots()
 
 

@@ -7,6 +7,6 @@
 - info: identity and dictionary-attack state
 """
 
-from .context import USER_TSS2_LOG, Tpm, TpmError
+from .context import Tpm, TpmError
 
-__all__ = ["USER_TSS2_LOG", "Tpm", "TpmError"]
+__all__ = ["Tpm", "TpmError"]

@@ -35,6 +35,8 @@ from ..model import Parent  # noqa: E402
 from ..secret import Secret, wipe  # noqa: E402
 
 log = logging.getLogger(__name__)
+if USER_TSS2_LOG not in (None, "", "all+NONE"):
+    log.info("ignoring TSS2_LOG=%s: the TSS's own debug and trace output can print key material", USER_TSS2_LOG)
 
 _LAYER_MASK = 0xFF0000
 _TPM_LAYER, _MU_LAYER, _TCTI_LAYER = 0x000000, 0x090000, 0x0A0000
@@ -44,7 +46,9 @@ _ESYS_RC_BAD_VALUE = 0x07000B  # ESYS could not unmarshal or check something it 
 _LOCKOUT_HINT = ("wait for the lockout to lift (`luks-tpm doctor` shows when) or reset it with the lockout "
                  "authorization (`tpm2_dictionarylockout --clear-lockout`)")
 # TPM return code -> (cause, message before "(doing)", hint, exit code). One table for every command.
-_RC_TABLE: dict[int, tuple[Cause, str, str | None, ExitCode]] = {
+# A key (code, subject) is the meaning of that code when the command is authorized by `subject` (e.g.
+# LOCKOUT: a wrong lockout authorization, not a wrong PIN); it wins over the plain code's entry.
+_RC_TABLE: dict[int | tuple[int, str], tuple[Cause, str, str | None, ExitCode]] = {
     int(TPM2_RC.LOCKOUT): (Cause.LOCKED_OUT, "the TPM is in dictionary-attack lockout", _LOCKOUT_HINT,
                            ExitCode.LOCKED_OUT),
     int(TPM2_RC.AUTH_FAIL): (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
@@ -63,17 +67,48 @@ _RC_TABLE: dict[int, tuple[Cause, str, str | None, ExitCode]] = {
 for _same in (TPM2_RC.KEY, TPM2_RC.BINDING):
     _RC_TABLE[int(_same)] = _RC_TABLE[int(TPM2_RC.INTEGRITY)]
 
+# TPM2_Clear authorized with the lockout hierarchy (luks-tpm wipe). Only the platform hierarchy can
+# CLEAR disableClear again (the lockout hierarchy may only set it; TPM 2.0 Part 3, TPM2_ClearControl).
+LOCKOUT = "lockout"
+_CLEAR_DISABLED_HINT = ("only the platform can re-enable it: use the firmware's \"clear TPM\" option (TCG "
+                        "physical presence), or `tpm2_clearcontrol -C p c` where the platform hierarchy is "
+                        "still open (in the firmware, or on a software TPM)")
+_RC_TABLE.update({
+    int(TPM2_RC.DISABLED): (Cause.CLEAR_DISABLED, "TPM2_Clear is disabled on this TPM (disableClear is set)",
+                            _CLEAR_DISABLED_HINT, ExitCode.TPM_UNAVAILABLE),
+    (int(TPM2_RC.AUTH_FAIL), LOCKOUT): (
+        Cause.WRONG_AUTH, "the TPM refused the lockout authorization",
+        "give the right one with --lockout-auth-file (exact bytes); after a wrong try the TPM accepts none "
+        "until its lockout recovery time has passed", ExitCode.REFUSED),
+    (int(TPM2_RC.LOCKOUT), LOCKOUT): (
+        Cause.LOCKED_OUT, "the TPM accepts no lockout authorization now, after an earlier wrong one",
+        "wait until the TPM's lockout recovery time has passed (a time of 0 means until the next reboot), "
+        "or clear the TPM from the firmware's TPM settings", ExitCode.LOCKED_OUT),
+})
+_RC_TABLE[(int(TPM2_RC.BAD_AUTH), LOCKOUT)] = _RC_TABLE[(int(TPM2_RC.AUTH_FAIL), LOCKOUT)]
+
 
 class TpmError(LuksTpmError):
     """A failure the TPM (or the TSS talking to it) reported, in words; `rc` keeps the code."""
 
 
-def translate(error: TSS2_Exception, doing: str) -> TpmError:
+def known_error(rc: int, doing: str, subject: str | None = None) -> TpmError | None:
+    """The table's words for a TPM response code (`subject`: who authorized the command), or None."""
+    # Format-one codes carry a handle, parameter or session number beside the error number: drop it.
+    base = 0x80 | (rc & 0x3F) if rc & 0x80 else rc & 0xFFF
+    known = _RC_TABLE.get((base, subject)) if subject is not None else None
+    known = known or _RC_TABLE.get(base)
+    if known is None:
+        return None
+    cause, message, hint, code = known
+    return TpmError(f"{message} ({doing})", hint=hint, code=code, cause=cause, rc=rc)
+
+
+def translate(error: TSS2_Exception, doing: str, subject: str | None = None) -> TpmError:
     rc, base = int(error.rc), int(error.error)  # error: without the handle/parameter/session number
-    known = _RC_TABLE.get(base) if rc & _LAYER_MASK == _TPM_LAYER else None
+    known = known_error(rc, doing, subject) if rc & _LAYER_MASK == _TPM_LAYER else None
     if known is not None:
-        cause, message, hint, code = known
-        return TpmError(f"{message} ({doing})", hint=hint, code=code, cause=cause, rc=rc)
+        return known
     layer = rc & _LAYER_MASK
     if layer == _TCTI_LAYER:
         return TpmError(f"lost the connection to the TPM ({doing}): {error}", code=ExitCode.TPM_UNAVAILABLE,
@@ -93,11 +128,11 @@ _MALFORMED = {int(code) for code in (TPM2_RC.SIZE, TPM2_RC.VALUE, TPM2_RC.TYPE, 
 
 
 @contextmanager
-def tpm_errors(doing: str) -> Iterator[None]:
+def tpm_errors(doing: str, subject: str | None = None) -> Iterator[None]:
     try:
         yield
     except TSS2_Exception as error:
-        raise translate(error, doing) from None
+        raise translate(error, doing, subject) from None
 
 
 # ---- the only places that reach into tpm2-pytss internals -----------------------------------------
@@ -233,6 +268,12 @@ class Tpm:
         self._flush.remove(handle)
         with tpm_errors("flushing a transient object"):
             self.esapi.flush_context(handle)
+
+    def release(self, handle: Any) -> None:
+        """Flush a handle now if it is still loaded (a session the TPM did not end because its command
+        failed): without a resource manager three of them exhaust the TPM for the next token."""
+        if handle in self._flush:
+            self.flush(handle)
 
     @contextmanager
     def transient(self, handle: Any) -> Iterator[Any]:

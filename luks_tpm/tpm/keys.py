@@ -17,7 +17,7 @@ from tpm2_pytss.types import TPM2B_AUTH, TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENS
 from ..errors import Cause, ExitCode, LuksTpmError
 from ..model import SealedBlob
 from ..secret import Secret
-from .context import Tpm, c_data, fill_tpm2b, secret_from_tpm2b, tpm_errors, wipe_response_buffer, zero_c
+from .context import Tpm, TpmError, c_data, fill_tpm2b, secret_from_tpm2b, tpm_errors, wipe_response_buffer, zero_c
 
 DERIVED_PRIMARY_UNIQUE = hashlib.sha256(b"luks-tpm derived primary v1").digest()
 
@@ -112,12 +112,27 @@ def _set_auth(tpm: Tpm, handle: Any, pin: Secret) -> None:
         zero_c(c_data(auth))
 
 
+def _clear_auth(tpm: Tpm, handle: Any) -> None:
+    """ESYS keeps its own copy of an object's auth value (Esys_TR_SetAuth assigns the whole TPM2B to the
+    object's record) and frees that record on flush without zeroing it: the PIN would outlive its Secret
+    in freed heap. Assigning an all-zero TPM2B_AUTH overwrites it (clearing just the size would not)."""
+    tpm.esapi.tr_set_auth(handle, TPM2B_AUTH())
+
+
 def load_sealed(tpm: Tpm, blob: SealedBlob, srk: Any) -> Any:
-    """Load a sealed object (tracked: flushed by the caller or at close)."""
-    with tpm_errors("loading the sealed key"):
-        public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
-        private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
-        return tpm.track(tpm.esapi.load(srk, private, public))
+    """Load a sealed object (tracked: flushed by the caller or at close). The SRK's name was checked
+    against the token before, so an object the TPM rejects as not its own is a damaged blob."""
+    try:
+        with tpm_errors("loading the sealed key"):
+            public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+            private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
+            return tpm.track(tpm.esapi.load(srk, private, public))
+    except TpmError as error:
+        if error.cause is not Cause.SRK_CHANGED:
+            raise
+        raise TpmError("the TPM rejects the sealed object under the very SRK it was made with: the token's blob is "
+                       "damaged", hint="remove the token and re-enroll with the recovery key", code=ExitCode.DEVICE,
+                       cause=Cause.CORRUPT_TOKEN, rc=error.rc) from None
 
 
 def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: Any, *, last_use: bool) -> Secret:
@@ -128,4 +143,6 @@ def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: An
             _set_auth(tpm, sealed, pin)
         return _take_result(tpm, session, last_use, "unsealing the volume key", tpm.esapi.unseal, sealed)
     finally:
+        if pin is not None:
+            _clear_auth(tpm, sealed)
         tpm.flush(sealed)

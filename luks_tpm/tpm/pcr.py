@@ -13,10 +13,8 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_CAP
 from tpm2_pytss.types import TPML_DIGEST_VALUES, TPML_PCR_SELECTION, TPMT_HA
 
 from ..errors import Cause, ExitCode, die
-from ..model import FENCE_BANK, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
+from ..model import FENCE_BANK, FENCE_DOWN, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
 from .context import Tpm, tpm_errors
-
-_FENCE_DOWN = PcrPolicy(FENCE_BANK, (FENCE_PCR,), {FENCE_PCR: bytes(FENCE_BANK.size)})
 
 
 def _selection(bank: Bank, pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
@@ -59,7 +57,7 @@ def pcr_banks(tpm: Tpm) -> list[Bank]:
 def apply_policy(tpm: Tpm, session: Any, policy: PcrPolicy, *, trial: bool) -> None:
     """Run the policy's commands in `session`. In a real session PolicyPCR gets an empty digest, which
     makes the TPM use the PCRs' current values (a mismatch then fails the command the policy guards)."""
-    parts = ([policy] if policy.pcrs else []) + ([_FENCE_DOWN] if policy.fence else [])
+    parts = ([policy] if policy.pcrs else []) + ([FENCE_DOWN] if policy.fence else [])
     with tpm_errors("applying the PCR policy"):
         for part in parts:
             tpm.esapi.policy_pcr(session, part.pcr_digest if trial else b"", _selection(part.bank, part.pcrs))

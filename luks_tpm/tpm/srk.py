@@ -53,6 +53,11 @@ def _same_key_shape(public: TPM2B_PUBLIC, template: TPM2B_PUBLIC) -> bool:
     )
 
 
+def is_standard_srk(public: TPM2B_PUBLIC) -> bool:
+    """Whether a key has the standard SRK's shape (whoever made it, luks-tpm or another tool)."""
+    return _same_key_shape(public, srk_template())
+
+
 def _at_handle(tpm: Tpm, handle: int) -> tuple[Any, bytes] | None:
     """The ESYS handle and name of whatever is persisted at `handle`, or None when nothing is. Not for a
     handle already in `tpm.srks`: ESYS hands out the same object again, and closing it would close that."""
@@ -157,6 +162,26 @@ def srk_for(tpm: Tpm, expected: Parent, endorsement: bytes | None) -> Any:
                 tpm.warnings.append(warning)
         return esys
     raise _srk_mismatch(tpm, endorsement)
+
+
+def is_this_tpm(tpm: Tpm, expected: Parent, *, create: bool) -> bool:
+    """Whether a binding's SRK is one this TPM has now, by name alone: the key persisted at its handle, or
+    (only when `create`, or when it was already made) the standard SRK re-created from its template.
+    Nothing of the binding is loaded, and a mismatch costs no EK; a match is kept for `srk_for`."""
+    if expected.handle is not None:
+        cached = tpm.srks.get(expected.handle)
+        if cached is None:
+            found = _at_handle(tpm, expected.handle)
+            if found is not None and found[1] == expected.name:
+                tpm.srks[expected.handle] = (found[0], expected)
+                return True
+            if found is not None:
+                tpm.esapi.tr_close(found[0])
+        elif cached[1].name == expected.name:
+            return True
+    if None not in tpm.srks and not create:
+        return False
+    return _transient_srk(tpm)[1].name == expected.name
 
 
 def _srk_mismatch(tpm: Tpm, endorsement: bytes | None) -> TpmError:
