@@ -3,24 +3,31 @@ their exit code; bugs show a traceback only with -v. Logging goes to stderr; key
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import TYPE_CHECKING
+import traceback
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .errors import ExitCode, LuksTpmError
+from .errors import Cause, ExitCode, LuksTpmError
 
 if TYPE_CHECKING:
     from .cli import Globals
 
 
-def _error(options: Globals, message: str, hint: str | None, code: int) -> None:
+def _error(options: Globals, error: dict[str, Any]) -> NoReturn:
+    """Report an error (output.error_data's shape) as --json asked, or as one line plus a hint, and exit."""
+    from .output import error_json
+
     if options.json:
-        print(json.dumps({"version": 1, "error": {"message": message, "hint": hint, "code": code}}, indent=2))
+        print(error_json(error))
     else:
-        print(f"luks-tpm: {message}", file=sys.stderr)
-        if hint:
-            print(f"luks-tpm: hint: {hint}", file=sys.stderr)
-    sys.exit(code)
+        print(f"luks-tpm: {error['message']}", file=sys.stderr)
+        if error["hint"]:
+            print(f"luks-tpm: hint: {error['hint']}", file=sys.stderr)
+    sys.exit(error["code"])
+
+
+def _plain_error(message: str, hint: str | None, code: int, cause: str | None) -> dict[str, Any]:
+    return {"message": message, "hint": hint, "code": code, "cause": cause}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     import click
 
     from . import cli
+    from .output import error_data
     from .secret import make_undumpable
 
     # Every command may hold key material: no core dumps, no ptrace by unprivileged processes.
@@ -40,20 +48,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main.main(args, prog_name="luks-tpm", standalone_mode=False, obj=options)
     except LuksTpmError as error:
-        _error(options, error.message, error.hint, error.code)
+        _error(options, error_data(error))
     except click.exceptions.Abort:
-        _error(options, "aborted", None, ExitCode.REFUSED)
+        _error(options, _plain_error("aborted", None, ExitCode.REFUSED, str(Cause.REFUSED)))
     except click.ClickException as error:
         if options.json:
-            _error(options, error.format_message(), None, ExitCode.USAGE)
+            context = getattr(error, "ctx", None)
+            hint = f"see `{context.command_path} --help`" if context is not None else None
+            _error(options, _plain_error(error.format_message(), hint, ExitCode.USAGE, str(Cause.USAGE)))
         error.show()
         sys.exit(ExitCode.USAGE)
     except KeyboardInterrupt:
+        if options.json:
+            _error(options, _plain_error("interrupted", None, 130, None))
         sys.exit(130)
     except Exception as error:  # a bug: say so, and show where only when asked
         if options.verbose:
-            raise
-        _error(options, f"internal error ({type(error).__name__}); rerun with -v and report it", None, ExitCode.BUG)
+            traceback.print_exc()
+        hint = "please report it, with the traceback above" if options.verbose else "rerun with -v and report it"
+        _error(options, _plain_error(f"internal error ({type(error).__name__})", hint, ExitCode.BUG, None))
 
 
 def _is_request_key(args: list[str]) -> bool:

@@ -18,7 +18,7 @@ from .cryptsetup import Device, open_device
 from .crypttab import Entry
 from .errors import Cause, ExitCode, LuksTpmError, UnlockFailed, die
 from .model import FENCE_BANK, FENCE_PCR, Token
-from .output import Report, progress
+from .output import Report, error_data, progress
 from .secret import Secret
 from .settings import Activation
 from .tpm import Tpm
@@ -70,8 +70,7 @@ def load_keys(tcti: str, device_paths: Sequence[Path], target: int, timeout: int
                 if len(device_paths) == 1:
                     raise
                 failures.append(error)
-                results.append({"device": str(path), "error": {"message": error.message, "hint": error.hint,
-                                                               "code": int(error.code)}})
+                results.append({"device": str(path), "error": error_data(error)})
                 progress(f"{path}: {error.message}")
         warnings = list(tpm.warnings)
     data: dict[str, Any] = results[0] if len(device_paths) == 1 else {"volumes": results}
@@ -93,8 +92,9 @@ def _load_one(device: Device, recovery: KeyRecovery, target: int, timeout: int |
     keyring.set_permissions(serial, keyring.logon_key_permissions())
     if timeout:
         keyring.set_timeout(serial, timeout)
+    # The keyring's own serial, not a special id such as -3 (@s), which means another keyring to each process.
     result: dict[str, Any] = {"device": device.path, "serial": serial, "description": description,
-                              "keyring": target, "token": found.token_id}
+                              "keyring": keyring.keyring_id(target), "token": found.token_id}
     if table:
         result["table"] = dm_table(device, found.token.digest, found.token.key_size)
     return result
@@ -162,7 +162,7 @@ def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource) -> Report:
                 progress(f"{entry.name}: opened")
             except LuksTpmError as error:
                 results.append({"name": entry.name, "device": entry.device, "opened": False,
-                                "error": error.message})
+                                "error": error_data(error)})
                 progress(f"{entry.name}: {error.message}; falling back to passphrase")
     failed = [result for result in results if not result["opened"]]
     if failed:
@@ -196,7 +196,7 @@ def status(tcti: str, devices: Sequence[Path]) -> Report:
         state = "up: fenced tokens cannot be recovered until reboot" if fence_up else "down"
         lines.append(f"fence (PCR {FENCE_PCR}): {state}")
     every = all(volume["unlocks"] for volume in volumes)
-    return Report({"volumes": volumes, "fence_up": fence_up}, lines, warnings=warnings,
+    return Report({"volumes": volumes, "fence_up": fence_up, "unlocks": every}, lines, warnings=warnings,
                   exit_code=ExitCode.OK if every else ExitCode.UNLOCK_FAILED)
 
 
@@ -218,7 +218,7 @@ def _volume_status(path: Path, tpm: Tpm | None, tpm_error: LuksTpmError | None, 
     except LuksTpmError as error:
         if alone:  # the one device asked about cannot be read: that is the answer, with its own exit code
             raise
-        volume = {"device": str(path), "uuid": None, "keyslots": [], "tokens": [], "error": error.message}
+        volume = {"device": str(path), "uuid": None, "keyslots": [], "tokens": [], "error": error_data(error)}
         lines = [f"{path}: {error.message}"]
     volume["unlocks"] = any(token["unlocks"] for token in volume["tokens"])
     volume["_lines"] = lines
@@ -245,11 +245,12 @@ def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | Non
                   token: Token | None, damage: LuksTpmError | None) -> dict[str, Any]:
     if token is None:
         assert damage is not None
-        return {"id": token_id, "summary": "damaged", "unlocks": False, "reason": damage.message,
+        return {"id": token_id, "damaged": True, "summary": "damaged", "unlocks": False, "reason": damage.message,
                 "cause": str(damage.cause), "other_tpm": False}
     info: dict[str, Any] = {
-        "id": token_id, "mode": str(token.mode), "pcr_bank": str(token.pcr_bank), "pcrs": list(token.pcrs),
-        "pin": token.pin, "fence": token.fence, "created": token.created, "parent": token.parent.name.hex(),
+        "id": token_id, "damaged": False, "mode": str(token.mode), "pcr_bank": str(token.pcr_bank),
+        "pcrs": list(token.pcrs), "pin": token.pin, "fence": token.fence, "created": token.created,
+        "parent": token.parent.name.hex(),
         "parent_handle": None if token.parent.handle is None else f"{token.parent.handle:#x}",
         "summary": f"{token.describe()}, created {token.created}", "other_tpm": False,
     }

@@ -22,7 +22,7 @@ import click
 
 from . import __version__
 from .cryptsetup import Pbkdf
-from .errors import ExitCode, die
+from .errors import Cause, ExitCode, die
 from .model import PCR_COUNT, Bank, Mode
 from .output import Report
 from .secret import Secret
@@ -72,13 +72,17 @@ _TCTI_HELP = ("TPM to use, as a TCTI string: device:/dev/tpmrm0 (default), swtpm
 
 
 def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    # Eager: processed before the command's own parameters, so that a bad value of one of those
+    # (`--token-id 99 --json`) is already reported the way the line asked for.
     for option in reversed([
-        click.option("--tcti", metavar="SPEC", expose_value=False, callback=_set_tcti, help=_TCTI_HELP),
-        click.option("--json", is_flag=True, expose_value=False, callback=_set_json,
+        click.option("--tcti", metavar="SPEC", expose_value=False, is_eager=True, callback=_set_tcti,
+                     help=_TCTI_HELP),
+        click.option("--json", is_flag=True, expose_value=False, is_eager=True, callback=_set_json,
                      help="Machine-readable output on stdout (docs/json.md); errors too."),
-        click.option("-v", "--verbose", count=True, expose_value=False, callback=_add_verbose,
+        click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True, callback=_add_verbose,
                      help="More detail; -v also shows tracebacks of bugs, -vv libcryptsetup's debug log."),
-        click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug, help="The same as -vv."),
+        click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                     help="The same as -vv."),
     ]):
         function = option(function)
     return function
@@ -94,13 +98,56 @@ def apply_verbosity(options: Globals) -> None:
         cryptsetup.set_debug(True)
 
 
-class _Command(click.Command):
+def json_requested(command: click.Command, ctx: click.Context, args: list[str]) -> bool:
+    """Whether --json stands on a command line that click could not parse.
+
+    An unknown option or a missing option value stops click's parser before any callback runs, so
+    --json later on the line has not been seen. This asks click's own parser for `command` again, told
+    this once to step over what it does not know; it runs only on that error path."""
+    parser = command.make_parser(ctx)
+    parser.ignore_unknown_options = True
+    try:
+        opts, rest, _ = parser.parse_args(list(args))
+    except click.BadOptionUsage:  # an option missing its value: only the last word can be one
+        return bool(args) and json_requested(command, ctx, args[:-1])
+    except click.UsageError:
+        return False
+    if opts.get("json"):
+        return True
+    if isinstance(command, click.Group):  # the group stops at the first word: the command's name
+        words = [index for index, word in enumerate(rest) if not word.startswith("-")]
+        found = command.get_command(ctx, rest[words[0]]) if words else None
+        if found is not None:
+            return json_requested(found, ctx, rest[words[0] + 1:])
+    return False
+
+
+class _JsonOnParseErrors(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        line = list(args)  # click's parser consumes the list it is given
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            if error.ctx is None:  # click's parser leaves it out for an option missing its value
+                error.ctx = ctx
+            found = ctx.find_object(Globals)
+            if found is not None and json_requested(self, ctx, line):
+                found.json = True
+            raise
+
+
+class _Command(_JsonOnParseErrors):
     def invoke(self, ctx: click.Context) -> Any:
         apply_verbosity(_globals())
-        return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:  # raised by the command's own checks: say which command's usage
+            if error.ctx is None:
+                error.ctx = ctx
+            raise
 
 
-class _Group(click.Group):
+class _Group(_JsonOnParseErrors, click.Group):
     command_class = _Command
 
 
@@ -181,9 +228,9 @@ def _passphrase_source(path: Path | None, prompt: str, option: str, twice: bool 
 
 
 def _pin_source(path: Path | None) -> Callable[[int], Secret | None]:
-    from .prompt import ask
-
     def pins(token_id: int) -> Secret | None:
+        from .prompt import ask  # only for a token with a PIN: not on an unattended unlock
+
         if path is not None:
             return _read(path, "PIN", "--pin-file", _MAX_PIN)
         if sys.stdin.isatty():
@@ -208,7 +255,8 @@ def _new_pin_source(path: Path | None, *, required: bool, option: str) -> Callab
 
 def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
-        die(f"{question} (not asking: no terminal)", hint="pass --yes to confirm", code=ExitCode.REFUSED)
+        die(f"{question} (not asking: no terminal)", hint="pass --yes to confirm", code=ExitCode.REFUSED,
+            cause=Cause.REFUSED)
     return click.confirm(question, default=False, err=True)
 
 
@@ -398,7 +446,10 @@ def load_key(devices: tuple[Path, ...], keyring_spec: str, timeout: int | None, 
 
     try:
         target = keyring.parse_keyring(keyring_spec)
-        keyring.keyring_id(target)  # exists (the kernel creates @s, @u, @p and @t on demand)
+        # The process and thread keyrings exist only once asked for, and creating them is harmless; @s
+        # must not be created (that would be a new anonymous session, gone when we exit), and it need not
+        # be: without one the kernel falls back to the user session keyring.
+        keyring.keyring_id(target, create=target in (keyring.PROCESS, keyring.THREAD))
     except (ValueError, keyring.KeyringError) as error:
         raise click.BadParameter(str(error), param_hint="--keyring") from None
     _emit(load_keys(_globals().tcti, devices, target, timeout, table, token_id, _pin_source(pin_file)))
@@ -490,6 +541,7 @@ def remove(device: Path, token_id: int, force: bool) -> None:
 
 @main.command("request-key", context_settings={"ignore_unknown_options": True})
 @click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+@global_options
 def request_key(arguments: tuple[str, ...]) -> None:
     """Handler for /sbin/request-key: KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING.
 
@@ -502,7 +554,8 @@ def request_key(arguments: tuple[str, ...]) -> None:
     It answers through the keyring, logs to syslog, and is of no use from a shell.
     """
     die(f"request-key takes exactly KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING ({len(arguments)} given), "
-        "and only /sbin/request-key can run it", hint="see `luks-tpm request-key --help`", code=ExitCode.USAGE)
+        "and only /sbin/request-key can run it", hint="see `luks-tpm request-key --help`", code=ExitCode.USAGE,
+        cause=Cause.USAGE)
 
 
 @main.command()

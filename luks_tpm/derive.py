@@ -11,8 +11,6 @@ import hmac
 import re
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from .secret import Secret, scrub_bytes
 
 KEK_SIZE = 32
@@ -82,6 +80,9 @@ class _KeyWrap:
     """RFC 3394 over AES-ECB single blocks; the working registers are Secrets."""
 
     def __init__(self, kek: Secret, *, encrypt: bool) -> None:
+        # Only wrapped tokens need AES: a plain derived unlock does not load it.
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         cipher = Cipher(algorithms.AES(kek.view()), modes.ECB())  # noqa: S305 (AES-KW is built on single blocks)
         self._context: Any = cipher.encryptor() if encrypt else cipher.decryptor()
         self.block_in = Secret(16)  # A | R[i]

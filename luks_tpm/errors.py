@@ -59,16 +59,22 @@ class Cause(enum.StrEnum):
 DEAD_CAUSES = frozenset({Cause.CORRUPT_TOKEN, Cause.CLEARED, Cause.OTHER_TPM, Cause.SRK_CHANGED, Cause.WRONG_KEY})
 
 
+# The cause of an error raised without one, when its exit code has only one meaning (with --json,
+# scripts read the cause: "generic" would tell them less than the code does).
+_CAUSE_OF_CODE = {ExitCode.USAGE: Cause.USAGE, ExitCode.REFUSED: Cause.REFUSED, ExitCode.LOCKED_OUT: Cause.LOCKED_OUT,
+                  ExitCode.UNSUPPORTED: Cause.UNSUPPORTED}
+
+
 class LuksTpmError(Exception):
     """An error caused by input or environment, not by a bug: shown as one line plus a hint."""
 
     def __init__(self, message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE,
-                 cause: Cause = Cause.GENERIC, rc: int | None = None) -> None:
+                 cause: Cause | None = None, rc: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.code = code
-        self.cause = cause
+        self.cause = cause if cause is not None else _CAUSE_OF_CODE.get(code, Cause.GENERIC)
         self.rc = rc  # the TPM's response code, when the TPM said no
 
     def __str__(self) -> str:
@@ -76,7 +82,7 @@ class LuksTpmError(Exception):
 
 
 def die(message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE,
-        cause: Cause = Cause.GENERIC, rc: int | None = None) -> NoReturn:
+        cause: Cause | None = None, rc: int | None = None) -> NoReturn:
     raise LuksTpmError(message, hint=hint, code=code, cause=cause, rc=rc)
 
 

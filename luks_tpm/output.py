@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import ExitCode
+from .errors import ExitCode, LuksTpmError, UnlockFailed
 from .secret import Secret
 
 JSON_VERSION = 1  # docs/json.md: bumped when a field changes meaning or goes away
@@ -46,6 +46,19 @@ class Report:
                 progress("it opens the volume with plain cryptsetup if the TPM is cleared, replaced or broken")
         if self.recovery_key is not None:
             self.recovery_key.close()
+
+
+def error_data(error: LuksTpmError) -> dict[str, Any]:
+    """An error as JSON data (docs/json.md, "Errors"): the same words as on stderr, plus the cause to branch on."""
+    data: dict[str, Any] = {"message": error.message, "hint": error.hint, "code": int(error.code),
+                            "cause": str(error.cause)}
+    if isinstance(error, UnlockFailed):
+        data["failures"] = [{"token": failure.token_id, **error_data(failure.error)} for failure in error.failures]
+    return data
+
+
+def error_json(error: dict[str, Any]) -> str:
+    return json.dumps({"version": JSON_VERSION, "error": error}, indent=2, sort_keys=True)
 
 
 def _write(before: bytes, secret: Secret | None, after: bytes) -> None:

@@ -8,14 +8,14 @@ against the LUKS2 digest before anyone sees it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from . import derive
 from .cryptsetup import Device
 from .errors import Cause, ExitCode, LuksTpmError, TokenFailure, UnlockFailed, die
-from .model import FENCE_PCR, TOKEN_TYPE, DerivedToken, Parent, PcrPolicy, SealedToken, Token, is_ours, parse
+from .model import FENCE_PCR, TOKEN_TYPE, Bank, DerivedToken, Parent, PcrPolicy, SealedToken, Token, is_ours, parse
 from .secret import Secret
 from .tpm import Tpm, TpmError
 from .tpm import keys as tpm_keys
@@ -72,7 +72,8 @@ class KeyRecovery:
         self._reuse = many_volumes
         self._stack = ExitStack()
         self._sessions: dict[tuple[int, bool], Any] = {}  # (id of the SRK handle, policy?) -> session
-        self._used: set[int] = set()  # reused policy sessions that hold a previous volume's policy
+        self._pending: set[int] = set()  # policy sessions holding a policy that no successful command consumed
+        self._pcrs: dict[tuple[Bank, tuple[int, ...]], dict[int, bytes]] = {}  # read once per pass
         self._primaries: dict[bytes, Any] = {}  # policy digest -> derived primary
         self.verified_pins: dict[int, Secret] = {}  # token id -> the PIN that unsealed it in this pass
 
@@ -102,34 +103,38 @@ class KeyRecovery:
             self._primaries[policy] = self._stack.enter_context(tpm_keys.derived_primary(self.tpm, policy))
         return self._primaries[policy]
 
-    def _policy_session(self, srk: Any, policy: PcrPolicy) -> tuple[Any, bool]:
-        """A salted policy session in which `policy` was just applied, and whether this is its last use."""
+    @contextmanager
+    def _policy_session(self, srk: Any, policy: PcrPolicy) -> Iterator[tuple[Any, bool]]:
+        """A salted policy session in which `policy` was just applied, for one command, and whether that is
+        the session's last use. When a command succeeds with continueSession set, the TPM rolls the nonce
+        and resets the session's policy itself (TPM 2.0 Part 1, policy sessions): a reused session needs
+        PolicyRestart only after a failure left a policy in it."""
         session, last_use = self._session(srk, policy=True)
-        if id(session) in self._used:  # reused across volumes: start its policy afresh (PolicyRestart)
+        if id(session) in self._pending:
             tpm_pcr.restart_policy(self.tpm, session)
-        if not last_use:
-            self._used.add(id(session))
+        self._pending.add(id(session))
         try:
             tpm_pcr.apply_policy(self.tpm, session, policy, trial=False)
+            yield session, last_use
         except TpmError:
-            if last_use:
+            if last_use:  # the TPM did not end it: free its slot before the next token tries
                 self.tpm.release(session)
             raise
-        return session, last_use
+        self._pending.discard(id(session))  # only reached when the command succeeded
 
     def derive(self, message: bytes, srk: Any, policy: PcrPolicy | None = None, policy_digest: bytes = b"") -> Secret:
         """The PRK for `message`: TPM2_HMAC by the derived primary (bound to `policy` when given)."""
         primary = self._primary(policy_digest)
         if policy is None:
             session, last_use = self._session(srk, policy=False)
-        else:
-            session, last_use = self._policy_session(srk, policy)
-        try:
+            try:
+                return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
+            except TpmError:
+                if last_use:  # the TPM did not end it: free its slot before the next token tries
+                    self.tpm.release(session)
+                raise
+        with self._policy_session(srk, policy) as (session, last_use):
             return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
-        except TpmError:
-            if last_use:  # the TPM did not end it: free its slot before the next token tries
-                self.tpm.release(session)
-            raise
 
     def precheck(self, token: Token) -> Any:
         """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs.
@@ -166,11 +171,22 @@ class KeyRecovery:
             die(f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot "
                 "completes", hint="recover it from the initramfs at the next boot, or use the recovery key",
                 code=ExitCode.UNLOCK_FAILED, cause=Cause.FENCE_UP)
-        changed = changed_pcrs(self.tpm, token)
+        changed = changed_pcrs(self.tpm, token, self._current_pcrs(token) if token.pcr_values else None)
         if changed:
             die(f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the key was bound",
                 hint="if the change was planned, `luks-tpm reseal` with the recovery key",
                 code=ExitCode.UNLOCK_FAILED, cause=Cause.PCR_CHANGED)
+
+    def _current_pcrs(self, token: Token) -> dict[int, bytes]:
+        """The token's PCRs now: read once per pass over many volumes, which mostly share their PCRs. They
+        only name what changed before the TPM is asked; the TPM's own policy check decides."""
+        key = (token.pcr_bank, token.pcrs)
+        if key in self._pcrs:
+            return self._pcrs[key]
+        values = tpm_pcr.pcr_values(self.tpm, token.pcr_bank, token.pcrs)
+        if self._reuse:
+            self._pcrs[key] = values
+        return values
 
     def _unseal(self, token_id: int, token: SealedToken, srk: Any) -> Secret:
         pin = None
@@ -180,13 +196,8 @@ class KeyRecovery:
                 die("this binding needs a PIN and none was given", hint="pass --pin-file or run on a terminal",
                     code=ExitCode.UNLOCK_FAILED, cause=Cause.NEEDS_PIN)
         try:
-            session, last_use = self._policy_session(srk, token.pcr_policy(pin=token.pin))
-            try:
+            with self._policy_session(srk, token.pcr_policy(pin=token.pin)) as (session, last_use):
                 key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
-            except TpmError:
-                if last_use:  # the TPM did not end it: free its slot before the next token tries
-                    self.tpm.release(session)
-                raise
         except TpmError as error:
             if pin is not None:
                 pin.close()
@@ -209,11 +220,13 @@ def _with_lockout_state(tpm: Tpm, error: TpmError) -> TpmError:
     return TpmError(f"{error.message}; {detail}", hint=error.hint, code=error.code, cause=error.cause, rc=error.rc)
 
 
-def changed_pcrs(tpm: Tpm, token: Token) -> list[int]:
-    """Bound PCRs whose current value differs from the value the token records (empty if unknown)."""
+def changed_pcrs(tpm: Tpm, token: Token, current: dict[int, bytes] | None = None) -> list[int]:
+    """Bound PCRs whose current value (read now unless given) differs from the value the token records
+    (empty if unknown)."""
     if not token.pcr_values:
         return []
-    current = tpm_pcr.pcr_values(tpm, token.pcr_bank, token.pcrs)
+    if current is None:
+        current = tpm_pcr.pcr_values(tpm, token.pcr_bank, token.pcrs)
     return [index for index in token.pcrs if token.pcr_values.get(index) not in (None, current.get(index))]
 
 

@@ -15,28 +15,40 @@ from luks_tpm.tpm import Tpm
 
 
 class Swtpm:
-    """A swtpm process serving one state directory; `tcti` is what luks-tpm is pointed at."""
+    """A swtpm process serving one state directory; `tcti` is what luks-tpm is pointed at.
 
-    def __init__(self, state: Path) -> None:
+    On Unix sockets by default; with `port`, on TCP 127.0.0.1:port (control channel port+1), which is what
+    a TCP proxy in front of it (the benchmark's latency model) needs."""
+
+    def __init__(self, state: Path, *, port: int | None = None) -> None:
         self.state = state
         self.socket = state / "swtpm.sock"
+        self.port = port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def tcti(self) -> str:
-        return f"swtpm:path={self.socket}"
+        return f"swtpm:path={self.socket}" if self.port is None else f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def _channels(self) -> tuple[str, str]:
+        """swtpm's --server and --ctrl arguments."""
+        if self.port is not None:
+            return (f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                    f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1")
+        # the swtpm TCTI finds the control channel at <path>.ctrl
+        return f"type=unixio,path={self.socket}", f"type=unixio,path={self.socket}.ctrl"
 
     def start(self) -> None:
         if shutil.which("swtpm") is None:
             pytest.skip("swtpm is not installed (scripts/bootstrap installs it)")
         self.state.mkdir(parents=True, exist_ok=True)
+        server, ctrl = self._channels()
         self.process = subprocess.Popen(
             [
                 "swtpm", "socket", "--tpm2",
                 "--tpmstate", f"dir={self.state}",
-                "--server", f"type=unixio,path={self.socket}",
-                # the swtpm TCTI finds the control channel at <path>.ctrl
-                "--ctrl", f"type=unixio,path={self.socket}.ctrl",
+                "--server", server,
+                "--ctrl", ctrl,
                 "--flags", "not-need-init,startup-clear",
                 "--log", f"file={self.state / 'swtpm.log'}",
             ],
@@ -51,6 +63,13 @@ class Swtpm:
     def _accepting(self) -> bool:
         """swtpm creates its socket files a moment before it listens on them (a connection can be refused
         in between, about 1 start in 13 here): connect to both once to be sure."""
+        if self.port is not None:
+            for port in (self.port, self.port + 1):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    return False
+            return True
         for path in (self.socket, Path(f"{self.socket}.ctrl")):
             with socket.socket(socket.AF_UNIX) as probe:
                 try:
@@ -64,8 +83,8 @@ class Swtpm:
         if self.process is None:
             return
         subprocess.run(["tpm2_shutdown", "-T", self.tcti], check=False, capture_output=True)
-        subprocess.run(["swtpm_ioctl", "--unix", f"{self.socket}.ctrl", "-s"], check=False,
-                       capture_output=True)
+        control = ["--unix", f"{self.socket}.ctrl"] if self.port is None else ["--tcp", f"127.0.0.1:{self.port + 1}"]
+        subprocess.run(["swtpm_ioctl", *control, "-s"], check=False, capture_output=True)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -29,7 +29,13 @@ def luks_tpm(*args: str | os.PathLike[str], tcti: str | None, expect: int | tupl
 
 
 def luks_tpm_json(*args: str | os.PathLike[str], tcti: str | None, expect: int | tuple[int, ...] = 0) -> Any:
-    return json.loads(luks_tpm("--json", *args, tcti=tcti, expect=expect).stdout)
+    """`luks-tpm --json COMMAND ...`: its output, which must validate against docs/json-schema.json (the
+    command's definition, or the error's when it printed one), so every test that reads JSON checks it."""
+    from .json_schema import validate
+
+    data = json.loads(luks_tpm("--json", *args, tcti=tcti, expect=expect).stdout)
+    validate("error" if "error" in data else str(args[0]), data)
+    return data
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:

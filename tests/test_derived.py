@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from luks_tpm import cryptsetup, derive
+from luks_tpm import cryptsetup, derive, keyring
 from luks_tpm.model import DerivedToken, parse
 from luks_tpm.secret import Secret
 from luks_tpm.tpm import Tpm
@@ -54,6 +54,18 @@ def test_format_then_load_key_in_another_process(tmp_path: Path, swtpm: Swtpm, r
     assert key_type == "logon"
     assert rest.startswith(description)
     assert int(perm, 16) == 0x2D000000 or int(perm, 16) & 0x00FFFFFF == 0, perm  # nothing for user/group/other
+
+
+@pytest.mark.parametrize("spec", ["@p", "@t"])
+def test_load_key_into_a_keyring_that_exists_only_once_asked_for(tmp_path: Path, swtpm: Swtpm,
+                                                                  recovery_file: Path, spec: str) -> None:
+    """A new process has no process or thread keyring until one is asked for (the side-by-side benchmark
+    loads into @p, which goes away with the process)."""
+    image = tmp_path / "disk.img"
+    format_derived(image, swtpm.tcti, recovery_file)
+    loaded = luks_tpm_json("load-key", image, "--keyring", spec, tcti=swtpm.tcti)
+    assert loaded["serial"] > 0
+    assert loaded["keyring"] == {"@p": keyring.PROCESS, "@t": keyring.THREAD}[spec]
 
 
 def test_key_survives_restart_and_is_destroyed_by_owner_clear(tmp_path: Path, fresh_swtpm: Swtpm,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from luks_tpm.tpm.pcr import pcr_values
 from .fixtures_luks import LuksImage, file_digest, make_luks_image
 from .fixtures_tpm import Swtpm
 from .helpers import assert_one_line_error, luks_tpm, luks_tpm_json
+from .tpm_proxy import TPM_CC_UNSEAL, TPMA_SESSION_ENCRYPT, TpmProxy, command_sessions
 
 TPMA_FIXEDTPM = 0x2
 TPMA_FIXEDPARENT = 0x10
@@ -396,6 +398,45 @@ def test_derived_and_sealed_tokens_on_one_volume(luks_volume: LuksImage, fresh_s
     result = load_key(image, tcti, expect=5)
     assert_one_line_error(result, f"token {derived}: ", "does not unwrap", f"token {sealed}: ", "PCR 7")
     assert file_digest(image) == before
+
+
+def test_several_sealed_volumes_share_one_policy_session(luks_volume: LuksImage, fresh_swtpm: Swtpm,
+                                                          passphrase_file: Path, pin_file: Path, wrong_pin_file: Path,
+                                                          tmp_path: Path, private_session_keyring: int) -> None:
+    """`load-key A B C`: one salted policy session for all, PCR 7 read once, every Unseal response encrypted.
+    A successful Unseal leaves the session's policy reset by the TPM itself; only after a failed one (a
+    wrong PIN) is PolicyRestart needed, and the next volume still unlocks."""
+    tcti = fresh_swtpm.tcti
+    first = luks_volume.path
+    others = [make_luks_image(tmp_path / f"{name}.img", uuid=str(uuid.uuid4())) for name in ("pin", "last")]
+    with_pin, last = (image.path for image in others)
+    enroll_sealed(first, tcti, passphrase_file)
+    enroll_sealed(with_pin, tcti, passphrase_file, "--pin-file", pin_file)
+    enroll_sealed(last, tcti, passphrase_file)
+
+    with TpmProxy(fresh_swtpm.socket, tmp_path / "proxy.sock") as (proxy, proxy_tcti):
+        loaded = json.loads(luks_tpm("--json", "load-key", first, last, tcti=proxy_tcti, stdin=b"").stdout)
+        assert [volume["device"] for volume in loaded["volumes"]] == [str(first), str(last)]
+        sequence = proxy.command_names()
+        counts = {name: sequence.count(name) for name in ("StartAuthSession", "PCR_Read", "Unseal", "PolicyRestart")}
+        assert counts == {"StartAuthSession": 1, "PCR_Read": 1, "Unseal": 2, "PolicyRestart": 0}, sequence
+
+        proxy.reset()
+        result = luks_tpm("--json", "load-key", first, with_pin, last, "--pin-file", wrong_pin_file, tcti=proxy_tcti,
+                          stdin=b"", expect=5)
+        volumes = json.loads(result.stdout)["volumes"]
+        assert "serial" in volumes[0] and "serial" in volumes[2], volumes
+        assert "wrong PIN" in volumes[1]["error"]["message"], volumes
+        sequence = proxy.command_names()
+        counts = {name: sequence.count(name) for name in ("StartAuthSession", "Unseal", "PolicyRestart")}
+        assert counts == {"StartAuthSession": 1, "Unseal": 3, "PolicyRestart": 1}, sequence
+        failed_unseal = [index for index, name in enumerate(sequence) if name == "Unseal"][1]
+        assert sequence.index("PolicyRestart") > failed_unseal, sequence
+        unseals = [command for command, _ in proxy.exchanges if int.from_bytes(command[6:10], "big") == TPM_CC_UNSEAL]
+        for command in unseals:
+            policy_session = [attributes for handle, attributes in command_sessions(command, 1) if handle >> 24 == 0x03]
+            assert policy_session and policy_session[0] & TPMA_SESSION_ENCRYPT, command_sessions(command, 1)
+    fresh_swtpm.tpm2("dictionarylockout", "--clear-lockout")
 
 
 # ---- 6. remove ------------------------------------------------------------------------------------------
