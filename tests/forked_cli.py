@@ -8,8 +8,8 @@ point `luks_tpm.__main__:main` with the argv, exactly as the installed `luks-tpm
 exits with its code. What it cannot reproduce: environment variables the package reads at import
 time (e.g. TSS2_LOG) are those of the server; tests about those use `helpers.luks_tpm`.
 
-The server joins a new anonymous session keyring first, so logon keys that `load-key` adds land in
-a keyring nobody else sees, which the kernel drops when the server exits.
+Each command runs in a new anonymous session keyring of its own (or, when asked, in the server's
+one), so logon keys that `load-key` adds land where nobody else sees them and go with the process.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 from .helpers import REPO
 
 _SERVER = r"""
-import json, os, signal, sys, time, traceback
-from luks_tpm import keyring
-keyring.join_session_keyring()
+import ctypes, json, os, signal, sys, time, traceback
+keyutils = ctypes.CDLL("libkeyutils.so.1", use_errno=True)
+keyutils.keyctl_join_session_keyring(None)
 import luks_tpm.__main__ as entry
 import luks_tpm.cli, luks_tpm.activate, luks_tpm.provision, luks_tpm.unlock  # the imports forks share
 from luks_tpm import cryptsetup
@@ -38,6 +38,8 @@ replies = os.fdopen(4, "w")
 
 def child(request):
     os.setsid()
+    if request["own_keyring"]:
+        keyutils.keyctl_join_session_keyring(None)
     stdin = os.open(request["stdin"], os.O_RDONLY)
     out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -129,11 +131,12 @@ class ForkedCli:
 
     def run_many(self, commands: Sequence[Sequence[str | os.PathLike[str]]], *, tcti: str | None,
                  stdin: bytes = b"", parallel: int = 1, lanes: Sequence[str] | None = None,
-                 delays: Sequence[float] | None = None,
+                 delays: Sequence[float] | None = None, own_keyring: bool = True,
                  timeout: float = 60) -> list[subprocess.CompletedProcess[str]]:
         """Run independent commands, up to `parallel` at once but never two of the same lane (e.g. two
         on one swtpm, which has no resource manager); `delays`: seconds each child waits before it runs
-        (to stagger concurrent commands); results in the order given."""
+        (to stagger concurrent commands); `own_keyring`: each command joins a new session keyring of
+        its own (False: all share the server's); results in the order given."""
         with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
             input_path = Path(scratch) / "stdin"
             input_path.write_bytes(stdin)
@@ -145,6 +148,7 @@ class ForkedCli:
                 requests.append({"args": argv, "stdin": str(input_path), "timeout": timeout,
                                  "lane": lanes[number] if lanes is not None else None,
                                  "delay": delays[number] if delays is not None else 0,
+                                 "own_keyring": own_keyring,
                                  "out": f"{scratch}/{number}.out", "err": f"{scratch}/{number}.err"})
             os.write(self._requests, (json.dumps({"requests": requests, "parallel": parallel}) + "\n").encode())
             line = self._replies.readline()

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def luks_tpm(*args: str | os.PathLike[str], tcti: str | None, expect: int | tuple[int, ...] | None = 0,
              stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m luks_tpm ARGS`; fail the test, showing stderr, if the exit code is not `expect`
-    (None: any exit code; the caller looks at it)."""
+    (one of them, for a tuple; None: any exit code, the caller looks at it)."""
     environment = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
     environment.update(env or {})
     command = [sys.executable, "-m", "luks_tpm"] + (["--tcti", tcti] if tcti else []) + [str(a) for a in args]

@@ -1,10 +1,11 @@
 """Two luks-tpm processes changing one header at once (issue 8, "Concurrency").
 
-Pairs: enroll + enroll, enroll + remove, reseal + remove, each run many times with the second command
-started 0 to 250 ms after the first, so that its header write lands before, inside and after the
-other's read-modify-write window. The two processes talk to two swtpm instances with the same state
-(same seeds, so every token works on both): swtpm has no resource manager, and two clients on one
-instance would exhaust its object slots, which a real /dev/tpmrm0 never does.
+Pairs: enroll + enroll, enroll + remove, reseal + remove (and load-key + load-key), each run many
+times with the second command started 0 to 250 ms after the first, so that its header write lands
+before, inside and after the other's read-modify-write window. The two processes talk to two swtpm
+instances with the same state (same seeds, so every token works on both): swtpm has no resource
+manager, and two clients on one instance would exhaust its object slots, which a real /dev/tpmrm0
+never does.
 
 After every round:
 - nothing claimed is missing: a process that exited 0 has its effect in the header (an enrolled
@@ -183,3 +184,17 @@ def test_reseal_and_remove(twins: Twins, cli: ForkedCli, tmp_path: Path) -> None
         return problems
 
     _run_pair("reseal+remove", reseal, remove, twins, cli, tmp_path, check)
+
+
+def test_load_key_and_load_key(twins: Twins, cli: ForkedCli, tmp_path: Path) -> None:
+    """Two units unlocking one volume at once (same key description, same session keyring): both must
+    get the key in; neither may fail with an internal error because the other replaced the key."""
+    image = volumes.copy_image(twins.base, tmp_path / "disk.img")
+    failures = []
+    for number in range(2 * ROUNDS):
+        results = cli.run_many([["--tcti", twins.a.tcti, "load-key", image],
+                                ["--tcti", twins.b.tcti, "load-key", image]], tcti=None, parallel=2,
+                               delays=[0.0, DELAYS[number % len(DELAYS)] / 10], own_keyring=False)
+        failures += [f"round {number}: exit {r.returncode}: {r.stderr.strip()[:200]}" for r in results
+                     if r.returncode != 0]
+    assert not failures, f"{len(failures)} of {4 * ROUNDS} concurrent load-keys failed:\n" + "\n".join(failures)

@@ -102,6 +102,12 @@ def set_token(image: Path, text: str, token_id: int | None = None) -> int | None
             return None
 
 
+def import_token(image: Path, text: str, header: Path | None = None) -> None:
+    """`cryptsetup token import`, for headers luks-tpm's own binding refuses to open (detached ones)."""
+    extra: list[str | Path] = ["--header", header] if header else []
+    run("cryptsetup", "token", "import", *extra, image, stdin=text.encode())
+
+
 def remove_token(image: Path, token_id: int) -> None:
     with cryptsetup.open_device(image, allow_detached=True) as device:
         device.token_remove(token_id)
