@@ -168,7 +168,7 @@ def test_reseal_and_remove(twins: Twins, cli: ForkedCli, tmp_path: Path) -> None
 
     def check(before: dict[int, Any], after: dict[int, Any], results: list[Any], won: list[bool]) -> list[str]:
         problems = []
-        if won[1] and 0 in after:
+        if won[1] and 0 in after and after[0] == before.get(0):  # the new token may take the free id 0
             problems.append("remove reported token 0 removed, but it is in the header")
         if not won[1] and 0 not in after:
             problems.append("token 0 is gone, but remove failed")
