@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from luks_tpm import cryptsetup, derive, keyring
+from luks_tpm import cryptsetup, derive
 from luks_tpm.model import DerivedToken, parse
 from luks_tpm.secret import Secret
 from luks_tpm.tpm import Tpm
@@ -65,7 +65,7 @@ def test_load_key_into_a_keyring_that_exists_only_once_asked_for(tmp_path: Path,
     format_derived(image, swtpm.tcti, recovery_file)
     loaded = luks_tpm_json("load-key", image, "--keyring", spec, tcti=swtpm.tcti)
     assert loaded["serial"] > 0
-    assert loaded["keyring"] == {"@p": keyring.PROCESS, "@t": keyring.THREAD}[spec]
+    assert loaded["keyring"] > 0  # the keyring's real serial (docs/json.md), created for the command
 
 
 def test_key_survives_restart_and_is_destroyed_by_owner_clear(tmp_path: Path, fresh_swtpm: Swtpm,
