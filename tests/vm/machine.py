@@ -45,17 +45,22 @@ class Scenario:
 
 
 SCENARIOS = {
-    # root and data1 derived, data2 sealed to PCR 16 (zero at boot): all three open in one pass
-    "unattended": Scenario(),
+    # root and data1 derived, data2 sealed to PCR 16 (zero at boot), all fenced: all three open in one
+    # pass; then the booted system tries to recover every key from the TPM (images/rootfs-init)
+    "unattended": Scenario(append=("luks_tpm_test.load_key",)),
     # PCR 16 was extended on the host before sealing data2: the guest's value no longer matches
     "pcr-mismatch": Scenario(mksystem=("--pcr-mismatch",)),
     # TPM2_Clear after enrolling: every binding is gone
     "owner-cleared": Scenario(mksystem=("--clear-owner",)),
     # no TPM in the machine at all: bounded wait, then the passphrase path
     "no-tpm": Scenario(append=("luks_tpm.timeout=3",), tpm=False),
+    # the root-swap attack: the root disk is the attacker's (same UUID, their passphrase), the real data
+    # volumes are attached; the attacker's init tries to recover their keys from the TPM
+    "root-swap": Scenario(mksystem=("--root-swap",)),
 }
 BOOT_TIMEOUT = 180
 VOLUMES = ("cryptroot", "data1", "data2")
+DISKS = ("vda", "vdb", "vdc", "vdd")  # vdd: "spare", unfenced, in no crypttab (images/mksystem)
 
 
 @dataclass
@@ -164,7 +169,7 @@ class VmRunner:
             "--append",
             " ".join(["root=/dev/mapper/cryptroot", *BUILDER_APPEND[builder], *config.append]),
         ]
-        for disk in ("vda", "vdb", "vdc"):
+        for disk in DISKS:
             cmd += ["--disk", system / f"{disk}.img"]
         if config.tpm:
             # Each boot gets its own copy of the TPM state: one swtpm per state dir, and boots run in parallel.
