@@ -42,6 +42,7 @@ class Scenario:
     mksystem: tuple[str, ...] = ()  # images/mksystem options
     append: tuple[str, ...] = ()  # extra kernel arguments
     tpm: bool = True  # attach the system's TPM to the VM
+    until: str = "LUKSTPM-RESULT"  # the console line that ends the boot
 
 
 SCENARIOS = {
@@ -54,6 +55,11 @@ SCENARIOS = {
     "owner-cleared": Scenario(mksystem=("--clear-owner",)),
     # no TPM in the machine at all: bounded wait, then the passphrase path
     "no-tpm": Scenario(append=("luks_tpm.timeout=3",), tpm=False),
+    # a shell in the initramfs before anything is unlocked (initramfs-tools break=, which needs an empty
+    # panic= to give a shell; dracut rd.break=): the fence goes up before the shell's prompt, luks_tpm=0
+    # (no unlock pass) or not
+    "emergency": Scenario(append=("break=premount", "rd.break=pre-trigger", "panic=", "luks_tpm=0"),
+                          until=r"^\(initramfs\) |^pre-trigger:/# "),
     # the root-swap attack: the root disk is the attacker's (same UUID, their passphrase), the real data
     # volumes are attached; the attacker's init tries to recover their keys from the TPM
     "root-swap": Scenario(mksystem=("--root-swap",)),
@@ -163,7 +169,7 @@ class VmRunner:
             "--timeout",
             str(BOOT_TIMEOUT),
             "--until",
-            "LUKSTPM-RESULT",
+            config.until,
             "--passphrase",
             system / "passphrase",
             "--append",

@@ -27,6 +27,7 @@ CASES = [
     *[("owner-cleared", b) for b in ("initramfs-tools", "dracut")],
     ("no-tpm", "initramfs-tools"),
     ("root-swap", "initramfs-tools"),
+    *[("emergency", b) for b in ("initramfs-tools", "dracut")],
 ]
 # PCR 15 (sha256) after exactly one fence, from zero: the contract's extend value (docs, decisions).
 FENCED_PCR15 = hashlib.sha256(bytes(32) + hashlib.sha256(b"luks-tpm fence v1").digest()).hexdigest()
@@ -135,6 +136,15 @@ def test_no_tpm_waits_bounded_then_falls_back(boot: Boot) -> None:
     # Nothing to fence, said once, and no second wait for the TPM.
     boot.expect(r"luks-tpm: no TPM \(/dev/tpmrm0\): no fence to raise", "no-TPM fence message")
     boot.expect(r"^LUKSTPM-PCR15 no-tpm$", "the guest saw a TPM")
+
+
+@vm_cases("emergency")
+def test_emergency_shell_comes_after_the_fence(boot: Boot) -> None:
+    # initramfs-tools runs its panic scripts, dracut its emergency hooks, before the shell.
+    fence = boot.console.find("luks-tpm: fence raised (PCR 15)")
+    prompt = max(boot.console.find("(initramfs) "), boot.console.find("pre-trigger:/# "))
+    assert 0 <= fence < prompt, f"no fence before the shell: {boot.tail()}"
+    boot.reject(r"luks-tpm: unlock pass took", "the volumes were unlocked before the shell")
 
 
 @vm_cases("root-swap")
