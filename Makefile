@@ -1,13 +1,17 @@
 # Install the boot integration: the shell functions both builders use, the initramfs-tools hook and boot
-# scripts, the dracut module, and the helper the hooks use to list what luks-tpm needs. The Python
-# package itself is installed with pip.
-#   make install [DESTDIR=/staging] [PREFIX=/usr]
+# scripts, the dracut module, and the helper the hooks use to list what luks-tpm needs; and the
+# request-key handler's configuration. The Python package itself is installed with pip.
+#   make install [DESTDIR=/staging] [PREFIX=/usr] [LUKS_TPM=/usr/sbin/luks-tpm] [TCTI=device:/dev/tpmrm0]
 #   make uninstall
 PREFIX ?= /usr
 DESTDIR ?=
 INITRAMFS_TOOLS ?= $(PREFIX)/share/initramfs-tools
 DRACUT_MODULES ?= $(PREFIX)/lib/dracut/modules.d
 LIBDIR ?= $(PREFIX)/lib/luks-tpm
+REQUEST_KEY_D ?= /etc/request-key.d
+# The program and the TPM written into request-key.d/luks-tpm.conf (the kernel's helper needs absolute paths).
+LUKS_TPM ?= $(PREFIX)/sbin/luks-tpm
+TCTI ?= device:/dev/tpmrm0
 
 # The hooks and boot scripts look for /usr/lib/luks-tpm/functions, i.e. the default LIBDIR.
 INITRAMFS_SCRIPTS := local-top/luks-tpm local-bottom/luks-tpm panic/luks-tpm
@@ -27,6 +31,10 @@ install:
 		case $$f in *.sh) mode=0755 ;; *) mode=0644 ;; esac; \
 		install -D -m $$mode dracut/90luks-tpm/$$f $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/$$f || exit 1; \
 	done
+	install -d $(DESTDIR)$(REQUEST_KEY_D)
+	sed -e 's|/usr/sbin/luks-tpm --tcti device:/dev/tpmrm0 |$(LUKS_TPM) --tcti $(TCTI) |' \
+		etc/request-key.d/luks-tpm.conf > $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf
+	chmod 0644 $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf
 
 uninstall:
 	rm -f $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm
@@ -35,3 +43,4 @@ uninstall:
 	-rmdir $(DESTDIR)$(LIBDIR) 2>/dev/null
 	rm -f $(addprefix $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/,$(DRACUT_FILES))
 	-rmdir $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm 2>/dev/null
+	rm -f $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf

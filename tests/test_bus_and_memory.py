@@ -1,4 +1,4 @@
-"""DESIGN.md §6 "Bus" and "Memory": key material never crosses the TPM bus in clear, nor lingers in memory.
+"""docs/security.md, "Bus" and "Memory": key material never crosses the TPM bus in clear, nor lingers in memory.
 
 The bus tests put a recording proxy (tests/tpm_proxy.py) between luks-tpm and swtpm, which sees what an
 interposer on the LPC/SPI bus would. Each proves it can fail: the same secret, fetched once *without*
@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_SESSION
-from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
+from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC, TPML_PCR_SELECTION
 
 from luks_tpm import cryptsetup, derive
+from luks_tpm.model import DerivedToken, SealedToken, Token, parse
 from luks_tpm.secret import Secret
-from luks_tpm.token import Token, parse
 from luks_tpm.tpm import Tpm
+from luks_tpm.tpm import keys as tpm_keys
+from luks_tpm.tpm import srk as tpm_srk
 from luks_tpm.unlock import KeyRecovery
 
 from .fixtures_luks import LuksImage
@@ -63,24 +65,25 @@ def _leaks(secret: bytes, traffic: bytes) -> list[int]:
 
 def _plain_hmac(tcti: str, uuid: str, salt: bytes) -> bytes:
     """The PRK, computed the way luks-tpm does but with a password session: no response encryption."""
-    with Tpm(tcti) as tpm, tpm.derived_primary() as primary:
-        return bytes(tpm._esapi.hmac(primary, derive.hmac_message(uuid, salt), TPM2_ALG.SHA256))
+    with Tpm(tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:
+        return bytes(tpm.esapi.hmac(primary, derive.hmac_message(uuid, salt), TPM2_ALG.SHA256))
 
 
 def _plain_unseal(tcti: str, token: Token) -> bytes:
     """Unseal with an unsalted policy session that does not encrypt the response."""
-    assert token.blob is not None
+    assert isinstance(token, SealedToken)
     with Tpm(tcti) as tpm:
-        parent = tpm.check_parent(token.parent)
+        parent = tpm_srk.srk_for(tpm, token.parent, None)
         public, _ = TPM2B_PUBLIC.unmarshal(token.blob.public)
         private, _ = TPM2B_PRIVATE.unmarshal(token.blob.private)
-        sealed = tpm._track(tpm._esapi.load(parent, private, public))
-        session = tpm._track(tpm._esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, "null",
+        sealed = tpm.track(tpm.esapi.load(parent, private, public))
+        session = tpm.track(tpm.esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, "null",
                                                            TPM2_ALG.SHA256))
-        tpm._esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION)
-        assert not tpm.session_attributes(session) & TPMA_SESSION_ENCRYPT
-        tpm._esapi.policy_pcr(session, b"", token.pcr_policy.selection())
-        return bytes(tpm._esapi.unseal(sealed, session1=session))
+        tpm.esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION)
+        assert not int(tpm.esapi.trsess_get_attributes(session)) & TPMA_SESSION_ENCRYPT
+        selection = TPML_PCR_SELECTION.parse(f"{token.pcr_bank}:{','.join(map(str, token.pcrs))}")
+        tpm.esapi.policy_pcr(session, b"", selection)
+        return bytes(tpm.esapi.unseal(sealed, session1=session))
 
 
 def _assert_bus_protected(proxy: TpmProxy, code: int) -> list[str]:
@@ -119,7 +122,7 @@ def test_derived_hmac_response_is_encrypted_on_the_wire(tmp_path: Path, swtpm: S
     recovery.write_bytes(b"correct horse battery staple")
     formatted = format_derived(image, swtpm.tcti, recovery)
     uuid, token = formatted["uuid"], _token(image, formatted["token"])
-    assert token.salt is not None and token.wrapped_key is None
+    assert isinstance(token, DerivedToken) and token.wrapped_key is None
 
     luks_tpm("load-key", image, tcti=proxy.tcti)
     traffic = proxy.traffic
@@ -156,10 +159,10 @@ def test_unseal_response_is_encrypted_on_the_wire(luks_volume: LuksImage, swtpm:
 
 
 def test_key_recovery_session_is_salted_and_encrypts_responses(swtpm: Swtpm, proxy: TpmProxy) -> None:
-    with Tpm(proxy.tcti) as tpm, KeyRecovery(tpm) as recovery:
-        parent = tpm.parent()
-        session = recovery.session(parent, None)
-        attributes = tpm.session_attributes(session)
+    with Tpm(proxy.tcti) as tpm, KeyRecovery(tpm, many_volumes=True) as recovery:
+        srk, _ = tpm_srk.current_srk(tpm)
+        session, _ = recovery._session(srk, policy=False)
+        attributes = int(tpm.esapi.trsess_get_attributes(session))
         assert attributes & TPMA_SESSION.ENCRYPT, f"{attributes:#x}"
         assert attributes & TPMA_SESSION.CONTINUESESSION, "the session is meant for reuse across volumes"
         starts = [parse_start_auth_session(command) for command, _ in proxy.exchanges
@@ -209,7 +212,7 @@ import sys
 from pathlib import Path
 
 from luks_tpm import keyring
-from luks_tpm.activate import load_key
+from luks_tpm.activate import load_keys
 from luks_tpm.cryptsetup import open_device
 from luks_tpm.secret import make_undumpable
 from luks_tpm.tpm import Tpm
@@ -220,12 +223,12 @@ make_undumpable()  # as the command line does
 keyring.join_session_keyring()
 held = None
 if mode == "load-key":
-    load_key(tcti, Path(image), keyring.SESSION, None, False, None, lambda _id: None)
+    load_keys(tcti, [Path(image)], keyring.SESSION, None, False, None, lambda _id: None)
 elif mode == "hold":  # the control case: keeps a plain copy of the key, as careless code would
     with open_device(Path(image)) as device, Tpm(tcti) as tpm, KeyRecovery(tpm) as recovery:
-        _, _, key = recover_verified(device, recovery)
-        held = bytes(key.view())
-        key.close()
+        found = recover_verified(device, recovery)
+        held = bytes(found.key.view())
+        found.key.close()
 print("ready", flush=True)
 sys.stdin.read()
 """
@@ -285,7 +288,7 @@ def test_no_key_material_left_in_memory_after_load_key(mode: str, swtpm: Swtpm, 
     needles = {"volume key": bytes(luks_volume.volume_key.view())}
     if mode == "derived":
         token = _token(luks_volume.path, 0)
-        assert token.salt is not None
+        assert isinstance(token, DerivedToken)
         prk = _plain_hmac(swtpm.tcti, luks_volume.uuid, token.salt)
         with derive.expand(Secret.copy_of(bytearray(prk)), luks_volume.uuid, derive.KEK_SIZE) as kek:
             needles |= {"PRK": prk, "KEK": bytes(kek.view())}

@@ -1,4 +1,4 @@
-"""The software half of the derivation (DESIGN.md §4) pinned by fixed vectors: a contract.
+"""The software half of the derivation (docs/derivation.md) pinned by fixed vectors: a contract.
 
 The vectors were computed once by this implementation and cross-checked here against independent
 implementations (cryptography's HKDF-Expand and RFC 3394 key wrap), so a change to either side fails.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
@@ -77,3 +78,51 @@ def test_unwrap_rejects_wrong_kek_and_damage() -> None:
     damaged[20] ^= 1
     assert derive.unwrap(secret(KEK_32), bytes(damaged)) is None
     assert derive.unwrap(secret(KEK_32), WRAPPED[:-1]) is None
+
+
+# Application keys (request-key `user luks-tpm:app:<name>`, decisions of issue 12): the vectors the contract
+# documentation gives, computed there by a reference implementation and cross-checked with cryptography.
+APP_PRK = bytes.fromhex("202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f")
+APP_VECTORS = [
+    (0, "myservice", 32, "90f2b2201ed2161dd005b9f8813fc0e2786324a8f596f11b5352e568dd4f6ba8"),
+    (1000, "myservice", 32, "7f862737815e49ccd456ea315b904307fabe18202dd00d6e3e1b9dca66a9e50c"),
+    (1000, "myservice", 16, "f9f53f185db8369b29fbfeb007145f60"),
+    (1000, "myservice", 64, "19465b024c1ec12294411c4e46c6f9ef45d7b8ea6657e5d43fe1e6b96bfd42f3"
+                            "f48ddc472b29e35e709c2907c5a973bd2873cb1a938469859dd36d19a9f3aef6"),
+    (65534, "backup@host:v2.1+x_y-z", 48, "013b957f656145e5d1cf54952e852c2001ba6116689cf059"
+                                         "68fa64667b66d49b2d84cbf715512cc8456318132bd54d56"),
+    (4294967294, "a", 16, "911f722ab9622087414e0b7161a0732c"),
+]
+
+
+def test_app_hmac_message_layout() -> None:
+    assert derive.app_hmac_message(1000, "myservice") == b"luks-tpm/app/v1\x001000\x00myservice"
+    assert derive.app_hmac_message(0, "a") == b"luks-tpm/app/v1\x000\x00a"
+    # Never a volume message: those start "luks-tpm/v1\0".
+    assert not derive.app_hmac_message(0, "a").startswith(derive.hmac_message(UUID, b"")[:12])
+
+
+def test_app_key_vectors() -> None:
+    for uid, name, length, expected in APP_VECTORS:
+        key = derive.app_expand(secret(APP_PRK), uid, name, length)
+        assert bytes(key.view()).hex() == expected
+        info = b"luks-tpm application key\x00" + str(uid).encode() + b"\x00" + name.encode() + length.to_bytes(2, "big")
+        assert HKDFExpand(hashes.SHA256(), length, info).derive(APP_PRK).hex() == expected
+
+
+def test_app_key_domain_is_not_the_volume_domain() -> None:
+    """Same PRK, same length: an application key named like a volume UUID is not that volume's key."""
+    assert bytes(derive.app_expand(secret(PRK), 0, UUID, 32).view()) != KEK_32
+
+
+def test_app_key_rejects_bad_lengths_names_and_uids() -> None:
+    for length in (0, 15, 65, 255):
+        with pytest.raises(ValueError):
+            derive.app_expand(secret(APP_PRK), 1000, "myservice", length)
+    for name in ("", "x" * 201, "a/b", "a b", "naïve", "a;b", "a\0b"):
+        with pytest.raises(ValueError):
+            derive.app_hmac_message(1000, name)
+    for uid in (-1, 2**32 - 1, 2**32):  # (uid_t)-1 is no uid
+        with pytest.raises(ValueError):
+            derive.app_hmac_message(uid, "myservice")
+    assert derive.app_hmac_message(1000, "x" * 200).endswith(b"x" * 200)
