@@ -1,7 +1,10 @@
 # Install the boot integration: the initramfs-tools hook and local-top script, the dracut module, and the
-# helper both use to list what luks-tpm needs. The Python package itself is installed with pip.
+# helper both use to list what luks-tpm needs. The Python package itself comes with the Debian package
+# (make deb), or is installed with pip for development.
 #   make install [DESTDIR=/staging] [PREFIX=/usr]
 #   make uninstall
+#   make deb        -> dist/luks-tpm_<version>_<arch>.deb: everything in `install`, plus the command, its
+#                      Python runtime, man page and completion (packaging/build-deb)
 PREFIX ?= /usr
 DESTDIR ?=
 INITRAMFS_TOOLS ?= $(PREFIX)/share/initramfs-tools
@@ -10,7 +13,11 @@ LIBDIR ?= $(PREFIX)/lib/luks-tpm
 
 DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm.service
 
-.PHONY: install uninstall
+.PHONY: install uninstall deb
+deb:
+	scripts/bootstrap
+	packaging/build-deb dist
+
 install:
 	install -D -m 0755 hooks/initramfs/hooks/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm
 	install -D -m 0755 hooks/initramfs/scripts/local-top/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/local-top/luks-tpm
