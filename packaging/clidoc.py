@@ -160,7 +160,9 @@ def _option_items(options: tuple[Option, ...]) -> list[str]:
 def manpage(template: str, version: str | None, date: str, path: str | None = None) -> str:
     top, commands = model(path)
     if not version:
-        from luks_tpm import __version__ as version
+        import luks_tpm
+
+        version = luks_tpm.__version__
     parts = {
         "@SYNOPSIS@": "\n.br\n".join(_synopsis_line(c) for c in commands),
         "@GLOBAL_OPTIONS@": "\n".join(_option_items(top.options)),
