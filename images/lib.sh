@@ -20,6 +20,13 @@ luks_tpm_deb() {
     "$TOP/packaging/build-deb" "$TOP/dist" || die "cannot build the luks-tpm package"
 }
 
+# unpack_luks_tpm DEB ROOT: the package's files under ROOT, and the byte-code its postinst would compile
+# (the hooks copy byte-code instead of sources into the initramfs), named by its installed paths.
+unpack_luks_tpm() {
+    dpkg-deb -x "$1" "$2"
+    /usr/bin/python3 -m compileall -q -d /usr/lib/luks-tpm/python "$2/usr/lib/luks-tpm/python" >/dev/null
+}
+
 # The kernel the test VM boots: the one the linux-image-amd64 metapackage points at today.
 kernel_version() {
     if [[ -z ${KV:-} ]]; then

@@ -248,8 +248,10 @@ def test_package_holds_make_install_and_a_runtime_of_its_own(deb: Path, tmp_path
     assert installed and installed <= contents, f"make install files not in the package: {installed - contents}"
     for path in ("/usr/sbin/luks-tpm", "/usr/share/man/man8/luks-tpm.8.gz",
                  "/usr/share/bash-completion/completions/luks-tpm", "/usr/share/doc/luks-tpm/copyright",
-                 f"{RUNTIME}/luks_tpm/__main__.py", f"{RUNTIME}/luks_tpm/__pycache__/__main__.cpython-311.pyc"):
+                 f"{RUNTIME}/luks_tpm/__main__.py", "/usr/share/doc/luks-tpm/changelog.gz"):
         assert path in contents, path
+    # byte-code is made by postinst (py3compile), as in any Debian Python package
+    assert not [p for p in contents if p.endswith(".pyc")]
     assert not [p for p in contents if "-packages" in p], "nothing may go into a site-packages directory"
     for package in ("tpm2_pytss", "cryptography", "cffi", "click"):
         assert f"{RUNTIME}/{package}/__init__.py" in contents, package
@@ -352,6 +354,9 @@ def test_install_run_purge(deb: Path, machine_lock: None, swtpm: Swtpm, tmp_path
         assert result.returncode == 0, result.stdout + result.stderr
         assert _installed("luks-tpm")
         assert "update-initramfs" in record.read_text(), "installing did not trigger update-initramfs"
+        tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+        compiled = Path(RUNTIME, "luks_tpm", "__pycache__", f"cli.{tag}.pyc")
+        assert compiled.is_file(), "postinst did not byte-compile the runtime"
 
         version = subprocess.run(["env", "-i", "/usr/sbin/luks-tpm", "--version"], capture_output=True, text=True,
                                  check=True, cwd="/").stdout
