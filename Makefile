@@ -1,7 +1,7 @@
 # Install the boot integration: the initramfs-tools hook and local-top script, the dracut module, and the
-# helper both use to list what luks-tpm needs. The Python package itself comes with the Debian package
-# (make deb), or is installed with pip for development.
-#   make install [DESTDIR=/staging] [PREFIX=/usr]
+# helper both use to list what luks-tpm needs; and the request-key handler's configuration. The Python
+# package itself comes with the Debian package (make deb), or is installed with pip for development.
+#   make install [DESTDIR=/staging] [PREFIX=/usr] [LUKS_TPM=/usr/sbin/luks-tpm] [TCTI=device:/dev/tpmrm0]
 #   make uninstall
 #   make deb        -> dist/luks-tpm_<version>_<arch>.deb: everything in `install`, plus the command, its
 #                      Python runtime, man page and completion (packaging/build-deb)
@@ -10,6 +10,10 @@ DESTDIR ?=
 INITRAMFS_TOOLS ?= $(PREFIX)/share/initramfs-tools
 DRACUT_MODULES ?= $(PREFIX)/lib/dracut/modules.d
 LIBDIR ?= $(PREFIX)/lib/luks-tpm
+REQUEST_KEY_D ?= /etc/request-key.d
+# The program and the TPM written into request-key.d/luks-tpm.conf (the kernel's helper needs absolute paths).
+LUKS_TPM ?= $(PREFIX)/sbin/luks-tpm
+TCTI ?= device:/dev/tpmrm0
 
 DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm.service
 
@@ -26,6 +30,10 @@ install:
 		case $$f in *.sh) mode=0755 ;; *) mode=0644 ;; esac; \
 		install -D -m $$mode dracut/90luks-tpm/$$f $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/$$f || exit 1; \
 	done
+	install -d $(DESTDIR)$(REQUEST_KEY_D)
+	sed -e 's|/usr/sbin/luks-tpm --tcti device:/dev/tpmrm0 |$(LUKS_TPM) --tcti $(TCTI) |' \
+		etc/request-key.d/luks-tpm.conf > $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf
+	chmod 0644 $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf
 
 uninstall:
 	rm -f $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/local-top/luks-tpm
@@ -33,3 +41,4 @@ uninstall:
 	-rmdir $(DESTDIR)$(LIBDIR) 2>/dev/null
 	rm -f $(addprefix $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/,$(DRACUT_FILES))
 	-rmdir $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm 2>/dev/null
+	rm -f $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf

@@ -13,15 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cryptsetup, keyring
+from . import cryptsetup, crypttab, keyring
 from .cryptsetup import Device, open_device
 from .crypttab import Entry
-from .errors import ExitCode, LuksTpmError, die
+from .errors import Cause, ExitCode, LuksTpmError, UnlockFailed, die
+from .model import FENCE_BANK, FENCE_PCR, Token
 from .output import Report, progress
 from .secret import Secret
 from .settings import Activation
-from .token import Mode, Token
-from .tpm import Tpm, TpmError
+from .tpm import Tpm
+from .tpm import pcr as tpm_pcr
+from .tpm.info import lockout_state
 from .unlock import KeyRecovery, PinSource, changed_pcrs, luks_tpm_tokens, recover_verified
 
 
@@ -50,28 +52,52 @@ def dm_table(device: Device, digest: int, key_size: int) -> str:
     return line + (f" {len(options)} {' '.join(options)}" if options else "")
 
 
-def load_key(tcti: str, device_path: Path, target: int, timeout: int | None, table: bool,
-             token_id: int | None, pins: PinSource) -> Report:
-    with open_device(device_path) as device, Tpm(tcti) as tpm, KeyRecovery(tpm, pins) as recovery:
-        found_id, token, key = recover_verified(device, recovery, token_id=token_id)
-        description = key_description(device, token.digest)
-        with key:
-            existing = keyring.search(target, "logon", description)
-            if existing is not None:  # our keys have no WRITE permission: replace, not update
-                # (the search also finds keys in keyrings nested in `target`, which stay where they are)
-                with contextlib.suppress(keyring.KeyringError):
-                    keyring.unlink(existing, target)
-            serial = keyring.add_logon_key(description, key, target)
-        keyring.set_permissions(serial, keyring.logon_key_permissions())
-        if timeout:
-            keyring.set_timeout(serial, timeout)
-        data: dict[str, Any] = {"device": str(device_path), "serial": serial, "description": description,
-                                "keyring": target, "token": found_id}
-        lines = [f"{serial}"]
-        if table:
-            data["table"] = dm_table(device, token.digest, token.key_size)
-            lines.append(data["table"])
-    return Report(data, lines)
+def load_keys(tcti: str, device_paths: Sequence[Path], target: int, timeout: int | None, table: bool,
+              token_id: int | None, pins: PinSource) -> Report:
+    """Recover each device's key in one TPM pass and add it as a logon key; every device is tried, and the
+    command fails (exit 5 or the single failure's own code) if any could not be loaded."""
+    results: list[dict[str, Any]] = []
+    lines: list[str] = []
+    failures: list[LuksTpmError] = []
+    with Tpm(tcti) as tpm, KeyRecovery(tpm, pins, many_volumes=len(device_paths) > 1) as recovery:
+        for path in device_paths:
+            try:
+                with open_device(path) as device:
+                    result = _load_one(device, recovery, target, timeout, table, token_id)
+                results.append(result)
+                lines += [str(result["serial"])] + ([result["table"]] if table else [])
+            except LuksTpmError as error:
+                if len(device_paths) == 1:
+                    raise
+                failures.append(error)
+                results.append({"device": str(path), "error": {"message": error.message, "hint": error.hint,
+                                                               "code": int(error.code)}})
+                progress(f"{path}: {error.message}")
+        warnings = list(tpm.warnings)
+    data: dict[str, Any] = results[0] if len(device_paths) == 1 else {"volumes": results}
+    code = ExitCode.OK if not failures else failures[0].code if len(failures) == 1 else ExitCode.UNLOCK_FAILED
+    return Report(data, lines, warnings=warnings, exit_code=code)
+
+
+def _load_one(device: Device, recovery: KeyRecovery, target: int, timeout: int | None, table: bool,
+              token_id: int | None) -> dict[str, Any]:
+    found = recover_verified(device, recovery, token_id=token_id)
+    description = key_description(device, found.token.digest)
+    with found.key:
+        existing = keyring.search(target, "logon", description)
+        if existing is not None:  # our keys have no WRITE permission: replace, not update
+            # (the search also finds keys in keyrings nested in `target`, which stay where they are)
+            with contextlib.suppress(keyring.KeyringError):
+                keyring.unlink(existing, target)
+        serial = keyring.add_logon_key(description, found.key, target)
+    keyring.set_permissions(serial, keyring.logon_key_permissions())
+    if timeout:
+        keyring.set_timeout(serial, timeout)
+    result: dict[str, Any] = {"device": device.path, "serial": serial, "description": description,
+                              "keyring": target, "token": found.token_id}
+    if table:
+        result["table"] = dm_table(device, found.token.digest, found.token.key_size)
+    return result
 
 
 def _activate(device: Device, name: str, key: Secret, options: Activation) -> None:
@@ -111,11 +137,12 @@ def open_volume(tcti: str, device_path: Path, name: str, options: Activation, to
                 pins: PinSource) -> Report:
     _require_device_mapper()
     with open_device(device_path) as device, Tpm(tcti) as tpm, KeyRecovery(tpm, pins) as recovery:
-        found_id, _, key = recover_verified(device, recovery, token_id=token_id)
-        with key:
-            _activate(device, name, key, options)
-    return Report({"device": str(device_path), "name": name, "token": found_id},
-                  [f"{device_path}: opened as /dev/mapper/{name} (token {found_id})"])
+        found = recover_verified(device, recovery, token_id=token_id)
+        with found.key:
+            _activate(device, name, found.key, options)
+        warnings = list(tpm.warnings)
+    return Report({"device": str(device_path), "name": name, "token": found.token_id},
+                  [f"{device_path}: opened as /dev/mapper/{name} (token {found.token_id})"], warnings=warnings)
 
 
 def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource) -> Report:
@@ -125,33 +152,28 @@ def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource) -> Report:
     with Tpm(tcti) as tpm, KeyRecovery(tpm, pins, many_volumes=True) as recovery:
         for entry in entries:
             try:
-                with open_device(entry.device) as device:
-                    found_id, _, key = recover_verified(device, recovery)
-                    with key:
-                        _activate(device, entry.name, key, Activation(readonly=entry.readonly,
-                                                                      allow_discards=entry.discard))
-                results.append({"name": entry.name, "device": entry.device, "opened": True, "token": found_id})
+                resolved = crypttab.resolve(entry)
+                with open_device(resolved.device) as device:
+                    found = recover_verified(device, recovery)
+                    with found.key:
+                        _activate(device, entry.name, found.key, Activation(readonly=entry.readonly,
+                                                                            allow_discards=entry.discard))
+                results.append({"name": entry.name, "device": entry.device, "opened": True, "token": found.token_id})
                 progress(f"{entry.name}: opened")
             except LuksTpmError as error:
                 results.append({"name": entry.name, "device": entry.device, "opened": False,
                                 "error": error.message})
                 progress(f"{entry.name}: {error.message}; falling back to passphrase")
     failed = [result for result in results if not result["opened"]]
-    report = Report({"volumes": results}, [])
     if failed:
-        raise _PartialFailure(report, len(failed), len(results))
-    return report
-
-
-class _PartialFailure(LuksTpmError):
-    def __init__(self, report: Report, failed: int, total: int) -> None:
-        super().__init__(f"{failed} of {total} volumes could not be opened with the TPM",
-                         hint="they are left for the passphrase prompt", code=ExitCode.UNLOCK_FAILED)
-        self.report = report
+        progress(f"{len(failed)} of {len(results)} volumes could not be opened with the TPM; they are left for "
+                 "the passphrase prompt")
+    return Report({"volumes": results}, [], exit_code=ExitCode.UNLOCK_FAILED if failed else ExitCode.OK)
 
 
 def status(tcti: str, devices: Sequence[Path]) -> Report:
-    """Per volume and token: what it is, and whether it would unlock now (tried, then zeroed)."""
+    """Per volume and token: what it is, and whether it would unlock now (tried, then zeroed). Exit 5
+    when some volume would not unlock now, so fleets can ask "will this machine boot unattended?"."""
     volumes: list[dict[str, Any]] = []
     lines: list[str] = []
     tpm: Tpm | None = None
@@ -161,67 +183,98 @@ def status(tcti: str, devices: Sequence[Path]) -> Report:
     except LuksTpmError as error:
         tpm_error = error
     try:
+        fence_up = tpm_pcr.fence_is_up(tpm) if tpm is not None else None
         for path in devices:
-            with open_device(path) as device:
-                volume: dict[str, Any] = {"device": str(path), "uuid": device.uuid,
-                                          "keyslots": device.keyslots(), "tokens": []}
-                lines.append(f"{path}: LUKS2 {device.uuid}, keyslots {volume['keyslots'] or 'none'}")
-                for entry in luks_tpm_tokens(device):
-                    info = _token_status(device, tpm, tpm_error, entry.token_id, entry.token, entry.damage)
-                    volume["tokens"].append(info)
-                    lines.append(f"  token {entry.token_id}: {info['summary']}")
-                    if info.get("mode") == str(Mode.SEALED):
-                        lines.append(f"    {_sealed_line(info)}")
-                    lines.append(f"    {'unlocks now' if info['unlocks'] else 'would NOT unlock: ' + info['reason']}")
-                if not volume["tokens"]:
-                    lines.append("  no luks-tpm token")
+            volume = _volume_status(path, tpm, tpm_error, alone=len(devices) == 1)
             volumes.append(volume)
+            lines += volume.pop("_lines")
+        warnings = list(tpm.warnings) if tpm is not None else []
     finally:
         if tpm is not None:
             tpm.close()
-    return Report({"volumes": volumes}, lines)
+    if fence_up is not None:
+        state = "up: fenced tokens cannot be recovered until reboot" if fence_up else "down"
+        lines.append(f"fence (PCR {FENCE_PCR}): {state}")
+    every = all(volume["unlocks"] for volume in volumes)
+    return Report({"volumes": volumes, "fence_up": fence_up}, lines, warnings=warnings,
+                  exit_code=ExitCode.OK if every else ExitCode.UNLOCK_FAILED)
 
 
-def _sealed_line(info: dict[str, Any]) -> str:
+def _volume_status(path: Path, tpm: Tpm | None, tpm_error: LuksTpmError | None, *, alone: bool) -> dict[str, Any]:
+    try:
+        with open_device(path) as device:
+            volume: dict[str, Any] = {"device": str(path), "uuid": device.uuid, "keyslots": device.keyslots(),
+                                      "tokens": [], "error": None}
+            lines = [f"{path}: LUKS2 {device.uuid}, keyslots {volume['keyslots'] or 'none'}"]
+            for entry in luks_tpm_tokens(device):
+                info = _token_status(device, tpm, tpm_error, entry.token_id, entry.token, entry.damage)
+                volume["tokens"].append(info)
+                lines.append(f"  token {entry.token_id}: {info['summary']}")
+                if info.get("pcrs") or info.get("fence"):
+                    lines.append(f"    {_bound_line(info)}")
+                lines.append("    " + ("unlocks now" + (" (needs the PIN)" if info.get("note") else "")
+                                      if info["unlocks"] else f"would NOT unlock: {info['reason']}"))
+            if not volume["tokens"]:
+                lines.append("  no luks-tpm token")
+    except LuksTpmError as error:
+        if alone:  # the one device asked about cannot be read: that is the answer, with its own exit code
+            raise
+        volume = {"device": str(path), "uuid": None, "keyslots": [], "tokens": [], "error": error.message}
+        lines = [f"{path}: {error.message}"]
+    volume["unlocks"] = any(token["unlocks"] for token in volume["tokens"])
+    volume["_lines"] = lines
+    return volume
+
+
+def _bound_line(info: dict[str, Any]) -> str:
     pcrs = ",".join(map(str, info["pcrs"])) or "none"
     matching = info.get("pcrs_matching")
     now = "unknown" if matching is None else ",".join(map(str, matching)) or "none"
-    return f"bank {info['pcr_bank']}, PCRs {pcrs}, matching now: {now}, PIN: {'yes' if info['pin'] else 'no'}"
+    return (f"bank {info['pcr_bank']}, PCRs {pcrs}, matching now: {now}, fence: {'yes' if info['fence'] else 'no'}"
+            f", PIN: {'yes' if info['pin'] else 'no'}")
 
 
 def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | None, token_id: int,
                   token: Token | None, damage: LuksTpmError | None) -> dict[str, Any]:
     if token is None:
         assert damage is not None
-        return {"id": token_id, "summary": "damaged", "unlocks": False, "reason": damage.message}
+        return {"id": token_id, "summary": "damaged", "unlocks": False, "reason": damage.message,
+                "cause": str(damage.cause)}
     info: dict[str, Any] = {
         "id": token_id, "mode": str(token.mode), "pcr_bank": str(token.pcr_bank), "pcrs": list(token.pcrs),
-        "pin": token.pin, "created": token.created, "parent": token.parent.name.hex(),
+        "pin": token.pin, "fence": token.fence, "created": token.created, "parent": token.parent.name.hex(),
         "parent_handle": None if token.parent.handle is None else f"{token.parent.handle:#x}",
         "summary": f"{token.describe()}, created {token.created}",
     }
     if tpm is None:
         assert tpm_error is not None
-        return {**info, "unlocks": False, "reason": tpm_error.message}
+        return {**info, "unlocks": False, "reason": tpm_error.message, "cause": str(tpm_error.cause)}
     try:
-        if token.mode is Mode.SEALED:
+        if token.pcrs:
             changed = changed_pcrs(tpm, token)
             info["pcrs_matching"] = [index for index in token.pcrs if index not in changed]
-            if token.pin:  # not unsealed without the PIN: check what can be checked, in unseal's order
-                with KeyRecovery(tpm) as recovery:
-                    recovery.parent(token.parent, token.endorsement)  # says "cleared" or "different TPM"
-                if changed:
-                    raise LuksTpmError(f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the "
-                                       "key was sealed", code=ExitCode.UNLOCK_FAILED)
-                if tpm.lockout_state().in_lockout:  # a PIN object is DA-protected: no try is accepted now
-                    raise LuksTpmError("the TPM is in dictionary-attack lockout", code=ExitCode.LOCKED_OUT)
-                return {**info, "unlocks": True, "reason": None, "note": "needs the PIN"}
+        if token.pin:  # not unsealed without the PIN: check what can be checked, in unseal's order
+            with KeyRecovery(tpm) as recovery:
+                recovery.precheck(token)
+            if lockout_state(tpm).in_lockout:  # a PIN object is DA-protected: no try is accepted now
+                raise LuksTpmError("the TPM is in dictionary-attack lockout", code=ExitCode.LOCKED_OUT,
+                                   cause=Cause.LOCKED_OUT)
+            return {**info, "unlocks": True, "reason": None, "cause": None, "note": "needs the PIN"}
         with KeyRecovery(tpm) as recovery:
-            _, _, key = recover_verified(device, recovery, token_id=token_id)
-            key.close()
-        return {**info, "unlocks": True, "reason": None}
-    except TpmError as error:
-        return {**info, "unlocks": False, "reason": error.message}
+            recover_verified(device, recovery, token_id=token_id).key.close()
+        return {**info, "unlocks": True, "reason": None, "cause": None}
+    except UnlockFailed as error:
+        failure = error.failures[0].error
+        return {**info, "unlocks": False, "reason": failure.message, "cause": str(failure.cause),
+                **({"summary": f"{info['summary']} (another TPM)"} if failure.cause is Cause.OTHER_TPM else {})}
     except LuksTpmError as error:
-        reason = error.message.split(": token ", 1)[-1].split(": ", 1)[-1]
-        return {**info, "unlocks": False, "reason": reason}
+        return {**info, "unlocks": False, "reason": error.message, "cause": str(error.cause)}
+
+
+def raise_fence(tcti: str) -> Report:
+    with Tpm(tcti) as tpm:
+        banks = tpm_pcr.raise_fence(tpm)
+        value = tpm_pcr.pcr_values(tpm, FENCE_BANK, [FENCE_PCR])[FENCE_PCR]
+    return Report({"fence": "up", "pcr": FENCE_PCR, "banks": [str(bank) for bank in banks], "sha256": value.hex()},
+                  [f"fence raised: PCR {FENCE_PCR} extended in {', '.join(map(str, banks))}; fenced tokens cannot be "
+                   "recovered until the next boot"])

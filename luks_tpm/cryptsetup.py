@@ -14,21 +14,26 @@ Structures and constants follow `/usr/include/libcryptsetup.h` of cryptsetup 2.6
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
+import fcntl
 import json
 import logging
 import os
 import re
+import stat
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from luks_tpm.errors import ExitCode, die
-from luks_tpm.secret import Secret
+from .clib import CLibrary, CLibraryError, Convention
+from .errors import Cause, ExitCode, LuksTpmError, die
+from .secret import Secret
 
 SONAME = "libcryptsetup.so.12"
 
@@ -116,11 +121,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "crypt_get_pbkdf_default": (ctypes.POINTER(_PbkdfType), [_str]),
     "crypt_get_type": (_str, [_cd]),
     "crypt_get_uuid": (_str, [_cd]),
-    "crypt_get_cipher": (_str, [_cd]),
-    "crypt_get_cipher_mode": (_str, [_cd]),
-    "crypt_get_device_name": (_str, [_cd]),
-    "crypt_get_data_offset": (_u64, [_cd]),
-    "crypt_get_sector_size": (_int, [_cd]),
     "crypt_get_volume_key_size": (_int, [_cd]),
     "crypt_volume_key_verify": (_int, [_cd, _key, _size]),
     "crypt_volume_key_get": (_int, [_cd, _int, _key, ctypes.POINTER(_size), _key, _size]),
@@ -133,75 +133,59 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "crypt_token_status": (_int, [_cd, _int, _strp]),
     "crypt_dump_json": (_int, [_cd, _strp, _u32]),
     "crypt_activate_by_volume_key": (_int, [_cd, _str, _key, _size, _u32]),
-    "crypt_deactivate": (_int, [_cd, _str]),
     "crypt_set_log_callback": (None, [_cd, _LOG_CALLBACK, ctypes.c_void_p]),
     "crypt_set_debug_level": (None, [_int]),
     "crypt_get_version": (_str, []),  # not in 2.6: used only when present
 }
 
 
-class CryptsetupError(OSError):
-    """A libcryptsetup call returned a negative errno. Carries no key material, by construction."""
+class CryptsetupError(CLibraryError):
+    """A libcryptsetup call returned a negative errno, with what libcryptsetup logged as errors during
+    the call (`log`: its own words, e.g. "concurrent metadata update"). No key material, by construction."""
 
-    def __init__(self, errno_: int, function: str) -> None:
-        super().__init__(errno_, os.strerror(errno_))
-        self.function = function
-
-    def __str__(self) -> str:
-        return f"{self.function}: {self.strerror}"
+    def __init__(self, errno: int, function: str) -> None:
+        super().__init__(errno, function)
+        self.log = list(_errors_logged)
 
 
-# --- loading and calling ------------------------------------------------------------------------
+_errors_logged: list[str] = []  # libcryptsetup's error messages during the current call
 
 
 def _on_log(level: int, message: bytes | None, _usrptr: int | None) -> None:
     text = (message or b"").decode("utf-8", "replace").rstrip("\n")
+    if level == _LOG_ERROR:
+        _errors_logged.append(text)
     log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", text)
 
 
+def _missing(soname: str) -> Exception:
+    return LuksTpmError(f"cannot load {soname}", hint="install libcryptsetup12 (cryptsetup 2.4 or later)",
+                        code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
+
+
 _log_callback = _LOG_CALLBACK(_on_log)  # referenced for the life of the process: libcryptsetup keeps it
-_library: ctypes.CDLL | None = None
-_functions: dict[str, Callable[..., Any]] = {}
-
-
-def _lib() -> ctypes.CDLL:
-    global _library  # noqa: PLW0603 - one library per process, loaded on first use
-    if _library is None:
-        try:
-            library = ctypes.CDLL(SONAME, use_errno=True)
-        except OSError:
-            die(f"cannot load {SONAME}", hint="install libcryptsetup12 (cryptsetup 2.4 or later)",
-                code=ExitCode.UNSUPPORTED)
-        _library = library
-        _fn("crypt_set_log_callback")(None, _log_callback, None)
-    return _library
-
-
-def has_function(name: str) -> bool:
-    """Whether the loaded libcryptsetup exports `name` (e.g. crypt_dump_json needs 2.4)."""
-    return hasattr(_lib(), name)
+_c = CLibrary(SONAME, _SIGNATURES, convention=Convention.NEGATIVE_ERRNO, error=CryptsetupError, missing=_missing)
+_log_routed = False
 
 
 def _fn(name: str) -> Callable[..., Any]:
-    function = _functions.get(name)
-    if function is None:
-        restype, argtypes = _SIGNATURES[name]
-        try:
-            function = getattr(_lib(), name)
-        except AttributeError:
-            raise CryptsetupError(errno.ENOSYS, name) from None
-        function.restype = restype
-        function.argtypes = argtypes
-        _functions[name] = function
-    return function
+    global _log_routed  # noqa: PLW0603 - libcryptsetup's log goes to ours from the first call on
+    if not _log_routed:
+        _log_routed = True
+        _c.function("crypt_set_log_callback")(None, _log_callback, None)
+    return _c.function(name)
 
 
 def _call(name: str, *args: Any) -> int:
     """Call an int-returning function; a negative result is raised as `CryptsetupError`."""
-    result: int = _fn(name)(*args)
-    if result < 0:
-        raise CryptsetupError(-result, name)
-    return result
+    _fn(name)
+    _errors_logged.clear()
+    return _c.call(name, *args)
+
+
+def has_function(name: str) -> bool:
+    """Whether the loaded libcryptsetup exports `name` (e.g. crypt_get_version needs 2.7)."""
+    return _c.has(name)
 
 
 def _text(value: bytes | None) -> str | None:
@@ -215,7 +199,7 @@ def library_version() -> str:
     # 2.6 and older have no version call. The highest symbol version node (CRYPTSETUP_2.6) names
     # the minor release the library implements; the patch level is not recorded anywhere we can read.
     try:
-        _lib()
+        _c.library()
         maps = Path("/proc/self/maps").read_text().splitlines()
         path = next(Path(line.split(maxsplit=5)[-1]) for line in maps if f"/{SONAME}" in line)
         nodes = re.findall(rb"CRYPTSETUP_(\d+)\.(\d+)\x00", path.read_bytes())
@@ -413,6 +397,30 @@ class Device:
         parsed: dict[str, Any] = json.loads(text.value or b"{}")
         return parsed
 
+    def digest_ids(self) -> set[int]:
+        return {int(digest_id) for digest_id in self.metadata().get("digests", {})}
+
+    def default_digest(self) -> int:
+        """The digest that verifies the key of segment 0, the one dm-crypt uses."""
+        for digest_id, digest in self.metadata().get("digests", {}).items():
+            if "0" in digest.get("segments", []):
+                return int(digest_id)
+        die(f"{self.path} has no digest for its data segment", hint="check it with `cryptsetup luksDump`")
+
+    def is_detached_header(self) -> bool:
+        meta = self.metadata()
+        segment = meta.get("segments", {}).get("0")
+        config = meta.get("config", {})
+        if segment is None or "json_size" not in config:
+            return False
+        header_area = 2 * (int(config["json_size"]) + 4096) + int(config.get("keyslots_size", 0))
+        return int(segment["offset"]) < header_area
+
+    def header_seqid(self) -> int:
+        """The on-disk header's sequence id, incremented by every write of any LUKS2 tool."""
+        with open(self.path, "rb") as file:
+            return int.from_bytes(file.read(24)[16:24], "big")
+
     # header properties
 
     @property
@@ -420,30 +428,8 @@ class Device:
         return self._string("crypt_get_type")
 
     @property
-    def uuid(self) -> str | None:
-        return self._string("crypt_get_uuid")
-
-    @property
-    def cipher(self) -> str | None:
-        return self._string("crypt_get_cipher")
-
-    @property
-    def cipher_mode(self) -> str | None:
-        return self._string("crypt_get_cipher_mode")
-
-    @property
-    def device_name(self) -> str | None:
-        return self._string("crypt_get_device_name")
-
-    @property
-    def data_offset(self) -> int:
-        """Start of the data segment, in 512-byte sectors."""
-        offset: int = _fn("crypt_get_data_offset")(self._cd)
-        return offset
-
-    @property
-    def sector_size(self) -> int:
-        return _call("crypt_get_sector_size", self._cd)
+    def uuid(self) -> str:
+        return self._string("crypt_get_uuid") or ""
 
     @property
     def volume_key_size(self) -> int:
@@ -457,90 +443,165 @@ class Device:
         _call("crypt_activate_by_volume_key", self._cd, name.encode() if name is not None else None,
               _buffer(key), len(key), flags)
 
-    def deactivate(self, name: str) -> None:
-        _call("crypt_deactivate", self._cd, name.encode())
 
-
+# LUKS1 and LUKS2 binary headers: magic, version (2 bytes), ...; the UUID at 0xA8 (40 bytes, NUL-padded).
+_MAGIC, _SECONDARY_MAGIC = b"LUKS\xba\xbe", b"SKUL\xba\xbe"
+_UUID_OFFSET, _UUID_SIZE = 0xA8, 40
 # LUKS2 keeps two header copies: the primary at 0, the secondary at one of these offsets.
 _SECONDARY_OFFSETS = tuple(0x4000 << n for n in range(9))  # 16 KiB .. 4 MiB
 
 
-def _luks_version_on_disk(path: str) -> int | None:
-    """The LUKS version a header magic on disk claims (any copy), or None: only read to name errors."""
+@dataclass(frozen=True)
+class HeaderFacts:
+    """What a LUKS binary header on disk claims, read without libcryptsetup (to name errors, find UUIDs)."""
+
+    version: int
+    uuid: str
+
+
+def header_facts(path: str | os.PathLike[str]) -> HeaderFacts | None:
+    """The LUKS version and UUID a header magic on disk claims (any copy), or None. Only regular files and
+    block devices are read: opening a FIFO would block."""
+    if not _is_disk(os.fspath(path)):
+        return None
     try:
         with open(path, "rb") as file:
-            start = file.read(8)
-            if start[:6] == b"LUKS\xba\xbe":
-                return int.from_bytes(start[6:8], "big")
-            for offset in _SECONDARY_OFFSETS:
+            for offset in (0, *_SECONDARY_OFFSETS):
                 file.seek(offset)
-                if file.read(8) == b"SKUL\xba\xbe\x00\x02":
-                    return 2
+                header = file.read(_UUID_OFFSET + _UUID_SIZE)
+                if len(header) == _UUID_OFFSET + _UUID_SIZE and header[:6] in (_MAGIC, _SECONDARY_MAGIC):
+                    if offset and header[:6] != _SECONDARY_MAGIC:
+                        continue
+                    uuid = header[_UUID_OFFSET:].rstrip(b"\0").decode("ascii", "replace").lower()
+                    return HeaderFacts(int.from_bytes(header[6:8], "big"), uuid)
+                if offset == 0 and header[:6] == _MAGIC:
+                    return None
     except OSError:
         pass
     return None
 
 
+def _is_disk(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def _check_path(name: str) -> None:
+    """Refuse what is not a disk before anything opens it (a FIFO would hang open(), a directory or a
+    character device would be misread)."""
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        kind = "a dangling symbolic link" if os.path.islink(name) else "no such file or device"
+        die(f"{name}: {kind}", hint="check the device path", cause=Cause.DEVICE)
+    except PermissionError:
+        die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
+            cause=Cause.DEVICE)
+    except OSError as error:
+        die(f"{name}: cannot open: {error.strerror}", cause=Cause.DEVICE)
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode) else \
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        die(f"{name}: {kind}, not a block device or disk image file", hint="give the LUKS2 device or image",
+            cause=Cause.DEVICE)
+
+
 @contextmanager
-def open_device(path: str | os.PathLike[str], *, load: bool = True) -> Iterator[Device]:
-    """crypt_init (+ crypt_load of a LUKS2 header when `load`); always crypt_free.
+def _header_lock(name: str) -> Iterator[None]:
+    """Serialise luks-tpm processes that change this header (read, decide, write): an open file
+    description lock, which neither libcryptsetup's own flock() nor its closing of other descriptors
+    of the same file can disturb. Other tools do not take it; `Device.check_unchanged` covers them."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as error:
+        die(f"{name}: read-only or not writable ({error.strerror}); luks-tpm needs to write its token into the "
+            "LUKS header", hint="run as root, or make the device or image writable", cause=Cause.DEVICE)
+    try:
+        request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, request)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def open_device(path: str | os.PathLike[str], *, load: bool = True, write: bool = False,
+                allow_detached: bool = False) -> Iterator[Device]:
+    """crypt_init (+ crypt_load of a LUKS2 header when `load`); always crypt_free. With `write`, the
+    device must be writable and the header stays locked against other luks-tpm writers meanwhile.
+    A detached header (data on another device) is refused unless `allow_detached` (tests write tokens
+    into one to prove the commands refuse it).
 
     Failing to open or load is raised as a `LuksTpmError` with a hint; later calls raise
     `CryptsetupError`. Note: like every libcryptsetup user (even `cryptsetup isLuks`), loading a
     LUKS2 header with one damaged copy rewrites that copy from the good one when the file is writable.
     """
     name = os.fspath(path)
-    handle = _cd()
-    try:
-        _call("crypt_init", ctypes.byref(handle), os.fsencode(name))
-    except CryptsetupError as error:
-        _raise_open_error(name, error)
-    device = Device(name, handle)
-    try:
-        if load:
-            _load(device)
-        yield device
-    finally:
-        device._handle = None
-        _fn("crypt_free")(handle)
+    _check_path(name)
+    with contextlib.ExitStack() as stack:
+        if write:
+            stack.enter_context(_header_lock(name))
+        handle = _cd()
+        try:
+            _call("crypt_init", ctypes.byref(handle), os.fsencode(name))
+        except CryptsetupError as error:
+            _raise_open_error(name, error)
+        device = Device(name, handle)
+        try:
+            if load:
+                _load(device, allow_detached)
+            yield device
+        finally:
+            device._handle = None
+            _fn("crypt_free")(handle)
 
 
 def _raise_open_error(name: str, error: CryptsetupError) -> NoReturn:
-    # crypt_init reports a missing path and an unreadable one alike; ask the file system which.
+    # crypt_init reports an unreadable file as ENOTBLK: ask the file system (safe: it is a file or disk).
     try:
         with open(name, "rb"):
             pass
-    except FileNotFoundError:
-        die(f"{name}: no such file or device", hint="check the device path")
     except PermissionError:
-        die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it")
+        die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
+            cause=Cause.DEVICE)
     except OSError as os_error:
-        die(f"{name}: cannot open: {os_error.strerror}")
-    if error.errno == errno.ENOTBLK:
-        die(f"{name}: not a block device or disk image file")
-    die(f"{name}: cannot open: {error}")
+        die(f"{name}: cannot open: {os_error.strerror}", cause=Cause.DEVICE)
+    if error.errno in (errno.EACCES, errno.EPERM):
+        die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
+            cause=Cause.DEVICE)
+    die(f"{name}: cannot open: {error}", cause=Cause.DEVICE)
 
 
-def _load(device: Device) -> None:
+def _load(device: Device, allow_detached: bool) -> None:
     name = device.path
     try:
         _call("crypt_load", device._cd, None, None)  # any LUKS version, so LUKS1 can be named as such
     except CryptsetupError as error:
         if error.errno in (errno.EACCES, errno.EPERM):
-            die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it")
-        version = _luks_version_on_disk(name)
-        if version == 1:
-            die(f"{name}: damaged LUKS1 header; luks-tpm needs LUKS2", code=ExitCode.UNSUPPORTED)
-        if version is not None and error.errno in (errno.EINVAL, errno.EIO):
+            die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
+                cause=Cause.DEVICE)
+        facts = header_facts(name)
+        if facts is not None and facts.version == 1:
+            die(f"{name}: damaged LUKS1 header; luks-tpm needs LUKS2", code=ExitCode.UNSUPPORTED,
+                cause=Cause.UNSUPPORTED)
+        if facts is not None and error.errno in (errno.EINVAL, errno.EIO):
             die(f"{name}: the LUKS2 metadata is corrupt or truncated",
-                hint=f"`cryptsetup repair {name}` may recover it (back up the first 16 MiB first)")
+                hint=f"`cryptsetup repair {name}` may recover it (back up the first 16 MiB first)", cause=Cause.DEVICE)
         if error.errno == errno.EINVAL:
-            die(f"{name}: not a LUKS device", hint="is this the right device? `cryptsetup isLuks` checks")
-        die(f"{name}: cannot read the LUKS header: {error}")
+            die(f"{name}: not a LUKS device", hint="is this the right device? `cryptsetup isLuks` checks",
+                cause=Cause.DEVICE)
+        die(f"{name}: cannot read the LUKS header: {error}", cause=Cause.DEVICE)
     kind = device.type
     if kind == "LUKS1":
         die(f"{name}: LUKS1 header; luks-tpm needs LUKS2",
             hint=f"convert it with `cryptsetup convert --type luks2 {name}` (back up the header first)",
-            code=ExitCode.UNSUPPORTED)
+            code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
     if kind != "LUKS2":
-        die(f"{name}: unsupported device type {kind}", code=ExitCode.UNSUPPORTED)
+        die(f"{name}: unsupported device type {kind}", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
+    if not allow_detached and device.is_detached_header():
+        die(f"{name} is a detached LUKS2 header (its data segment starts inside the header area, so the data "
+            "lives on another device); luks-tpm does not support detached headers",
+            hint="keep the header on the data device", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)

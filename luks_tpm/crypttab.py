@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .cryptsetup import header_facts
 from .errors import ExitCode, die
 
 MARKER = "x-luks-tpm"
-_LUKS_UUID_OFFSET = 0xA8  # LUKS1 and LUKS2 binary headers keep the UUID here, 40 bytes, NUL-padded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,19 +57,21 @@ def resolve(entry: Entry, dev: Path = Path("/dev"), sys_block: Path = Path("/sys
     if link.exists():
         return dataclasses.replace(entry, device=str(link))
     if kind == "UUID":
-        for block in sorted(sys_block.glob("*")) if sys_block.exists() else []:
-            candidate = dev / block.name
-            if _luks_uuid(candidate) == value.lower():
-                return dataclasses.replace(entry, device=str(candidate))
+        found = luks_device(value, dev, sys_block)
+        if found is not None:
+            return dataclasses.replace(entry, device=str(found))
     die(f"crypttab entry {entry.name}: no device with {entry.device}", code=ExitCode.DEVICE)
 
 
+def luks_device(uuid: str, dev: Path = Path("/dev"), sys_block: Path = Path("/sys/class/block")) -> Path | None:
+    """The block device whose LUKS header carries `uuid`, found by reading every block device's header."""
+    for block in sorted(sys_block.glob("*")) if sys_block.exists() else []:
+        candidate = dev / block.name
+        if _luks_uuid(candidate) == uuid.lower():
+            return candidate
+    return None
+
+
 def _luks_uuid(path: Path) -> str | None:
-    try:
-        with path.open("rb") as handle:
-            header = handle.read(_LUKS_UUID_OFFSET + 40)
-    except OSError:
-        return None
-    if header[:6] not in (b"LUKS\xba\xbe", b"SKUL\xba\xbe") or len(header) < _LUKS_UUID_OFFSET + 40:
-        return None
-    return header[_LUKS_UUID_OFFSET:].rstrip(b"\0").decode("ascii", "replace").lower()
+    facts = header_facts(path)
+    return None if facts is None else facts.uuid

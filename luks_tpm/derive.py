@@ -1,4 +1,4 @@
-"""The software half of key derivation and wrapping (DESIGN.md §4, a contract).
+"""The software half of key derivation and wrapping (docs/derivation.md, a contract).
 
 PRK comes from the TPM (`TPM2_HMAC` with the derived primary over `hmac_message`); everything here
 is deterministic and is pinned by fixed test vectors. All key material stays in `Secret`s; the only
@@ -8,6 +8,7 @@ is deterministic and is pinned by fixed test vectors. All key material stays in 
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -25,19 +26,56 @@ def hmac_message(uuid: str, salt: bytes) -> bytes:
 
 
 def expand(prk: Secret, uuid: str, length: int) -> Secret:
-    """HKDF-Expand-SHA256 (RFC 5869 §2.3) with info = "luks-tpm volume key" 0x00 UUID L(2 bytes BE)."""
+    """The volume key (or KEK): HKDF-Expand-SHA256 with info = "luks-tpm volume key" 0x00 UUID L."""
+    return hkdf_expand(prk, b"luks-tpm volume key\0" + uuid.encode("ascii") + length.to_bytes(2, "big"), length)
+
+
+def hkdf_expand(prk: Secret, info: bytes, length: int) -> Secret:
+    """HKDF-Expand-SHA256 (RFC 5869 section 2.3). Every intermediate holding key bytes is a Secret: the
+    previous block T(i-1) is fed to the HMAC from its Secret (no `T || info || i` bytes object), and
+    each HMAC output is copied out and scrubbed."""
     if not 0 < length <= 255 * _HASH_SIZE:
         raise ValueError(f"cannot derive {length} bytes")
-    info = b"luks-tpm volume key\0" + uuid.encode("ascii") + length.to_bytes(2, "big")
     okm = Secret(length)
-    previous = b""
+    previous = 0
     for counter, offset in enumerate(range(0, length, _HASH_SIZE), start=1):
-        block = hmac.digest(prk.view(), previous + info + bytes([counter]), "sha256")
-        scrub_bytes(previous)
-        okm.view()[offset : offset + _HASH_SIZE] = block[: length - offset]
-        previous = block
-    scrub_bytes(previous)
+        mac = hmac.new(prk.buffer(), digestmod="sha256")
+        if previous:
+            mac.update(okm.view()[offset - _HASH_SIZE : offset])
+        mac.update(info)
+        mac.update(bytes([counter]))
+        block = mac.digest()
+        size = min(_HASH_SIZE, length - offset)
+        okm.view()[offset : offset + size] = memoryview(block)[:size]
+        scrub_bytes(block)
+        previous = size
     return okm
+
+
+# Application keys (`luks-tpm request-key`, type user, `luks-tpm:app:<name>`): the same derived primary
+# (the one without a policy), in a domain of their own: a message no volume derivation can produce
+# ("luks-tpm/app/v1" vs "luks-tpm/v1") and an HKDF info of their own.
+APP_KEY_SIZES = range(16, 65)
+APP_NAME = re.compile(r"[A-Za-z0-9._@+:-]{1,200}")
+
+
+def _app_binding(uid: int, name: str) -> bytes:
+    if not 0 <= uid < 2**32 - 1 or not APP_NAME.fullmatch(name):  # (uid_t)-1 is no uid
+        raise ValueError("invalid application key uid or name")
+    return str(uid).encode("ascii") + b"\0" + name.encode("ascii")
+
+
+def app_hmac_message(uid: int, name: str) -> bytes:
+    """What the TPM's HMAC key is applied to for the application key `name` of user `uid`."""
+    return b"luks-tpm/app/v1\0" + _app_binding(uid, name)
+
+
+def app_expand(prk: Secret, uid: int, name: str, length: int) -> Secret:
+    """HKDF-Expand-SHA256 with info = "luks-tpm application key" 0x00 uid 0x00 name L(2 bytes BE)."""
+    if length not in APP_KEY_SIZES:
+        raise ValueError(f"application keys are {APP_KEY_SIZES.start} to {APP_KEY_SIZES.stop - 1} bytes")
+    info = b"luks-tpm application key\0" + _app_binding(uid, name) + length.to_bytes(2, "big")
+    return hkdf_expand(prk, info, length)
 
 
 class _KeyWrap:

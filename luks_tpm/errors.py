@@ -1,11 +1,13 @@
-"""User-facing errors: one line saying what is wrong, one hint saying what to do, and an exit code.
+"""User-facing errors: what went wrong (a `Cause`), one line saying so, one hint saying what to do, an exit code.
 
-Anything raised that is not a `LuksTpmError` is a bug in luks-tpm and is shown as such by `__main__`.
+Errors are raised with their final words and never rewritten afterwards; `__main__` formats them once
+(a line plus a hint, or JSON). Anything raised that is not a `LuksTpmError` is a bug in luks-tpm.
 Messages never carry key material: callers pass descriptions, never buffers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import NoReturn
 
@@ -22,18 +24,76 @@ class ExitCode(enum.IntEnum):
     UNSUPPORTED = 8  # LUKS1, a future token version, no device-mapper here, missing kernel feature
 
 
+class Cause(enum.StrEnum):
+    """Why something failed, as data: callers branch on this, never on message text."""
+
+    GENERIC = "generic"
+    USAGE = "usage"
+    DEVICE = "device"
+    HEADER_CHANGED = "header-changed"  # another process wrote the header meanwhile
+    HEADER_FULL = "header-full"
+    CORRUPT_TOKEN = "corrupt-token"
+    NO_TOKEN = "no-token"
+    NO_TPM = "no-tpm"
+    TPM_FAILED = "tpm-failed"
+    LOCKED_OUT = "locked-out"
+    WRONG_PIN = "wrong-pin"
+    NEEDS_PIN = "needs-pin"
+    PCR_CHANGED = "pcr-changed"
+    FENCE_UP = "fence-up"
+    POLICY = "policy"
+    HIERARCHY_DISABLED = "hierarchy-disabled"
+    CLEARED = "cleared"  # the owner hierarchy was cleared since the binding was made
+    OTHER_TPM = "other-tpm"  # the binding belongs to another TPM
+    SRK_CHANGED = "srk-changed"  # cleared or another TPM, and the EK cannot tell which
+    WRONG_KEY = "wrong-key"  # the recovered key does not verify (re-encrypted volume, altered token)
+    UNSUPPORTED = "unsupported"
+    REFUSED = "refused"
+
+
+# Failures that prove a binding can never recover its key again (on this TPM): such a token is not a
+# way into the volume. Anything else (PCRs changed, a PIN needed, no TPM reachable now) may pass.
+DEAD_CAUSES = frozenset({Cause.CORRUPT_TOKEN, Cause.CLEARED, Cause.OTHER_TPM, Cause.SRK_CHANGED, Cause.WRONG_KEY})
+
+
 class LuksTpmError(Exception):
     """An error caused by input or environment, not by a bug: shown as one line plus a hint."""
 
-    def __init__(self, message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE,
+                 cause: Cause = Cause.GENERIC, rc: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.code = code
+        self.cause = cause
+        self.rc = rc  # the TPM's response code, when the TPM said no
 
     def __str__(self) -> str:
         return self.message
 
 
-def die(message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE) -> NoReturn:
-    raise LuksTpmError(message, hint=hint, code=code)
+def die(message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE,
+        cause: Cause = Cause.GENERIC, rc: int | None = None) -> NoReturn:
+    raise LuksTpmError(message, hint=hint, code=code, cause=cause, rc=rc)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFailure:
+    token_id: int
+    error: LuksTpmError
+
+
+class UnlockFailed(LuksTpmError):
+    """No token of a volume recovered its key; `failures` says why for each, as data."""
+
+    def __init__(self, device: str, failures: list[TokenFailure]) -> None:
+        reasons = "; ".join(f"token {failure.token_id}: {failure.error.message}" for failure in failures)
+        hints = list(dict.fromkeys(failure.error.hint for failure in failures if failure.error.hint))
+        codes = {failure.error.code for failure in failures}
+        # One kind of failure keeps its own exit code (lockout, corrupt token, ...); a mix is "unlock failed".
+        code = codes.pop() if len(codes) == 1 else ExitCode.UNLOCK_FAILED
+        super().__init__(f"cannot unlock {device} with the TPM: {reasons}",
+                         hint="; ".join([*hints, "the recovery key or passphrase still opens it (`cryptsetup open`)"]),
+                         code=code, cause=failures[0].error.cause if len(failures) == 1 else Cause.GENERIC)
+        self.device = device
+        self.failures = failures

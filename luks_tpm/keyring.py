@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import errno as errnos
-import functools
-import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from luks_tpm.secret import Secret, wipe
+from .clib import CLibrary, CLibraryError, Convention
+from .secret import Secret, wipe
 
 # Special keyring IDs (KEY_SPEC_*), resolved by the kernel against the calling thread's credentials.
 THREAD = -1
@@ -27,21 +25,14 @@ USER_SESSION = -5
 
 _KEYRING_NAMES = {"@t": THREAD, "@p": PROCESS, "@s": SESSION, "@u": USER, "@us": USER_SESSION}
 
-# Permission bits (key_perm_t): possessor, owner user, group, other; one byte each.
+# Permission bits (key_perm_t): possessor, owner user, group, other; one byte each. Only the possessor's
+# are used: see logon_key_permissions.
 KEY_POS_VIEW = 0x01000000
 KEY_POS_READ = 0x02000000
 KEY_POS_WRITE = 0x04000000
 KEY_POS_SEARCH = 0x08000000
 KEY_POS_LINK = 0x10000000
 KEY_POS_SETATTR = 0x20000000
-KEY_POS_ALL = 0x3F000000
-KEY_USR_VIEW = 0x00010000
-KEY_USR_READ = 0x00020000
-KEY_USR_WRITE = 0x00040000
-KEY_USR_SEARCH = 0x00080000
-KEY_USR_LINK = 0x00100000
-KEY_USR_SETATTR = 0x00200000
-KEY_USR_ALL = 0x003F0000
 
 _serial = ctypes.c_int32  # key_serial_t
 _long = ctypes.c_long
@@ -58,34 +49,20 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "keyctl_revoke": (_long, [_serial]),
     "keyctl_read": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
     "keyctl_describe": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
+    "request_key": (_serial, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _serial]),
+    "keyctl_assume_authority": (_long, [_serial]),
+    "keyctl_instantiate": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t, _serial]),
+    "keyctl_negate": (_long, [_serial, ctypes.c_uint, _serial]),
 }
 
 
-class KeyringError(OSError):
+class KeyringError(CLibraryError):
     """A keyring call failed: `.errno` says why, `.function` which call (e.g. `keyctl_search`)."""
 
-    def __init__(self, errno: int, function: str) -> None:
-        super().__init__(errno, f"{function}: {os.strerror(errno)}")
-        self.function = function
 
-
-@functools.cache
-def _library() -> dict[str, Callable[..., int]]:
-    """Loaded on first use, so that commands which never touch the keyring work without libkeyutils."""
-    lib = ctypes.CDLL("libkeyutils.so.1", use_errno=True)
-    functions: dict[str, Callable[..., int]] = {}
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        function = getattr(lib, name)
-        function.restype, function.argtypes = restype, argtypes
-        functions[name] = function
-    return functions
-
-
-def _call(name: str, *args: Any) -> int:
-    result = _library()[name](*args)
-    if result == -1:
-        raise KeyringError(ctypes.get_errno(), name)
-    return result
+# Loaded on first use, so that commands which never touch the keyring work without libkeyutils.
+_c = CLibrary("libkeyutils.so.1", _SIGNATURES, convention=Convention.MINUS_ONE, error=KeyringError)
+_call = _c.call
 
 
 @dataclass(frozen=True)
@@ -203,3 +180,39 @@ def join_session_keyring(name: str | None = None) -> int:
     threads that already exist keep their own.
     """
     return _call("keyctl_join_session_keyring", None if name is None else name.encode())
+
+
+def request_key(key_type: str, description: str, callout: str | None, keyring: int) -> int:
+    """request_key(2), as an application asks for a key: found in its keyrings, or (with `callout`)
+    made by the /sbin/request-key handler for it; linked into `keyring`. Its serial."""
+    return _call("request_key", key_type.encode(), description.encode(),
+                 None if callout is None else callout.encode(), keyring)
+
+
+# ---- request-key handlers (the process /sbin/request-key runs for a key under construction) ----------
+
+
+def assume_authority(serial: int) -> None:
+    """Act for the process whose request created the uninstantiated key `serial` (calling thread only).
+
+    Only a process holding that request's authorization key (the one /sbin/request-key runs) can; after
+    this, `describe`, `instantiate` and `negate` work on the key, and the requester's keyrings are
+    searched as theirs.
+    """
+    _call("keyctl_assume_authority", serial)
+
+
+def instantiate(serial: int, payload: Secret, keyring: int = 0) -> None:
+    """Give the key under construction its payload, read in place from `payload`; waiters wake up.
+
+    `keyring` 0 links it nowhere new: the kernel already linked the key into the keyring the requester
+    named (or its default request-key keyring) when the request began.
+    """
+    _call("keyctl_instantiate", serial, payload.as_ctypes(), len(payload), keyring)
+
+
+def negate(serial: int, seconds: int, keyring: int = 0) -> None:
+    """Instantiate the key negatively: requests for it fail with ENOKEY, without an upcall, for `seconds`."""
+    if not 0 < seconds < 2**32:
+        raise ValueError(f"invalid negative-key timeout {seconds}")
+    _call("keyctl_negate", serial, seconds, keyring)

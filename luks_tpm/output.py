@@ -8,8 +8,10 @@ import os
 import sys
 from typing import Any
 
+from .errors import ExitCode
 from .secret import Secret
 
+JSON_VERSION = 1  # docs/json.md: bumped when a field changes meaning or goes away
 _MARKER = "@@LUKS-TPM-RECOVERY-KEY@@"
 
 
@@ -20,10 +22,16 @@ class Report:
     # A recovery key to show once. It is written from its Secret as bytes (spliced into the JSON as
     # "recovery_key"), so it never becomes a str; emit() closes it.
     recovery_key: Secret | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # on stderr, and in JSON as "warnings"
+    exit_code: ExitCode = ExitCode.OK  # e.g. status: 5 when some volume would not unlock now
 
     def emit(self, as_json: bool) -> None:
+        for warning in self.warnings:
+            progress(f"warning: {warning}")
         if as_json:
-            data = dict(self.data)
+            data = {"version": JSON_VERSION, **self.data}
+            if self.warnings:
+                data["warnings"] = self.warnings
             if self.recovery_key is not None:
                 data["recovery_key"] = _MARKER
             text = json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -19,30 +19,30 @@ from .secret import Secret
 
 MAX_PASSPHRASE = 512
 MAX_KEY_FILE = 8192 * 1024  # cryptsetup's own limit for key files
+MAX_PIN = 32  # a sealed object's authValue is at most its nameAlg's digest size (SHA-256)
 _MODHEX = b"cbdefghijklnrtuv"  # unambiguous on any keyboard layout, as systemd's recovery keys
 RECOVERY_KEY_BYTES = 32
 
 
-def read_file(path: Path, *, what: str) -> Secret:
+def read_file(path: Path, *, what: str, option: str, limit: int = MAX_KEY_FILE) -> Secret:
     """A key file's exact bytes, as `cryptsetup --key-file` reads them ('-' is standard input)."""
     try:
         fd = sys.stdin.fileno() if str(path) == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
-        die(f"cannot read the {what} file {path}: {error.strerror}", code=ExitCode.USAGE)
-    data = bytearray(MAX_KEY_FILE + 1)
+        die(f"{option} {path}: cannot read the {what}: {error.strerror}", code=ExitCode.USAGE)
+    data = bytearray(limit + 1)
     try:
         length = 0
         while length < len(data) and (count := os.readv(fd, [memoryview(data)[length:]])):
             length += count
-        secret = Secret.copy_of(memoryview(data)[:length])
+        if not 0 < length <= limit:
+            die(f"{option} {path}: the {what} must be 1 to {limit} bytes, not "
+                + ("empty" if not length else "longer"), code=ExitCode.USAGE)
+        return Secret.copy_of(memoryview(data)[:length])
     finally:
         data[:] = bytes(len(data))
         if str(path) != "-":
             os.close(fd)
-    if not 0 < len(secret) <= MAX_KEY_FILE:
-        secret.close()
-        die(f"the {what} file {path} is empty or too large", code=ExitCode.USAGE)
-    return secret
 
 
 @contextlib.contextmanager
@@ -58,10 +58,13 @@ def _terminal() -> Iterator[int]:
         os.close(fd)
 
 
-def ask(prompt: str, *, twice: bool = False) -> Secret:
+def ask(prompt: str, *, twice: bool = False, limit: int = MAX_PASSPHRASE) -> Secret:
     """Read a line from the terminal with echo off."""
     with _terminal() as fd:
         first = _read_line(fd, prompt)
+        if len(first) > limit:
+            first.close()
+            die(f"at most {limit} bytes, please", code=ExitCode.USAGE)
         if not twice:
             return first
         with _read_line(fd, "Again: ") as second:

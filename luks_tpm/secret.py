@@ -2,7 +2,7 @@
 
 Key bytes never become `bytes` or `str` where it can be avoided: they are written into a `Secret`
 (copied out of C buffers, which are then zeroed) and handed to C as a pointer into it.
-Only this module calls into libc (mlock, munlock, prctl, madvise).
+Only this module calls into libc (mlock, munlock, prctl, explicit_bzero).
 """
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ import threading
 from types import TracebackType
 from typing import Self, TypeAlias
 
+from .clib import CLibrary, Convention
+
 # What key bytes may be read from or written into (Python < 3.12 has no collections.abc.Buffer).
 ReadableBuffer: TypeAlias = bytes | bytearray | memoryview | ctypes.Array[ctypes.c_char]
 WritableBuffer: TypeAlias = bytearray | memoryview | ctypes.Array[ctypes.c_char]
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mlock.restype = ctypes.c_int
-_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munlock.restype = ctypes.c_int
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.prctl.restype = ctypes.c_int
-_libc.explicit_bzero.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.explicit_bzero.restype = None
+_libc = CLibrary("libc.so.6", {
+    "mlock": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
+    "munlock": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
+    "prctl": (ctypes.c_int, [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]),
+    "explicit_bzero": (None, [ctypes.c_void_p, ctypes.c_size_t]),
+}, convention=Convention.MINUS_ONE)
 
 _PR_SET_DUMPABLE = 4
 
@@ -44,7 +43,7 @@ def _pages(address: int, size: int) -> range:
 
 def _lock_memory(address: int, size: int) -> bool:
     with _page_users_lock:
-        if _libc.mlock(address, size) != 0:
+        if _libc.function("mlock")(address, size) != 0:
             return False
         for page in _pages(address, size):
             _page_users[page] = _page_users.get(page, 0) + 1
@@ -57,7 +56,7 @@ def _unlock_memory(address: int, size: int) -> None:
             _page_users[page] -= 1
             if not _page_users[page]:
                 del _page_users[page]
-                _libc.munlock(page * _PAGE, _PAGE)
+                _libc.function("munlock")(page * _PAGE, _PAGE)
 
 
 def wipe(buffer: WritableBuffer) -> None:
@@ -66,7 +65,7 @@ def wipe(buffer: WritableBuffer) -> None:
     if view.readonly:
         raise TypeError("cannot wipe a read-only buffer")
     if len(view):
-        _libc.explicit_bzero(ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view))
+        _libc.function("explicit_bzero")(ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view))
 
 
 def scrub_bytes(value: bytes) -> None:
@@ -81,7 +80,7 @@ def scrub_bytes(value: bytes) -> None:
 
 def make_undumpable() -> None:
     """No core dumps and no ptrace by other users' processes while this process holds key material."""
-    _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    _libc.call("prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 class Secret:
@@ -115,6 +114,10 @@ class Secret:
     def as_ctypes(self) -> ctypes.Array[ctypes.c_char]:
         """A ctypes view of the same memory, to pass as `const char *` without copying."""
         return (ctypes.c_char * len(self._buffer)).from_buffer(self._buffer)
+
+    def buffer(self) -> bytearray:
+        """The secret's own bytearray, for APIs that accept nothing else (hmac.new); never copy it."""
+        return self._buffer
 
     def view(self) -> memoryview:
         return memoryview(self._buffer)

@@ -1,23 +1,27 @@
 """Getting a volume key back from a volume's luks-tpm tokens, and saying why not when it fails.
 
-`KeyRecovery` is one pass over the TPM: one connection, one salted session per SRK, one derived
-primary, reused for every volume (`open --all` unlocks a whole crypttab with it). Every recovered
-key is verified against the LUKS2 digest before anyone sees it.
+`KeyRecovery` is one pass over the TPM: one connection, one salted session per SRK, one derived primary
+per policy, reused for every volume (`open --all`, `load-key DEV...`). Every recovered key is verified
+against the LUKS2 digest before anyone sees it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 from . import derive
 from .cryptsetup import Device
-from .errors import ExitCode, LuksTpmError, die
+from .errors import Cause, ExitCode, LuksTpmError, TokenFailure, UnlockFailed, die
+from .model import FENCE_PCR, TOKEN_TYPE, DerivedToken, Parent, PcrPolicy, SealedToken, Token, is_ours, parse
 from .secret import Secret
-from .token import TOKEN_TYPE, Mode, Token, is_ours, parse
-from .tpm import Parent, Tpm, TpmError, wait_for_lockout_text
+from .tpm import Tpm, TpmError
+from .tpm import keys as tpm_keys
+from .tpm import pcr as tpm_pcr
+from .tpm import srk as tpm_srk
+from .tpm.info import lockout_state
 
 PinSource = Callable[[int], Secret | None]  # token id -> PIN, or None when none can be had
 
@@ -36,7 +40,12 @@ def luks_tpm_tokens(device: Device) -> list[TokenEntry]:
         if token_type != TOKEN_TYPE:
             continue
         text = device.token_json_get(token_id)
-        if text is None or not is_ours(text):
+        if text is None:
+            continue
+        if not is_ours(text):
+            entries.append(TokenEntry(token_id, None, LuksTpmError(
+                f"luks-tpm token {token_id} is not valid JSON", cause=Cause.CORRUPT_TOKEN,
+                hint=f"remove it with `luks-tpm remove --token-id {token_id}` and re-enroll")))
             continue
         try:
             entries.append(TokenEntry(token_id, parse(text, token_id), None))
@@ -45,31 +54,27 @@ def luks_tpm_tokens(device: Device) -> list[TokenEntry]:
     return entries
 
 
-def digest_ids(device: Device) -> set[int]:
-    return {int(digest_id) for digest_id in device.metadata().get("digests", {})}
-
-
-def default_digest(device: Device) -> int:
-    """The digest that verifies the key of segment 0, the one dm-crypt uses."""
-    for digest_id, digest in device.metadata().get("digests", {}).items():
-        if "0" in digest.get("segments", []):
-            return int(digest_id)
-    die(f"{device.path} has no digest for its data segment", hint="check it with `cryptsetup luksDump`")
+@dataclasses.dataclass(frozen=True)
+class Recovered:
+    token_id: int
+    token: Token
+    key: Secret
 
 
 class KeyRecovery:
     """Recovers volume keys from tokens through one TPM connection; close() flushes all it made."""
 
     def __init__(self, tpm: Tpm, pins: PinSource | None = None, *, many_volumes: bool = False) -> None:
-        """`many_volumes`: one session serves every derivation of the pass (`open --all`); otherwise each
-        derivation lets the TPM end its session, which saves a FlushContext for a single volume."""
+        """`many_volumes`: sessions serve every recovery of the pass; otherwise each lets the TPM end its
+        session after use, which saves a FlushContext for a single volume."""
         self.tpm = tpm
         self._pins = pins
-        self._single_use = not many_volumes
+        self._reuse = many_volumes
         self._stack = ExitStack()
-        self._parents: dict[Parent, Any] = {}
-        self._sessions: dict[Parent, Any] = {}
-        self._primary: Any = None
+        self._sessions: dict[tuple[int, bool], Any] = {}  # (id of the SRK handle, policy?) -> session
+        self._used: set[int] = set()  # reused policy sessions that hold a previous volume's policy
+        self._primaries: dict[bytes, Any] = {}  # policy digest -> derived primary
+        self.verified_pins: dict[int, Secret] = {}  # token id -> the PIN that unsealed it in this pass
 
     def __enter__(self) -> KeyRecovery:
         return self
@@ -78,90 +83,122 @@ class KeyRecovery:
         self.close()
 
     def close(self) -> None:
+        for pin in self.verified_pins.values():
+            pin.close()
         self._stack.close()
 
-    def parent(self, expected: Parent, endorsement: bytes | None) -> Any:
-        if expected not in self._parents:
-            try:
-                self._parents[expected] = self.tpm.check_parent(expected)
-            except TpmError as error:
-                if not error.rc and endorsement is not None:
-                    current = self.tpm.endorsement_name()
-                    if current == endorsement:
-                        error.message = ("the TPM owner hierarchy was cleared since this binding was made, "
-                                         "which destroyed its key")
-                    elif current is not None:
-                        error.message = "this is a different TPM from the one this binding was made with"
-                raise
-        return self._parents[expected]
+    def _session(self, srk: Any, *, policy: bool) -> tuple[Any, bool]:
+        """(session, last use) for one command: reused across the pass, or one the TPM ends after use."""
+        key = (id(srk), policy)
+        if key not in self._sessions:
+            session = self._stack.enter_context(tpm_keys.salted_session(self.tpm, srk, policy=policy))
+            if not self._reuse:
+                return session, True
+            self._sessions[key] = session
+        return self._sessions[key], False
 
-    def session(self, parent: Parent, endorsement: bytes | None) -> Any:
-        if parent not in self._sessions:
-            esys = self.parent(parent, endorsement)
-            self._sessions[parent] = self._stack.enter_context(self.tpm.encrypted_session(esys))
-        return self._sessions[parent]
+    def _primary(self, policy: bytes) -> Any:
+        if policy not in self._primaries:
+            self._primaries[policy] = self._stack.enter_context(tpm_keys.derived_primary(self.tpm, policy))
+        return self._primaries[policy]
 
-    def derive(self, uuid: str, salt: bytes, length: int, parent: Parent, endorsement: bytes | None) -> Secret:
-        session = self.session(parent, endorsement)
-        if self._primary is None:
-            self._primary = self._stack.enter_context(self.tpm.derived_primary())
-        prk = self.tpm.hmac(self._primary, derive.hmac_message(uuid, salt), session, last_use=self._single_use)
-        if self._single_use:
-            del self._sessions[parent]
-        with prk:
-            return derive.expand(prk, uuid, length)
+    def _policy_session(self, srk: Any, policy: PcrPolicy) -> tuple[Any, bool]:
+        """A salted policy session in which `policy` was just applied, and whether this is its last use."""
+        session, last_use = self._session(srk, policy=True)
+        if id(session) in self._used:  # reused across volumes: start its policy afresh (PolicyRestart)
+            tpm_pcr.restart_policy(self.tpm, session)
+        if not last_use:
+            self._used.add(id(session))
+        tpm_pcr.apply_policy(self.tpm, session, policy, trial=False)
+        return session, last_use
+
+    def derive(self, message: bytes, srk: Any, policy: PcrPolicy | None = None, policy_digest: bytes = b"") -> Secret:
+        """The PRK for `message`: TPM2_HMAC by the derived primary (bound to `policy` when given)."""
+        primary = self._primary(policy_digest)
+        if policy is None:
+            session, last_use = self._session(srk, policy=False)
+        else:
+            session, last_use = self._policy_session(srk, policy)
+        return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
+
+    def precheck(self, token: Token) -> Any:
+        """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs.
+        Returns the SRK handle."""
+        srk = tpm_srk.srk_for(self.tpm, token.parent, token.endorsement)
+        if token.pcrs or token.fence:
+            self._check_pcrs(token)
+        return srk
 
     def key_from_token(self, uuid: str, token_id: int, token: Token) -> Secret:
         """The volume key the token yields (not yet verified), or a LuksTpmError saying why not."""
-        if token.mode is Mode.DERIVED:
-            assert token.salt is not None
-            if token.pcrs:
-                die("PCR-bound derived tokens are not supported by this version of luks-tpm",
-                    hint="upgrade luks-tpm", code=ExitCode.UNSUPPORTED)
-            if token.wrapped_key is None:
-                return self.derive(uuid, token.salt, token.key_size, token.parent, token.endorsement)
-            with self.derive(uuid, token.salt, derive.KEK_SIZE, token.parent, token.endorsement) as kek:
-                key = derive.unwrap(kek, token.wrapped_key)
-            if key is None:
-                die("the wrapped key does not unwrap: the token was damaged or altered",
-                    hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED)
-            return key
-        return self._unseal(token_id, token)
+        srk = self.precheck(token)
+        if isinstance(token, DerivedToken):
+            return self._derived(uuid, token, srk)
+        return self._unseal(token_id, token, srk)
 
-    def _unseal(self, token_id: int, token: Token) -> Secret:
-        assert token.blob is not None
-        esys = self.parent(token.parent, token.endorsement)
+    def _derived(self, uuid: str, token: DerivedToken, srk: Any) -> Secret:
+        policy = token.pcr_policy() if token.pcrs or token.fence else None
+        length = token.key_size if token.wrapped_key is None else derive.KEK_SIZE
+        with self.derive(derive.hmac_message(uuid, token.salt), srk, policy, token.policy) as prk:
+            okm = derive.expand(prk, uuid, length)
+        if token.wrapped_key is None:
+            return okm
+        with okm:
+            key = derive.unwrap(okm, token.wrapped_key)
+        if key is None:
+            die("the wrapped key does not unwrap: the token was damaged or altered",
+                hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED, cause=Cause.WRONG_KEY)
+        return key
+
+    def _check_pcrs(self, token: Token) -> None:
+        """Name what changed before asking the TPM (which would only say "policy not satisfied")."""
+        if token.fence and tpm_pcr.fence_is_up(self.tpm):
+            die(f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot "
+                "completes", hint="recover it from the initramfs at the next boot, or use the recovery key",
+                code=ExitCode.UNLOCK_FAILED, cause=Cause.FENCE_UP)
         changed = changed_pcrs(self.tpm, token)
         if changed:
-            die(f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the key was sealed",
+            die(f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the key was bound",
                 hint="if the change was planned, `luks-tpm reseal` with the recovery key",
-                code=ExitCode.UNLOCK_FAILED)
+                code=ExitCode.UNLOCK_FAILED, cause=Cause.PCR_CHANGED)
+
+    def _unseal(self, token_id: int, token: SealedToken, srk: Any) -> Secret:
         pin = None
         if token.pin:
             pin = self._pins(token_id) if self._pins else None
             if pin is None:
                 die("this binding needs a PIN and none was given", hint="pass --pin-file or run on a terminal",
-                    code=ExitCode.UNLOCK_FAILED)
+                    code=ExitCode.UNLOCK_FAILED, cause=Cause.NEEDS_PIN)
         try:
-            return self.tpm.unseal(token.blob, esys, token.pcr_policy, pin)
+            session, last_use = self._policy_session(srk, token.pcr_policy(pin=token.pin))
+            key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
         except TpmError as error:
-            if error.wrong_auth:
-                error.message += f"; {wait_for_lockout_text(self.tpm.lockout_state())}"
-            elif error.code is ExitCode.LOCKED_OUT:
-                state = self.tpm.lockout_state()
-                error.message += (f"; it lifts after at most {state.recovery_seconds} s without failed tries"
-                                  if state.recovery_seconds else "; only the lockout authorization can lift it")
-            raise
-        finally:
             if pin is not None:
                 pin.close()
+            raise _with_lockout_state(self.tpm, error) from None
+        if pin is not None:
+            self.verified_pins[token_id] = pin
+        return key
+
+
+def _with_lockout_state(tpm: Tpm, error: TpmError) -> TpmError:
+    """The same error, saying how many tries are left or when a lockout lifts."""
+    if error.cause is Cause.WRONG_PIN:
+        detail = lockout_state(tpm).describe()
+    elif error.cause is Cause.LOCKED_OUT:
+        state = lockout_state(tpm)
+        detail = (f"it lifts after at most {state.recovery_seconds} s without failed tries"
+                  if state.recovery_seconds else "only the lockout authorization can lift it")
+    else:
+        return error
+    return TpmError(f"{error.message}; {detail}", hint=error.hint, code=error.code, cause=error.cause, rc=error.rc)
 
 
 def changed_pcrs(tpm: Tpm, token: Token) -> list[int]:
     """Bound PCRs whose current value differs from the value the token records (empty if unknown)."""
     if not token.pcr_values:
         return []
-    current = tpm.pcr_values(token.pcr_bank, token.pcrs)
+    current = tpm_pcr.pcr_values(tpm, token.pcr_bank, token.pcrs)
     return [index for index in token.pcrs if token.pcr_values.get(index) not in (None, current.get(index))]
 
 
@@ -170,63 +207,46 @@ def _order(entries: list[TokenEntry], token_id: int | None) -> list[TokenEntry]:
         chosen = [entry for entry in entries if entry.token_id == token_id]
         if not chosen:
             die(f"there is no luks-tpm token {token_id}", hint="`luks-tpm status` lists the tokens",
-                code=ExitCode.USAGE)
+                code=ExitCode.USAGE, cause=Cause.USAGE)
         return chosen
     # Derived tokens need nothing but the TPM; sealed ones may need a PIN or fail on changed PCRs.
-    return sorted(entries, key=lambda entry: (entry.token is None or entry.token.mode is not Mode.DERIVED,
-                                              entry.token_id))
+    return sorted(entries, key=lambda entry: (not isinstance(entry.token, DerivedToken), entry.token_id))
 
 
-def recover_verified(
-    device: Device, recovery: KeyRecovery, *, token_id: int | None = None
-) -> tuple[int, Token, Secret]:
+def recover_verified(device: Device, recovery: KeyRecovery, *, token_id: int | None = None) -> Recovered:
     """Try the volume's luks-tpm tokens in order; the first key that verifies wins."""
     entries = _order(luks_tpm_tokens(device), token_id)
     if not entries:
         die(f"{device.path} has no luks-tpm token", hint="bind it first with `luks-tpm enroll`",
-            code=ExitCode.UNLOCK_FAILED)
-    reasons: list[str] = []
-    hints: list[str] = []
-    codes: set[ExitCode] = set()
-    digests = digest_ids(device)
+            code=ExitCode.UNLOCK_FAILED, cause=Cause.NO_TOKEN)
+    failures: list[TokenFailure] = []
+    digests = device.digest_ids()
     for entry in entries:
         try:
             if entry.token is None:
                 assert entry.damage is not None
                 raise entry.damage
             key = _recover_one(device, recovery, entry.token_id, entry.token, digests)
-            return entry.token_id, entry.token, key
+            return Recovered(entry.token_id, entry.token, key)
         except LuksTpmError as error:
-            reasons.append(f"token {entry.token_id}: {error.message}")
-            if error.hint and error.hint not in hints:
-                hints.append(error.hint)
-            codes.add(error.code)
-    # One kind of failure keeps its own exit code (lockout, unsupported version, ...); a mix is "unlock failed".
-    code = codes.pop() if len(codes) == 1 else ExitCode.UNLOCK_FAILED
-    raise LuksTpmError(f"cannot unlock {device.path} with the TPM: {'; '.join(reasons)}",
-                       hint="; ".join([*hints, "the recovery key or passphrase still opens it (`cryptsetup open`)"]),
-                       code=code)
+            failures.append(TokenFailure(entry.token_id, error))
+    raise UnlockFailed(device.path, failures)
 
 
 def _recover_one(device: Device, recovery: KeyRecovery, token_id: int, token: Token, digests: set[int]) -> Secret:
     if token.digest not in digests:
         die(f"the token refers to digest {token.digest}, which the header does not have "
             "(the volume was re-encrypted or the header replaced)",
-            hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED)
-    key = recovery.key_from_token(device.uuid or "", token_id, token)
+            hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED, cause=Cause.WRONG_KEY)
+    key = recovery.key_from_token(device.uuid, token_id, token)
     if len(key) != token.key_size or not device.volume_key_verify(key):
         key.close()
         die("the recovered key does not open the volume: its volume key changed since this binding was "
-            "made (re-encryption?)", hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED)
+            "made (re-encryption?)", hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.WRONG_KEY)
     return key
 
 
-@contextmanager
-def recovered_key(device: Device, tpm: Tpm, pins: PinSource | None = None,
-                  token_id: int | None = None) -> Iterator[tuple[int, Token, Secret]]:
-    with KeyRecovery(tpm, pins) as recovery:
-        found = recover_verified(device, recovery, token_id=token_id)
-    try:
-        yield found
-    finally:
-        found[2].close()
+def srk_for_new_binding(tpm: Tpm) -> tuple[Any, Parent]:
+    """The SRK new bindings are made under (and recorded in the token)."""
+    return tpm_srk.current_srk(tpm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -42,10 +43,21 @@ class Swtpm:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not (self.socket.exists() and Path(f"{self.socket}.ctrl").exists()):
+        while not self._accepting():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"swtpm did not start (exit {self.process.poll()})")
             time.sleep(0.01)
+
+    def _accepting(self) -> bool:
+        """swtpm creates its socket files a moment before it listens on them (a connection can be refused
+        in between, about 1 start in 13 here): connect to both once to be sure."""
+        for path in (self.socket, Path(f"{self.socket}.ctrl")):
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    return False
+        return True
 
     def stop(self) -> None:
         """Shut down cleanly so the state is saved, as a real power-off would."""
@@ -70,9 +82,13 @@ class Swtpm:
         return subprocess.run(["tpm2_" + args[0], "-T", self.tcti, *args[1:]], check=True,
                               capture_output=True, text=True)
 
-    def assert_clean(self) -> None:
+    def loaded_handles(self) -> list[int]:
+        """Transient objects and sessions currently in the TPM (loaded and saved sessions included)."""
         with Tpm(self.tcti) as tpm:
-            left = tpm.loaded_handles()
+            return [handle for first in (0x80000000, 0x02000000, 0x03000000) for handle in tpm.handles(first)]
+
+    def assert_clean(self) -> None:
+        left = self.loaded_handles()
         assert left == [], f"the TPM still holds transient objects or sessions: {[hex(h) for h in left]}"
 
 

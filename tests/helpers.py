@@ -12,7 +12,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def luks_tpm(*args: str | os.PathLike[str], tcti: str | None, expect: int = 0,
+def luks_tpm(*args: str | os.PathLike[str], tcti: str | None, expect: int | tuple[int, ...] = 0,
              stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m luks_tpm ARGS`; fail the test, showing stderr, if the exit code is not `expect`."""
     environment = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
@@ -20,14 +20,14 @@ def luks_tpm(*args: str | os.PathLike[str], tcti: str | None, expect: int = 0,
     command = [sys.executable, "-m", "luks_tpm"] + (["--tcti", tcti] if tcti else []) + [str(a) for a in args]
     result = subprocess.run(command, input=stdin.decode("latin-1") if stdin is not None else None,
                             capture_output=True, text=True, env=environment, cwd=REPO, check=False)
-    assert result.returncode == expect, (
+    assert result.returncode in (expect if isinstance(expect, tuple) else (expect,)), (
         f"luks-tpm {' '.join(map(str, args))}: exit {result.returncode}, expected {expect}\n"
         f"stdout: {result.stdout}\nstderr: {result.stderr}"
     )
     return result
 
 
-def luks_tpm_json(*args: str | os.PathLike[str], tcti: str | None, expect: int = 0) -> Any:
+def luks_tpm_json(*args: str | os.PathLike[str], tcti: str | None, expect: int | tuple[int, ...] = 0) -> Any:
     return json.loads(luks_tpm("--json", *args, tcti=tcti, expect=expect).stdout)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -79,11 +80,10 @@ def test_format_writes_chosen_uuid_cipher_and_label(tmp_path: Path) -> None:
     assert luks_dump_field(path, r"\s*cipher") == "aes-xts-plain64"
     assert luks_dump_field(path, r"\s*sector") == "4096 [bytes]"
     with cryptsetup.open_device(path) as device:
-        assert (device.type, device.uuid, device.cipher, device.cipher_mode) == (
-            "LUKS2", chosen, "aes", "xts-plain64")
-        assert device.sector_size == 4096
-        assert device.device_name == str(path)
-        assert device.data_offset == 16 << 20 >> 9  # default LUKS2 data offset: 16 MiB in sectors
+        assert (device.type, device.uuid) == ("LUKS2", chosen)
+        segment = device.metadata()["segments"]["0"]
+        assert (segment["encryption"], segment["sector_size"]) == ("aes-xts-plain64", 4096)
+        assert int(segment["offset"]) == 16 << 20  # default LUKS2 data offset: 16 MiB
         digest = device.metadata()["digests"]["0"]
     assert digest["iterations"] == 1000  # the NO_BENCHMARK pbkdf reached libcryptsetup
 
@@ -487,10 +487,14 @@ def test_unreadable_image_is_permission_denied(nobody_dir: Path) -> None:
 def test_library_messages_go_to_logging(tmp_path: Path, luks_image: Path,
                                         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="luks_tpm.cryptsetup")
-    with pytest.raises(LuksTpmError), cryptsetup.open_device(tmp_path / "missing.img"):
-        pass
+    # open_device refuses a missing path before libcryptsetup sees it: ask libcryptsetup itself
+    missing = tmp_path / "missing.img"
+    handle = ctypes.c_void_p()
+    with pytest.raises(cryptsetup.CryptsetupError) as raised:
+        cryptsetup._call("crypt_init", ctypes.byref(handle), bytes(missing))
     errors = [r for r in caplog.records if r.name == "luks_tpm.cryptsetup" and r.levelno == logging.ERROR]
-    assert any(str(tmp_path / "missing.img") in r.getMessage() for r in errors)
+    assert any(str(missing) in r.getMessage() for r in errors), [r.getMessage() for r in caplog.records]
+    assert any(str(missing) in line for line in raised.value.log)  # kept with the error, to explain it
 
     caplog.clear()
     with cryptsetup.open_device(luks_image):

@@ -1,4 +1,4 @@
-"""The software half of the derivation (DESIGN.md §4) pinned by fixed vectors: a contract.
+"""The software half of the derivation (docs/derivation.md) pinned by fixed vectors: a contract.
 
 The vectors were computed once by this implementation and cross-checked here against independent
 implementations (cryptography's HKDF-Expand and RFC 3394 key wrap), so a change to either side fails.
@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
 
 from luks_tpm import derive
 from luks_tpm.secret import Secret
+
+from .test_app_key_vectors import PRK as APP_PRK
+from .test_app_key_vectors import VECTORS as APP_VECTORS
+from .test_app_key_vectors import message as app_message
 
 UUID = "6a0e2f44-51c8-4d2b-9b3e-7c1f0d9a8e21"
 PRK = bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
@@ -77,3 +82,39 @@ def test_unwrap_rejects_wrong_kek_and_damage() -> None:
     damaged[20] ^= 1
     assert derive.unwrap(secret(KEK_32), bytes(damaged)) is None
     assert derive.unwrap(secret(KEK_32), WRAPPED[:-1]) is None
+
+
+# Application keys: luks_tpm.derive must give the contract's vectors (docs/derivation.md; the table and
+# its reference implementation are in test_app_key_vectors.py).
+
+
+def test_app_hmac_message_layout() -> None:
+    assert derive.app_hmac_message(1000, "myservice") == b"luks-tpm/app/v1\x001000\x00myservice"
+    assert derive.app_hmac_message(0, "a") == b"luks-tpm/app/v1\x000\x00a"
+    # Never a volume message: those start "luks-tpm/v1\0".
+    assert not derive.app_hmac_message(0, "a").startswith(derive.hmac_message(UUID, b"")[:12])
+
+
+def test_app_key_vectors() -> None:
+    for vector in APP_VECTORS:
+        with derive.app_expand(secret(APP_PRK), vector.uid, vector.name, vector.length) as key:
+            assert bytes(key.view()).hex() == vector.key
+        assert derive.app_hmac_message(vector.uid, vector.name) == app_message(vector.uid, vector.name)
+
+
+def test_app_key_domain_is_not_the_volume_domain() -> None:
+    """Same PRK, same length: an application key named like a volume UUID is not that volume's key."""
+    assert bytes(derive.app_expand(secret(PRK), 0, UUID, 32).view()) != KEK_32
+
+
+def test_app_key_rejects_bad_lengths_names_and_uids() -> None:
+    for length in (0, 15, 65, 255):
+        with pytest.raises(ValueError):
+            derive.app_expand(secret(APP_PRK), 1000, "myservice", length)
+    for name in ("", "x" * 201, "a/b", "a b", "naïve", "a;b", "a\0b"):
+        with pytest.raises(ValueError):
+            derive.app_hmac_message(1000, name)
+    for uid in (-1, 2**32 - 1, 2**32):  # (uid_t)-1 is no uid
+        with pytest.raises(ValueError):
+            derive.app_hmac_message(uid, "myservice")
+    assert derive.app_hmac_message(1000, "x" * 200).endswith(b"x" * 200)

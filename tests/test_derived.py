@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from luks_tpm import cryptsetup, derive
+from luks_tpm.model import DerivedToken, parse
 from luks_tpm.secret import Secret
-from luks_tpm.token import parse
-from luks_tpm.tpm import Parent, Tpm
+from luks_tpm.tpm import Tpm
+from luks_tpm.tpm import srk as tpm_srk
 from luks_tpm.unlock import KeyRecovery
 
 from .fixtures_luks import LuksImage, file_digest
@@ -67,7 +68,7 @@ def test_key_survives_restart_and_is_destroyed_by_owner_clear(tmp_path: Path, fr
     result = luks_tpm("load-key", image, tcti=fresh_swtpm.tcti, expect=5)
     assert_one_line_error(result, "owner hierarchy was cleared")
     assert "recovery key" in result.stderr
-    status = luks_tpm_json("status", image, tcti=fresh_swtpm.tcti)["volumes"][0]["tokens"][0]
+    status = luks_tpm_json("status", image, tcti=fresh_swtpm.tcti, expect=5)["volumes"][0]["tokens"][0]
     assert status["unlocks"] is False and "cleared" in status["reason"]
     assert file_digest(image) == before
     # the recovery passphrase still opens it with plain cryptsetup
@@ -102,6 +103,7 @@ def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: S
         assert device.token_json_get(0) == foreign_before
         assert device.metadata()["keyslots"] == keyslots_before
         token = parse(device.token_json_get(enrolled["token"]) or "", enrolled["token"])
+        assert isinstance(token, DerivedToken)
         assert token.wrapped_key is not None and len(token.wrapped_key) == 64 + 8
         with Tpm(swtpm.tcti) as tpm, KeyRecovery(tpm) as recovery, \
                 recovery.key_from_token(luks_volume.uuid, enrolled["token"], token) as key:
@@ -193,19 +195,24 @@ def test_read_only_image_is_refused_unchanged(luks_volume: LuksImage, swtpm: Swt
     assert file_digest(luks_volume.path) == before
 
 
+UUID = "6a0e2f44-51c8-4d2b-9b3e-7c1f0d9a8e21"
+
+
 def test_derivation_is_stable_across_connections(swtpm: Swtpm) -> None:
     """The same template on the same owner seed gives the same key, through any session."""
     salt = bytes(range(32))
     keys: list[Secret] = []
     for _ in range(2):
         with Tpm(swtpm.tcti) as tpm:
-            parent: Parent = tpm.parent()
-            with KeyRecovery(tpm) as recovery:
-                keys.append(recovery.derive("6a0e2f44-51c8-4d2b-9b3e-7c1f0d9a8e21", salt, 64, parent, None))
+            srk, _ = tpm_srk.current_srk(tpm)
+            with KeyRecovery(tpm) as recovery, recovery.derive(derive.hmac_message(UUID, salt), srk) as prk:
+                keys.append(derive.expand(prk, UUID, 64))
     assert keys[0].equals(keys[1])
     assert len(keys[0]) == 64 and bytes(keys[0].view()) != bytes(64)
     with Tpm(swtpm.tcti) as tpm, KeyRecovery(tpm) as recovery:
-        other = recovery.derive("6a0e2f44-51c8-4d2b-9b3e-7c1f0d9a8e21", salt[::-1], 64, tpm.parent(), None)
+        srk, _ = tpm_srk.current_srk(tpm)
+        with recovery.derive(derive.hmac_message(UUID, salt[::-1]), srk) as prk:
+            other = derive.expand(prk, UUID, 64)
     assert not other.equals(keys[0])
     assert derive.KEK_SIZE == 32
 

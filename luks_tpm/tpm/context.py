@@ -1,0 +1,293 @@
+"""One connection to the TPM: handle lifetime, sessions, and TPM return codes turned into words.
+
+A `Tpm` remembers every transient object and session it creates and flushes them on every exit path:
+without a resource manager (swtpm on a socket, or /dev/tpm0) leaked handles exhaust the TPM after
+three. Sessions that carry key material are salted with the SRK and encrypt response parameters
+(AES-128-CFB). Where tpm2-pytss has no public API for what key hygiene needs (the C buffers behind
+its objects, the ESYS context), the access is in `_c_data` and `_esys_context` alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+# The TSS's own logging prints command and response buffers at debug/trace level, and ESYS's crypto
+# trace prints decrypted parameters: the volume key. Force it off whatever the environment says; it
+# is read when the TSS first logs, so this must happen before tpm2-pytss is imported.
+USER_TSS2_LOG = os.environ.get("TSS2_LOG")
+os.environ["TSS2_LOG"] = "all+NONE"
+
+from tpm2_pytss import ESAPI  # noqa: E402
+from tpm2_pytss._libtpm2_pytss import ffi, lib  # noqa: E402
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_RC, TPM2_SE, TPMA_SESSION  # noqa: E402
+from tpm2_pytss.TSS2_Exception import TSS2_Exception  # noqa: E402
+from tpm2_pytss.types import TPMT_SYM_DEF  # noqa: E402
+
+from ..errors import Cause, ExitCode, LuksTpmError  # noqa: E402
+from ..model import Parent  # noqa: E402
+from ..secret import Secret, wipe  # noqa: E402
+
+log = logging.getLogger(__name__)
+if USER_TSS2_LOG not in (None, "", "all+NONE"):
+    log.info("ignoring TSS2_LOG=%s: the TSS's own debug and trace output can print key material", USER_TSS2_LOG)
+
+_LAYER_MASK = 0xFF0000
+_TPM_LAYER, _MU_LAYER, _TCTI_LAYER = 0x000000, 0x090000, 0x0A0000
+_ESYS_RC_BAD_VALUE = 0x07000B  # ESYS could not unmarshal or check something it was given
+
+
+_LOCKOUT_HINT = ("wait for the lockout to lift (`luks-tpm doctor` shows when) or reset it with the lockout "
+                 "authorization (`tpm2_dictionarylockout --clear-lockout`)")
+# TPM return code -> (cause, message before "(doing)", hint, exit code). One table for every command.
+_RC_TABLE: dict[int, tuple[Cause, str, str | None, ExitCode]] = {
+    int(TPM2_RC.LOCKOUT): (Cause.LOCKED_OUT, "the TPM is in dictionary-attack lockout", _LOCKOUT_HINT,
+                           ExitCode.LOCKED_OUT),
+    int(TPM2_RC.AUTH_FAIL): (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
+    int(TPM2_RC.BAD_AUTH): (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
+    int(TPM2_RC.POLICY_FAIL): (Cause.POLICY, "the TPM policy is not satisfied",
+                               "PCR values differ from those the key was bound to; `luks-tpm status` names them",
+                               ExitCode.UNLOCK_FAILED),
+    int(TPM2_RC.PCR_CHANGED): (Cause.POLICY, "PCR values changed while the policy was checked",
+                               "try again", ExitCode.UNLOCK_FAILED),
+    int(TPM2_RC.HIERARCHY): (Cause.HIERARCHY_DISABLED, "the TPM owner hierarchy is disabled",
+                             "enable it in the firmware's TPM settings", ExitCode.TPM_UNAVAILABLE),
+    int(TPM2_RC.INTEGRITY): (Cause.SRK_CHANGED, "the TPM rejected the sealed object: it was made by another "
+                             "TPM or before the owner hierarchy was cleared",
+                             "unlock with the recovery key and re-enroll", ExitCode.UNLOCK_FAILED),
+}
+for _same in (TPM2_RC.KEY, TPM2_RC.BINDING):
+    _RC_TABLE[int(_same)] = _RC_TABLE[int(TPM2_RC.INTEGRITY)]
+
+
+class TpmError(LuksTpmError):
+    """A failure the TPM (or the TSS talking to it) reported, in words; `rc` keeps the code."""
+
+
+def translate(error: TSS2_Exception, doing: str) -> TpmError:
+    rc, base = int(error.rc), int(error.error)  # error: without the handle/parameter/session number
+    known = _RC_TABLE.get(base) if rc & _LAYER_MASK == _TPM_LAYER else None
+    if known is not None:
+        cause, message, hint, code = known
+        return TpmError(f"{message} ({doing})", hint=hint, code=code, cause=cause, rc=rc)
+    layer = rc & _LAYER_MASK
+    if layer == _TCTI_LAYER:
+        return TpmError(f"lost the connection to the TPM ({doing}): {error}", code=ExitCode.TPM_UNAVAILABLE,
+                        cause=Cause.NO_TPM, rc=rc)
+    if layer == _MU_LAYER or rc == _ESYS_RC_BAD_VALUE:  # our input did not marshal: a damaged token
+        return TpmError(f"malformed TPM data ({doing}): {error}", code=ExitCode.DEVICE, cause=Cause.CORRUPT_TOKEN,
+                        rc=rc)
+    if layer == _TPM_LAYER and base in _MALFORMED:  # the TPM refused the structure itself
+        return TpmError(f"the TPM rejected malformed data ({doing}): {error}", code=ExitCode.DEVICE,
+                        cause=Cause.CORRUPT_TOKEN, rc=rc)
+    return TpmError(f"the TPM failed {doing}: {error}", code=ExitCode.TPM_UNAVAILABLE, cause=Cause.TPM_FAILED, rc=rc)
+
+
+_MALFORMED = {int(code) for code in (TPM2_RC.SIZE, TPM2_RC.VALUE, TPM2_RC.TYPE, TPM2_RC.ATTRIBUTES,
+                                     TPM2_RC.SCHEME, TPM2_RC.KDF, TPM2_RC.SYMMETRIC, TPM2_RC.HASH,
+                                     TPM2_RC.INSUFFICIENT)}
+
+
+@contextmanager
+def tpm_errors(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except TSS2_Exception as error:
+        raise translate(error, doing) from None
+
+
+# ---- the only places that reach into tpm2-pytss internals -----------------------------------------
+# Checked against tpm2-pytss 2.1-3.0: TPM2B types keep their cffi struct in `_cdata` and ESAPI keeps
+# its ESYS_CONTEXT * in `_ctx`. Both are needed to zero key material in C memory; if they move, fail
+# loudly rather than silently leaving keys behind.
+
+
+def c_data(value: Any) -> Any:
+    """The cffi struct behind a tpm2-pytss TPM2B/TPMS object."""
+    try:
+        return value._cdata
+    except AttributeError:  # pragma: no cover - only on an incompatible tpm2-pytss
+        raise RuntimeError("tpm2-pytss no longer exposes _cdata; luks-tpm cannot zero TPM buffers") from None
+
+
+def _esys_context(esapi: ESAPI) -> Any:
+    try:
+        return esapi._ctx
+    except AttributeError:  # pragma: no cover - only on an incompatible tpm2-pytss
+        raise RuntimeError("tpm2-pytss no longer exposes ESAPI._ctx; luks-tpm cannot zero TPM buffers") from None
+
+
+@functools.cache
+def _rp_buffer_function() -> Any:
+    """Tss2_Sys_GetRpBuffer: public libtss2-sys API that tpm2-pytss does not bind."""
+    sys_library = ctypes.CDLL("libtss2-sys.so.1")
+    function = sys_library.Tss2_Sys_GetRpBuffer
+    function.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_void_p)]
+    function.restype = ctypes.c_uint32
+    return function
+
+
+def wipe_response_buffer(esapi: ESAPI) -> None:
+    """Zero the SAPI response buffer of an ESYS context.
+
+    ESYS decrypts a response parameter (the HMAC result, the unsealed data) in place in the SAPI
+    context's response buffer and leaves it there until the next response overwrites it, which a
+    short one (FlushContext: 10 bytes) does not, and until Esys_Finalize frees it without zeroing.
+    """
+    sys_context = ffi.new("TSS2_SYS_CONTEXT **")
+    if lib.Esys_GetSysContext(_esys_context(esapi), sys_context) != 0:
+        raise RuntimeError("Esys_GetSysContext failed: cannot zero the TPM response buffer")
+    used, buffer = ctypes.c_size_t(), ctypes.c_void_p()
+    address = int(ffi.cast("uintptr_t", sys_context[0]))
+    if _rp_buffer_function()(address, ctypes.byref(used), ctypes.byref(buffer)) != 0 or not buffer.value:
+        return
+    if used.value:
+        wipe((ctypes.c_char * used.value).from_address(buffer.value))
+
+
+def secret_from_tpm2b(value: Any) -> Secret:
+    """Copy a TPM2B returned by ESYS into a Secret and zero the ESYS allocation before it is freed."""
+    cdata = c_data(value)
+    try:
+        return Secret.copy_of(ffi.buffer(cdata.buffer, cdata.size))
+    finally:
+        ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
+
+
+def fill_tpm2b(target: Any, secret: Secret, what: str) -> None:
+    """Copy a secret into a TPM2B's C buffer (zeroed by the caller when done)."""
+    cdata = target
+    if len(secret) > len(cdata.buffer):
+        raise LuksTpmError(f"the {what} is too long: at most {len(cdata.buffer)} bytes", code=ExitCode.USAGE,
+                           cause=Cause.USAGE)
+    ffi.memmove(cdata.buffer, secret.as_ctypes(), len(secret))
+    cdata.size = len(secret)
+
+
+def zero_c(cdata: Any) -> None:
+    """Zero a cffi struct, given as the struct or a pointer to it."""
+    pointer = cdata if ffi.typeof(cdata).kind == "pointer" else ffi.addressof(cdata)
+    size = ffi.sizeof(pointer[0])
+    ffi.memmove(pointer, bytes(size), size)
+
+
+# ---- the connection -------------------------------------------------------------------------------
+
+
+class Tpm:
+    """One connection to the TPM; use as a context manager so everything it created is flushed.
+
+    `srks` is the one cache of SRKs resolved on this connection (persistent handle or None -> handle
+    and Parent), kept by luks_tpm.tpm.srk."""
+
+    def __init__(self, tcti: str) -> None:
+        self.tcti = tcti
+        self._flush: list[Any] = []
+        self.srks: dict[int | None, tuple[Any, Parent]] = {}
+        self.warnings: list[str] = []  # said once per command by the caller (e.g. a missing persistent SRK)
+        self.endorsement: bytes | None = None  # the EK name, once computed (see srk.endorsement_name)
+        self.endorsement_checked = False
+        try:
+            self.esapi = ESAPI(tcti)
+        except TSS2_Exception as error:
+            raise TpmError(
+                f"no TPM reachable through TCTI '{tcti}' ({error})",
+                hint="point luks-tpm at a TPM with --tcti or LUKS_TPM_TCTI (e.g. device:/dev/tpmrm0, "
+                "swtpm:path=/run/swtpm.sock); `luks-tpm doctor` checks",
+                code=ExitCode.TPM_UNAVAILABLE, cause=Cause.NO_TPM, rc=int(error.error),
+            ) from None
+        except (RuntimeError, OSError) as error:  # TCTI module missing or unloadable
+            raise TpmError(
+                f"cannot load TCTI '{tcti}': {error}",
+                hint="install the TSS TCTI library (libtss2-tcti-device0, libtss2-tcti-swtpm0) or fix --tcti",
+                code=ExitCode.TPM_UNAVAILABLE, cause=Cause.NO_TPM,
+            ) from None
+
+    def __enter__(self) -> Tpm:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        while self._flush:
+            handle = self._flush.pop()
+            try:
+                self.esapi.flush_context(handle)
+            except TSS2_Exception as error:
+                log.debug("flushing %#x failed: %s", int(handle), error)
+        self.srks.clear()
+        self.esapi.close()
+
+    def track(self, handle: Any) -> Any:
+        """Remember a transient handle so that close() flushes it."""
+        self._flush.append(handle)
+        return handle
+
+    def flush(self, handle: Any) -> None:
+        self._flush.remove(handle)
+        with tpm_errors("flushing a transient object"):
+            self.esapi.flush_context(handle)
+
+    @contextmanager
+    def transient(self, handle: Any) -> Iterator[Any]:
+        """A tracked handle flushed when the block ends."""
+        self.track(handle)
+        try:
+            yield handle
+        finally:
+            self.flush(handle)
+
+    @contextmanager
+    def session(self, kind: Any, *, salt_key: Any = None) -> Iterator[Any]:
+        """A session; with `salt_key` (an SRK handle) salted, encrypting commands and responses."""
+        symmetric = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
+        symmetric.keyBits.aes = 128
+        symmetric.mode.aes = TPM2_ALG.CFB
+        salted = salt_key is not None
+        with tpm_errors("starting a session"):
+            session = self.esapi.start_auth_session(
+                salt_key if salted else ESYS_TR.NONE, ESYS_TR.NONE, kind, symmetric if salted else "null",
+                TPM2_ALG.SHA256,
+            )
+        self.track(session)
+        if salted:
+            self.esapi.trsess_set_attributes(
+                session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT | TPMA_SESSION.DECRYPT)
+        try:
+            yield session
+        finally:
+            if session in self._flush:  # not already ended by the TPM (see last_use)
+                self.flush(session)
+
+    @contextmanager
+    def trial_session(self) -> Iterator[Any]:
+        with self.session(TPM2_SE.TRIAL) as session:
+            yield session
+
+    def last_use(self, session: Any) -> None:
+        """Clear continueSession for the session's next command: on success the TPM ends the session
+        itself, which saves a FlushContext (on failure the session stays and is flushed as usual)."""
+        self.esapi.trsess_set_attributes(session, 0, TPMA_SESSION.CONTINUESESSION)
+
+    def ended_by_tpm(self, session: Any) -> None:
+        """Forget a session the TPM ended (continueSession was clear): free ESYS's record, no command."""
+        self._flush.remove(session)
+        self.esapi.tr_close(session)
+
+    def properties(self, first: int, count: int) -> dict[int, int]:
+        with tpm_errors("reading TPM properties"):
+            _, data = self.esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, int(first), count)
+        return {int(p.property): int(p.value) for p in data.data.tpmProperties}
+
+    def handles(self, first: int, count: int = 64) -> list[int]:
+        with tpm_errors("listing TPM handles"):
+            _, data = self.esapi.get_capability(TPM2_CAP.HANDLES, first, count)
+        return [int(h) for h in data.data.handles.handle[0 : data.data.handles.count]]

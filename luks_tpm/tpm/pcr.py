@@ -1,0 +1,98 @@
+"""PCRs and policies: read PCRs, compute policy digests in trial sessions, satisfy them, raise the fence.
+
+A binding's policy (docs/policy.md) is, in this order: PolicyPCR over the token's bank and PCRs,
+PolicyPCR over sha256 PCR 15 = zeros when it is fenced, PolicyAuthValue when it has a PIN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tpm2_pytss.constants import ESYS_TR, TPM2_CAP
+from tpm2_pytss.types import TPML_DIGEST_VALUES, TPML_PCR_SELECTION, TPMT_HA
+
+from ..errors import Cause, ExitCode, die
+from ..model import FENCE_BANK, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
+from .context import Tpm, tpm_errors
+
+_FENCE_DOWN = PcrPolicy(FENCE_BANK, (FENCE_PCR,), {FENCE_PCR: bytes(FENCE_BANK.size)})
+
+
+def _selection(bank: Bank, pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
+    return TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}")
+
+
+def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
+    values: dict[int, bytes] = {}
+    remaining = sorted(set(pcrs))
+    while remaining:  # PCR_Read returns at most 8 values per call
+        with tpm_errors("reading PCRs"):
+            _, returned, digests = tpm.esapi.pcr_read(_selection(bank, remaining))
+        got = [
+            index
+            for sel in returned.pcrSelections[0 : returned.count]
+            for index in range(sel.sizeofSelect * 8)
+            if sel.pcrSelect[index // 8] & (1 << (index % 8))
+        ]
+        if not got:
+            die(f"the TPM has no {bank} PCR bank", hint="choose another with --pcr-bank", code=ExitCode.UNSUPPORTED,
+                cause=Cause.UNSUPPORTED)
+        for index, digest in zip(got, digests.digests[0 : digests.count], strict=True):
+            values[index] = bytes(digest)
+        remaining = [index for index in remaining if index not in values]
+    return values
+
+
+def pcr_banks(tpm: Tpm) -> list[Bank]:
+    """Banks with at least one PCR allocated."""
+    with tpm_errors("reading the PCR banks"):
+        _, data = tpm.esapi.get_capability(TPM2_CAP.PCRS, 0, 16)
+    by_algorithm = {bank.algorithm: bank for bank in Bank}
+    return [
+        by_algorithm[int(selection.hash)]
+        for selection in data.data.assignedPCR.pcrSelections[0 : data.data.assignedPCR.count]
+        if int(selection.hash) in by_algorithm and any(selection.pcrSelect[0 : selection.sizeofSelect])
+    ]
+
+
+def apply_policy(tpm: Tpm, session: Any, policy: PcrPolicy, *, trial: bool) -> None:
+    """Run the policy's commands in `session`. In a real session PolicyPCR gets an empty digest, which
+    makes the TPM use the PCRs' current values (a mismatch then fails the command the policy guards)."""
+    parts = ([policy] if policy.pcrs else []) + ([_FENCE_DOWN] if policy.fence else [])
+    with tpm_errors("applying the PCR policy"):
+        for part in parts:
+            tpm.esapi.policy_pcr(session, part.pcr_digest if trial else b"", _selection(part.bank, part.pcrs))
+        if policy.pin:
+            tpm.esapi.policy_auth_value(session)
+
+
+def restart_policy(tpm: Tpm, session: Any) -> None:
+    with tpm_errors("restarting the policy session"):
+        tpm.esapi.policy_restart(session)
+
+
+def policy_digest(tpm: Tpm, policy: PcrPolicy) -> bytes:
+    """The policy's digest, computed by the TPM itself in a trial session."""
+    with tpm.trial_session() as session:
+        apply_policy(tpm, session, policy, trial=True)
+        with tpm_errors("computing the policy digest"):
+            return bytes(tpm.esapi.policy_get_digest(session))
+
+
+def fence_is_up(tpm: Tpm) -> bool:
+    return pcr_values(tpm, FENCE_BANK, [FENCE_PCR])[FENCE_PCR] != bytes(FENCE_BANK.size)
+
+
+def raise_fence(tpm: Tpm) -> list[Bank]:
+    """Extend PCR 15 in every allocated bank with the bank's hash of FENCE_MESSAGE; the banks extended."""
+    banks = pcr_banks(tpm)
+    values = []
+    for bank in banks:
+        value = TPMT_HA(hashAlg=bank.algorithm)
+        setattr(value.digest, bank.value, bank.hash(FENCE_MESSAGE))  # the union member is named after the hash
+        values.append(value)
+    digests = TPML_DIGEST_VALUES(values)
+    with tpm_errors("extending PCR 15"):
+        tpm.esapi.pcr_extend(getattr(ESYS_TR, f"PCR{FENCE_PCR}"), digests)
+    return banks
