@@ -255,6 +255,8 @@ def test_package_holds_make_install_and_a_runtime_of_its_own(deb: Path, tmp_path
     assert not [p for p in contents if "-packages" in p], "nothing may go into a site-packages directory"
     for package in ("tpm2_pytss", "cryptography", "cffi", "click"):
         assert f"{RUNTIME}/{package}/__init__.py" in contents, package
+    sources = {f"{RUNTIME}/{p.relative_to(REPO).as_posix()}" for p in (REPO / "luks_tpm").rglob("*.py")}
+    assert sources <= contents, f"modules missing from the package: {sorted(sources - contents)}"
 
 
 def test_package_declares_its_debian_dependencies_and_the_initramfs_trigger(deb: Path, tmp_path: Path) -> None:
