@@ -1,8 +1,11 @@
 # Install the boot integration: the shell functions both builders use, the initramfs-tools hook and boot
 # scripts, the dracut module, and the helper the hooks use to list what luks-tpm needs; and the
-# request-key handler's configuration. The Python package itself is installed with pip.
+# request-key handler's configuration. The Python package itself comes with the Debian package (make deb),
+# or is installed with pip for development.
 #   make install [DESTDIR=/staging] [PREFIX=/usr] [LUKS_TPM=/usr/sbin/luks-tpm] [TCTI=device:/dev/tpmrm0]
 #   make uninstall
+#   make deb        -> dist/luks-tpm_<version>_<arch>.deb: everything in `install`, plus the command, its
+#                      Python runtime, man page and completion (packaging/build-deb)
 PREFIX ?= /usr
 DESTDIR ?=
 INITRAMFS_TOOLS ?= $(PREFIX)/share/initramfs-tools
@@ -18,7 +21,11 @@ INITRAMFS_SCRIPTS := local-top/luks-tpm local-bottom/luks-tpm panic/luks-tpm
 DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm-fence.sh luks-tpm.service \
 	luks-tpm-fence.service
 
-.PHONY: install uninstall
+.PHONY: install uninstall deb
+deb:
+	scripts/bootstrap
+	packaging/build-deb dist
+
 install:
 	install -D -m 0644 hooks/functions.sh $(DESTDIR)$(LIBDIR)/functions
 	install -D -m 0644 hooks/initramfs/luks-tpm-files $(DESTDIR)$(LIBDIR)/luks-tpm-files

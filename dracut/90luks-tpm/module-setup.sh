@@ -25,25 +25,35 @@ installkernel() {
     hostonly='' instmods -o tpm_tis tpm_crb dm_crypt
 }
 
-# Which interpreter luks-tpm is installed for (same rules as the initramfs-tools hook).
-luks_tpm_python() {
+# The command that lists what to copy, in luks_tpm_lister (same rules as the initramfs-tools hook): a
+# development install's interpreter ($LUKS_TPM_PYTHON, PYTHON= in /etc/luks-tpm/initramfs.conf), else
+# the Debian package's runtime for Debian's python3, else the #! line of the luks-tpm command.
+luks_tpm_find_lister() {
     local python=${LUKS_TPM_PYTHON:-} launcher
     if [[ -z $python && -r $dracutsysrootdir/etc/luks-tpm/initramfs.conf ]]; then
         python=$(sed -n 's/^PYTHON=//p' "$dracutsysrootdir/etc/luks-tpm/initramfs.conf" | tail -n1)
     fi
+    # -I: ignore PYTHON* variables and the user's site-packages, exactly like the boot-time run.
+    luks_tpm_lister=("$python" -I "$LUKS_TPM_LIBDIR/luks-tpm-files")
+    if [[ -z $python && -d $LUKS_TPM_LIBDIR/python/luks_tpm ]]; then
+        # -S: nothing from the system's site-packages; -B: no byte-code written into the package's files.
+        luks_tpm_lister=(/usr/bin/python3 -I -S -B "$LUKS_TPM_LIBDIR/luks-tpm-files" --path "$LUKS_TPM_LIBDIR/python")
+        return 0
+    fi
     if [[ -z $python ]] && launcher=$(command -v luks-tpm); then
         python=$(sed -n '1s/^#! *\([^ ]*\).*/\1/p' "$launcher")
     fi
-    echo "${python:-/usr/bin/python3}"
+    luks_tpm_lister[0]=${python:-/usr/bin/python3}
 }
 
 install() {
-    local python list kind src dest interpreter=""
-    python=$(luks_tpm_python)
+    local list kind src dest interpreter=""
+    local -a luks_tpm_lister
+    luks_tpm_find_lister
     # luks-tpm-files lists the interpreter, the modules luks-tpm imports, and every library it dlopens
     # (libcryptsetup, libkeyutils, the TSS's TCTI, libgcc_s): see its docstring.
-    if ! list=$("$python" -I "$LUKS_TPM_LIBDIR/luks-tpm-files"); then
-        derror "luks-tpm: $python cannot import luks_tpm"
+    if ! list=$("${luks_tpm_lister[@]}"); then
+        derror "luks-tpm: ${luks_tpm_lister[0]} cannot import luks_tpm"
         return 1
     fi
     while IFS=$'\t' read -r kind src dest; do
