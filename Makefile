@@ -1,8 +1,11 @@
-# Install the boot integration: the initramfs-tools hook and local-top script, the dracut module, and the
-# helper both use to list what luks-tpm needs; and the request-key handler's configuration. The Python
-# package itself is installed with pip.
+# Install the boot integration: the shell functions both builders use, the initramfs-tools hook and boot
+# scripts, the dracut module, and the helper the hooks use to list what luks-tpm needs; and the
+# request-key handler's configuration. The Python package itself comes with the Debian package (make deb),
+# or is installed with pip for development.
 #   make install [DESTDIR=/staging] [PREFIX=/usr] [LUKS_TPM=/usr/sbin/luks-tpm] [TCTI=device:/dev/tpmrm0]
 #   make uninstall
+#   make deb        -> dist/luks-tpm_<version>_<arch>.deb: everything in `install`, plus the command, its
+#                      Python runtime, man page and completion (packaging/build-deb)
 PREFIX ?= /usr
 DESTDIR ?=
 INITRAMFS_TOOLS ?= $(PREFIX)/share/initramfs-tools
@@ -13,13 +16,24 @@ REQUEST_KEY_D ?= /etc/request-key.d
 LUKS_TPM ?= $(PREFIX)/sbin/luks-tpm
 TCTI ?= device:/dev/tpmrm0
 
-DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm.service
+# The hooks and boot scripts look for /usr/lib/luks-tpm/functions, i.e. the default LIBDIR.
+INITRAMFS_SCRIPTS := local-top/luks-tpm local-bottom/luks-tpm panic/luks-tpm
+DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm-fence.sh luks-tpm.service \
+	luks-tpm-fence.service
 
-.PHONY: install uninstall
+.PHONY: install uninstall deb
+deb:
+	scripts/bootstrap
+	packaging/build-deb dist
+
 install:
+	install -D -m 0644 hooks/functions.sh $(DESTDIR)$(LIBDIR)/functions
+	install -D -m 0644 hooks/initramfs/luks-tpm-files $(DESTDIR)$(LIBDIR)/luks-tpm-files
 	install -D -m 0755 hooks/initramfs/hooks/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm
 	install -D -m 0755 hooks/initramfs/scripts/local-top/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/local-top/luks-tpm
-	install -D -m 0644 hooks/initramfs/luks-tpm-files $(DESTDIR)$(LIBDIR)/luks-tpm-files
+	# the fence: after the root is mounted, and before an emergency shell
+	install -D -m 0755 hooks/initramfs/scripts/local-bottom/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/local-bottom/luks-tpm
+	install -D -m 0755 hooks/initramfs/scripts/local-bottom/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/panic/luks-tpm
 	for f in $(DRACUT_FILES); do \
 		case $$f in *.sh) mode=0755 ;; *) mode=0644 ;; esac; \
 		install -D -m $$mode dracut/90luks-tpm/$$f $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/$$f || exit 1; \
@@ -30,8 +44,9 @@ install:
 	chmod 0644 $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf
 
 uninstall:
-	rm -f $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/local-top/luks-tpm
-	rm -f $(DESTDIR)$(LIBDIR)/luks-tpm-files
+	rm -f $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm
+	rm -f $(addprefix $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/,$(INITRAMFS_SCRIPTS))
+	rm -f $(DESTDIR)$(LIBDIR)/functions $(DESTDIR)$(LIBDIR)/luks-tpm-files
 	-rmdir $(DESTDIR)$(LIBDIR) 2>/dev/null
 	rm -f $(addprefix $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/,$(DRACUT_FILES))
 	-rmdir $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm 2>/dev/null

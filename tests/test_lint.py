@@ -14,7 +14,7 @@ from .helpers import REPO
 
 def _shell_scripts() -> list[Path]:
     scripts = []
-    for top in ("hooks", "dracut", "images", "scripts", ".ci"):
+    for top in ("hooks", "dracut", "images", "scripts", ".ci", "packaging"):
         for path in sorted((REPO / top).rglob("*")):
             if not path.is_file():
                 continue
@@ -30,9 +30,9 @@ def _run(*command: str) -> None:
 
 
 def test_ruff() -> None:
-    # hooks/initramfs/luks-tpm-files is Python without a .py name (installed as a data file)
-    _run(sys.executable, "-m", "ruff", "check", "luks_tpm", "tests", "images/luks-fill.py",
-         "hooks/initramfs/luks-tpm-files")
+    # Python without a .py name: luks-tpm-files (installed as a data file), the package's launcher, weigh
+    _run(sys.executable, "-m", "ruff", "check", "luks_tpm", "tests", "images/luks-fill.py", "images/weigh",
+         "hooks/initramfs/luks-tpm-files", "packaging/clidoc.py", "packaging/luks-tpm.launcher")
 
 
 # Files kept in `ruff format` style; the rest of the tree predates it and keeps its hand layout.

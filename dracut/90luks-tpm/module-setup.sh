@@ -3,13 +3,13 @@
 # dracut module: unlock every crypttab volume marked x-luks-tpm from the TPM in one pass, before the crypt
 # module (or systemd-cryptsetup) asks for passphrases. Those it cannot open fall through to them.
 
-LUKS_TPM_LIBDIR=/usr/lib/luks-tpm
-LUKS_TPM_OPTION_RE='^[[:space:]]*[^#[:space:]]+[[:space:]]+[^[:space:]]+[[:space:]]+[^[:space:]]+[[:space:]]+([^[:space:]]*,)?x-luks-tpm(,|[[:space:]]|$)'
+# shellcheck source-path=SCRIPTDIR source=../../hooks/functions.sh
+. /usr/lib/luks-tpm/functions
 
 # Included by default when hostonly and /etc/crypttab has an x-luks-tpm entry; otherwise on request
 # (--add luks-tpm).
 check() {
-    if [[ $hostonly ]] && grep -Eqs "$LUKS_TPM_OPTION_RE" "$dracutsysrootdir/etc/crypttab"; then
+    if [[ $hostonly ]] && luks_tpm_has_marked "$dracutsysrootdir/etc/crypttab"; then
         return 0
     fi
     return 255
@@ -25,25 +25,35 @@ installkernel() {
     hostonly='' instmods -o tpm_tis tpm_crb dm_crypt
 }
 
-# Which interpreter luks-tpm is installed for (same rules as the initramfs-tools hook).
-luks_tpm_python() {
+# The command that lists what to copy, in luks_tpm_lister (same rules as the initramfs-tools hook): a
+# development install's interpreter ($LUKS_TPM_PYTHON, PYTHON= in /etc/luks-tpm/initramfs.conf), else
+# the Debian package's runtime for Debian's python3, else the #! line of the luks-tpm command.
+luks_tpm_find_lister() {
     local python=${LUKS_TPM_PYTHON:-} launcher
     if [[ -z $python && -r $dracutsysrootdir/etc/luks-tpm/initramfs.conf ]]; then
         python=$(sed -n 's/^PYTHON=//p' "$dracutsysrootdir/etc/luks-tpm/initramfs.conf" | tail -n1)
     fi
+    # -I: ignore PYTHON* variables and the user's site-packages, exactly like the boot-time run.
+    luks_tpm_lister=("$python" -I "$LUKS_TPM_LIBDIR/luks-tpm-files")
+    if [[ -z $python && -d $LUKS_TPM_LIBDIR/python/luks_tpm ]]; then
+        # -S: nothing from the system's site-packages; -B: no byte-code written into the package's files.
+        luks_tpm_lister=(/usr/bin/python3 -I -S -B "$LUKS_TPM_LIBDIR/luks-tpm-files" --path "$LUKS_TPM_LIBDIR/python")
+        return 0
+    fi
     if [[ -z $python ]] && launcher=$(command -v luks-tpm); then
         python=$(sed -n '1s/^#! *\([^ ]*\).*/\1/p' "$launcher")
     fi
-    echo "${python:-/usr/bin/python3}"
+    luks_tpm_lister[0]=${python:-/usr/bin/python3}
 }
 
 install() {
-    local python list kind src dest interpreter=""
-    python=$(luks_tpm_python)
+    local list kind src dest interpreter=""
+    local -a luks_tpm_lister
+    luks_tpm_find_lister
     # luks-tpm-files lists the interpreter, the modules luks-tpm imports, and every library it dlopens
     # (libcryptsetup, libkeyutils, the TSS's TCTI, libgcc_s): see its docstring.
-    if ! list=$("$python" -I "$LUKS_TPM_LIBDIR/luks-tpm-files"); then
-        derror "luks-tpm: $python cannot import luks_tpm"
+    if ! list=$("${luks_tpm_lister[@]}"); then
+        derror "luks-tpm: ${luks_tpm_lister[0]} cannot import luks_tpm"
         return 1
     fi
     while IFS=$'\t' read -r kind src dest; do
@@ -69,22 +79,37 @@ install() {
 exec $interpreter -I -S -c 'import sys; sys.path[:0] = ["$LUKS_TPM_LIBDIR/python"]; sys.argv[0] = "luks-tpm"; from luks_tpm.__main__ import main; sys.exit(main())' "\$@"
 LAUNCHER
     chmod 0755 "$initdir/usr/sbin/luks-tpm"
+    inst_simple "$LUKS_TPM_LIBDIR/functions" "$LUKS_TPM_LIBDIR/functions"
     inst_script "$moddir/luks-tpm-dracut.sh" /usr/sbin/luks-tpm-dracut
     inst_multiple -o awk sed grep sleep timeout
 
-    # Our entries must be in the initramfs crypttab, under the same names, so that the crypt module and
-    # systemd-cryptsetup see the volumes we opened as already open. The crypt module writes one only in
-    # hostonly mode, filtered to the root's devices.
-    local line
-    while IFS= read -r line; do
-        grep -Fqx -- "$line" "$initdir/etc/crypttab" 2>/dev/null || printf '%s\n' "$line" >>"$initdir/etc/crypttab"
-    done < <(grep -Es "$LUKS_TPM_OPTION_RE" "$dracutsysrootdir/etc/crypttab")
+    # Our entries, marked, in our own list; in the image's /etc/crypttab (which the crypt module writes
+    # only in hostonly mode, filtered to the root's devices) under the same names but without the marker,
+    # so that the crypt module and systemd-cryptsetup see the volumes we opened as open, and
+    # systemd-cryptsetup does not warn about an unknown option for each of them.
+    local line name
+    mkdir -p "$initdir$LUKS_TPM_LIBDIR"
+    luks_tpm_crypttab marked <"$dracutsysrootdir/etc/crypttab" >"$initdir$LUKS_TPM_CRYPTTAB"
+    if [[ -f $initdir/etc/crypttab ]]; then
+        luks_tpm_crypttab strip <"$initdir/etc/crypttab" >"$initdir/etc/crypttab.luks-tpm"
+        mv "$initdir/etc/crypttab.luks-tpm" "$initdir/etc/crypttab"
+    fi
+    while read -r name _ && IFS= read -r line <&3; do
+        awk -v name="$name" '$1 == name { found = 1 } END { exit !found }' "$initdir/etc/crypttab" 2>/dev/null ||
+            printf '%s\n' "$line" >>"$initdir/etc/crypttab"
+    done <"$initdir$LUKS_TPM_CRYPTTAB" 3< <(luks_tpm_crypttab strip <"$initdir$LUKS_TPM_CRYPTTAB")
 
+    # The fence before the real root runs, and before an emergency shell (both modes source emergency hooks).
+    inst_hook emergency 00 "$moddir/luks-tpm-fence.sh"
     if dracut_module_included systemd; then
         inst_simple "$moddir/luks-tpm.service" "${systemdsystemunitdir:?}/luks-tpm.service"
+        inst_simple "$moddir/luks-tpm-fence.service" "$systemdsystemunitdir/luks-tpm-fence.service"
         $SYSTEMCTL -q --root "$initdir" add-wants cryptsetup.target luks-tpm.service
+        $SYSTEMCTL -q --root "$initdir" add-wants initrd.target luks-tpm-fence.service
+        $SYSTEMCTL -q --root "$initdir" add-wants initrd-switch-root.target luks-tpm-fence.service
     else
         # Before udev is triggered, so it is queued ahead of the crypt module's cryptroot-ask jobs.
         inst_hook pre-trigger 90 "$moddir/luks-tpm-queue.sh"
+        inst_hook pre-pivot 90 "$moddir/luks-tpm-fence.sh"
     fi
 }

@@ -42,20 +42,31 @@ class Scenario:
     mksystem: tuple[str, ...] = ()  # images/mksystem options
     append: tuple[str, ...] = ()  # extra kernel arguments
     tpm: bool = True  # attach the system's TPM to the VM
+    until: str = "LUKSTPM-RESULT"  # the console line that ends the boot
 
 
 SCENARIOS = {
-    # root and data1 derived, data2 sealed to PCR 16 (zero at boot): all three open in one pass
-    "unattended": Scenario(),
+    # root and data1 derived, data2 sealed to PCR 16 (zero at boot), all fenced: all three open in one
+    # pass; then the booted system tries to recover every key from the TPM (images/rootfs-init)
+    "unattended": Scenario(append=("luks_tpm_test.load_key",)),
     # PCR 16 was extended on the host before sealing data2: the guest's value no longer matches
     "pcr-mismatch": Scenario(mksystem=("--pcr-mismatch",)),
     # TPM2_Clear after enrolling: every binding is gone
     "owner-cleared": Scenario(mksystem=("--clear-owner",)),
     # no TPM in the machine at all: bounded wait, then the passphrase path
     "no-tpm": Scenario(append=("luks_tpm.timeout=3",), tpm=False),
+    # a shell in the initramfs before anything is unlocked (initramfs-tools break=, which needs an empty
+    # panic= to give a shell; dracut rd.break=): the fence goes up before the shell's prompt, luks_tpm=0
+    # (no unlock pass) or not
+    "emergency": Scenario(append=("break=premount", "rd.break=pre-trigger", "panic=", "luks_tpm=0"),
+                          until=r"^\(initramfs\) |^pre-trigger:/# "),
+    # the root-swap attack: the root disk is the attacker's (same UUID, their passphrase), the real data
+    # volumes are attached; the attacker's init tries to recover their keys from the TPM
+    "root-swap": Scenario(mksystem=("--root-swap",)),
 }
 BOOT_TIMEOUT = 180
 VOLUMES = ("cryptroot", "data1", "data2")
+DISKS = ("vda", "vdb", "vdc", "vdd")  # vdd: "spare", unfenced, in no crypttab (images/mksystem)
 
 
 @dataclass
@@ -158,13 +169,13 @@ class VmRunner:
             "--timeout",
             str(BOOT_TIMEOUT),
             "--until",
-            "LUKSTPM-RESULT",
+            config.until,
             "--passphrase",
             system / "passphrase",
             "--append",
             " ".join(["root=/dev/mapper/cryptroot", *BUILDER_APPEND[builder], *config.append]),
         ]
-        for disk in ("vda", "vdb", "vdc"):
+        for disk in DISKS:
             cmd += ["--disk", system / f"{disk}.img"]
         if config.tpm:
             # Each boot gets its own copy of the TPM state: one swtpm per state dir, and boots run in parallel.

@@ -1,0 +1,160 @@
+# shellcheck shell=sh
+# luks-tpm's boot functions, installed as /usr/lib/luks-tpm/functions and copied into the initramfs (both
+# builders). Sourced at build time by the initramfs-tools hook and the dracut module (which crypttab
+# entries are ours) and at boot by the builder-specific scripts (the unlock pass, the fence).
+# POSIX sh (dash, busybox ash, bash). Sourcing only defines luks_tpm_* names: dracut sources its hooks
+# into its own shell, so nothing here runs at load time, exits, or uses a name without that prefix.
+# The kernel command line: luks_tpm=0 (or off) skips the unlock pass but never the fence;
+# luks_tpm.timeout= bounds the waits for the TPM and the disks (seconds, default 10);
+# luks_tpm.unlock_timeout= bounds each luks-tpm run (the unlock pass, the fence; default 120).
+
+LUKS_TPM=/usr/sbin/luks-tpm
+LUKS_TPM_LIBDIR=/usr/lib/luks-tpm
+# Inside the initramfs: the entries to unlock, marked, written by the build-time hook from the crypttab
+# the image carries (the copy the other tools read has the marker stripped, so they stay quiet).
+LUKS_TPM_CRYPTTAB=$LUKS_TPM_LIBDIR/crypttab
+LUKS_TPM_TCTI=device:/dev/tpmrm0
+
+luks_tpm_say() { echo "luks-tpm: $*" >&2; }
+
+# luks_tpm_crypttab marked|strip: filter a crypttab on stdin. `marked` prints the entries whose options
+# (4th field) include x-luks-tpm; `strip` prints every line, those entries without that option. A `#`
+# starts a comment anywhere on a line, as for luks-tpm's own parser (luks_tpm/crypttab.py).
+luks_tpm_crypttab() {
+    awk -v mode="$1" '
+    {
+        raw = $0
+        sub(/#.*/, "")
+        marked = 0
+        kept = ""
+        if (NF >= 4) {
+            n = split($4, option, ",")
+            for (i = 1; i <= n; i++) {
+                if (option[i] == "x-luks-tpm") marked = 1
+                else kept = kept (kept == "" ? "" : ",") option[i]
+            }
+        }
+        if (mode == "marked") {
+            if (marked) print raw
+        } else if (!marked) {
+            print raw
+        } else {
+            line = $1 " " $2 " " $3
+            if (kept != "") line = line " " kept
+            for (i = 5; i <= NF; i++) line = line " " $i
+            print line
+        }
+    }'
+}
+
+# luks_tpm_has_marked FILE: true if crypttab FILE has an entry marked x-luks-tpm.
+luks_tpm_has_marked() {
+    [ -r "$1" ] && [ -n "$(luks_tpm_crypttab marked <"$1")" ]
+}
+
+# luks_tpm_cmdline: read the kernel command line into luks_tpm_enabled (1/0), luks_tpm_timeout and
+# luks_tpm_unlock_timeout. $luks_tpm_also_off: more arguments that mean "no unlock pass" (dracut: rd.luks=0).
+luks_tpm_cmdline() {
+    luks_tpm_enabled=1 luks_tpm_timeout=10 luks_tpm_unlock_timeout=120
+    read -r luks_tpm_args </proc/cmdline
+    for luks_tpm_arg in $luks_tpm_args; do
+        case $luks_tpm_arg in
+        luks_tpm=0 | luks_tpm=off) luks_tpm_enabled=0 ;;
+        luks_tpm.timeout=*) luks_tpm_timeout=${luks_tpm_arg#luks_tpm.timeout=} ;;
+        luks_tpm.unlock_timeout=*) luks_tpm_unlock_timeout=${luks_tpm_arg#luks_tpm.unlock_timeout=} ;;
+        esac
+        for luks_tpm_off in ${luks_tpm_also_off-}; do
+            [ "$luks_tpm_arg" != "$luks_tpm_off" ] || luks_tpm_enabled=0
+        done
+    done
+}
+
+# luks_tpm_wait_tpm: wait (bounded by luks_tpm_timeout; the budget left is in luks_tpm_tenths) for the
+# kernel's TPM resource manager. Once it was found missing, later calls (the fence) do not wait again.
+luks_tpm_wait_tpm() {
+    # Built in on Debian kernels; modules elsewhere.
+    modprobe -q tpm_tis 2>/dev/null
+    modprobe -q tpm_crb 2>/dev/null
+    luks_tpm_tenths=$((luks_tpm_timeout * 10))
+    [ ! -e /run/luks-tpm/no-tpm ] || luks_tpm_tenths=0
+    while [ ! -c /dev/tpmrm0 ] && [ "$luks_tpm_tenths" -gt 0 ]; do
+        sleep 0.1
+        luks_tpm_tenths=$((luks_tpm_tenths - 1))
+    done
+    [ -c /dev/tpmrm0 ] && return 0
+    mkdir -p /run/luks-tpm && : >/run/luks-tpm/no-tpm
+    return 1
+}
+
+# luks_tpm_wait_disks: give udev what is left of the same budget to make the /dev/disk/by-uuid links of
+# our volumes (luks-tpm also finds them by their headers when there is no link).
+luks_tpm_wait_disks() {
+    luks_tpm_uuids=$(awk '$2 ~ /^UUID=/ { print substr($2, 6) }' "$LUKS_TPM_CRYPTTAB")
+    for luks_tpm_uuid in $luks_tpm_uuids; do
+        while [ ! -e "/dev/disk/by-uuid/$luks_tpm_uuid" ] && [ "$luks_tpm_tenths" -gt 0 ]; do
+            sleep 0.1
+            luks_tpm_tenths=$((luks_tpm_tenths - 1))
+        done
+    done
+}
+
+# luks_tpm_run ARG...: luks-tpm ARG... on the TPM, bounded by luks_tpm_unlock_timeout (a TPM that stops
+# answering must not hang the boot); its exit status in luks_tpm_rc, its time (seconds) in luks_tpm_took.
+luks_tpm_run() {
+    read -r luks_tpm_started _ </proc/uptime
+    if command -v timeout >/dev/null; then
+        timeout "$luks_tpm_unlock_timeout" "$LUKS_TPM" --tcti "$LUKS_TPM_TCTI" "$@"
+    else
+        "$LUKS_TPM" --tcti "$LUKS_TPM_TCTI" "$@"
+    fi
+    luks_tpm_rc=$?
+    read -r luks_tpm_ended _ </proc/uptime
+    luks_tpm_took=$(echo "$luks_tpm_started $luks_tpm_ended" | awk '{ printf "%.2f", $2 - $1 }')
+}
+
+# luks_tpm_unlock: the one unlock pass, before the builder's own passphrase prompts: it opens
+# every volume it can (TPM -> kernel keyring -> dm-crypt inside one process: no key file, pipe, argv or
+# environment) and leaves the rest to the prompts. Never fails the boot.
+luks_tpm_unlock() {
+    [ -x "$LUKS_TPM" ] && [ -s "$LUKS_TPM_CRYPTTAB" ] || return 0
+    luks_tpm_cmdline
+    [ "$luks_tpm_enabled" = 1 ] || return 0
+    modprobe -q dm_crypt 2>/dev/null
+    if ! luks_tpm_wait_tpm; then
+        luks_tpm_say "no TPM (/dev/tpmrm0) after ${luks_tpm_timeout}s; falling back to passphrase"
+        return 0
+    fi
+    luks_tpm_wait_disks
+    [ -d /run/cryptsetup ] || mkdir -m0700 /run/cryptsetup
+    luks_tpm_run open --all --crypttab "$LUKS_TPM_CRYPTTAB"
+    luks_tpm_say "unlock pass took ${luks_tpm_took}s (exit $luks_tpm_rc)"
+    case $luks_tpm_rc in
+    0) ;;
+    5) luks_tpm_say "some volumes were not opened; asking for their passphrase" ;;
+    *) luks_tpm_say "failed (exit $luks_tpm_rc); falling back to passphrase" ;;
+    esac
+    return 0
+}
+
+# luks_tpm_fence: raise the PCR 15 fence once every volume is open (by the TPM or by passphrase) and
+# before the real root runs, or before an emergency shell. Always: also with luks_tpm=0, after a failed
+# unlock pass, and whether or not a token is fenced (headers can be unreadable, and a swapped root can
+# hide its markers). Without a TPM there is nothing to fence: say so and go on. Never fails the boot.
+luks_tpm_fence() {
+    luks_tpm_cmdline
+    if [ ! -x "$LUKS_TPM" ]; then
+        luks_tpm_say "$LUKS_TPM is missing: fence NOT raised"
+        return 0
+    fi
+    if ! luks_tpm_wait_tpm; then
+        luks_tpm_say "no TPM (/dev/tpmrm0): no fence to raise"
+        return 0
+    fi
+    luks_tpm_run fence >/dev/null
+    if [ "$luks_tpm_rc" = 0 ]; then
+        luks_tpm_say "fence raised (PCR 15) in ${luks_tpm_took}s"
+    else
+        luks_tpm_say "fence NOT raised (exit $luks_tpm_rc): keys of fenced tokens stay obtainable until reboot"
+    fi
+    return 0
+}
