@@ -89,7 +89,10 @@ LAUNCHER
     # systemd-cryptsetup does not warn about an unknown option for each of them.
     local line name
     mkdir -p "$initdir$LUKS_TPM_LIBDIR"
-    luks_tpm_crypttab marked <"$dracutsysrootdir/etc/crypttab" >"$initdir$LUKS_TPM_CRYPTTAB"
+    : >"$initdir$LUKS_TPM_CRYPTTAB"
+    if [[ -r $dracutsysrootdir/etc/crypttab ]]; then
+        luks_tpm_crypttab marked <"$dracutsysrootdir/etc/crypttab" >"$initdir$LUKS_TPM_CRYPTTAB"
+    fi
     if [[ -f $initdir/etc/crypttab ]]; then
         luks_tpm_crypttab strip <"$initdir/etc/crypttab" >"$initdir/etc/crypttab.luks-tpm"
         mv "$initdir/etc/crypttab.luks-tpm" "$initdir/etc/crypttab"
