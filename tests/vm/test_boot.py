@@ -139,7 +139,6 @@ def test_owner_cleared_says_so_and_falls_back(boot: Boot) -> None:
     assert len(boot.lines(r"boot: answered passphrase prompt")) == len(VOLUMES), boot.tail()
     assert_booted_and_clean(boot)
     assert_fence_raised(boot)
-    assert boot.seconds < 150, f"fallback took {boot.seconds:.0f}s"
 
 
 @vm_cases("no-tpm")
