@@ -53,8 +53,15 @@ def dm_table(device: Device, digest: int, key_size: int) -> str:
     return line + (f" {len(options)} {' '.join(options)}" if options else "")
 
 
-def load_keys(tcti: str, device_paths: Sequence[Path], target: int, timeout: int | None, table: bool,
-              token_id: int | None, pins: PinSource) -> Report:
+def load_keys(
+    tcti: str,
+    device_paths: Sequence[Path],
+    target: int,
+    timeout: int | None,
+    table: bool,
+    token_id: int | None,
+    pins: PinSource,
+) -> Report:
     """Recover each device's key in one TPM pass and add it as a logon key; every device is tried, and the
     command fails (exit 5 or the single failure's own code) if any could not be loaded."""
     results: list[dict[str, Any]] = []
@@ -79,8 +86,9 @@ def load_keys(tcti: str, device_paths: Sequence[Path], target: int, timeout: int
     return Report(data, lines, warnings=warnings, exit_code=code)
 
 
-def _load_one(device: Device, recovery: KeyRecovery, target: int, timeout: int | None, table: bool,
-              token_id: int | None) -> dict[str, Any]:
+def _load_one(
+    device: Device, recovery: KeyRecovery, target: int, timeout: int | None, table: bool, token_id: int | None
+) -> dict[str, Any]:
     found = recover_verified(device, recovery, token_id=token_id)
     description = key_description(device, found.token.digest)
     with found.key:
@@ -89,8 +97,13 @@ def _load_one(device: Device, recovery: KeyRecovery, target: int, timeout: int |
     if timeout:
         keyring.set_timeout(serial, timeout)
     # The keyring's own serial, not a special id such as -3 (@s), which means another keyring to each process.
-    result: dict[str, Any] = {"device": device.path, "serial": serial, "description": description,
-                              "keyring": keyring.keyring_id(target), "token": found.token_id}
+    result: dict[str, Any] = {
+        "device": device.path,
+        "serial": serial,
+        "description": description,
+        "keyring": keyring.keyring_id(target),
+        "token": found.token_id,
+    }
     if table:
         result["table"] = dm_table(device, found.token.digest, found.token.key_size)
     return result
@@ -111,8 +124,11 @@ def _add_replacing(description: str, key: Secret, target: int) -> int:
         except keyring.KeyringError as error:
             if error.errno != errno.EACCES:
                 die(f"cannot add the logon key {description}: {error}", code=ExitCode.DEVICE, cause=Cause.GENERIC)
-    die(f"cannot add the logon key {description}: another process keeps adding it", hint="run the command again",
-        cause=Cause.GENERIC)
+    die(
+        f"cannot add the logon key {description}: another process keeps adding it",
+        hint="run the command again",
+        cause=Cause.GENERIC,
+    )
 
 
 def _activate(device: Device, name: str, key: Secret, options: Activation) -> None:
@@ -143,21 +159,27 @@ def _activate(device: Device, name: str, key: Secret, options: Activation) -> No
 
 def _require_device_mapper() -> None:
     if not cryptsetup.device_mapper_available():
-        die("device-mapper is not available here; use load-key",
+        die(
+            "device-mapper is not available here; use load-key",
             hint="load the dm_crypt module, or load the key with `luks-tpm load-key --table`",
-            code=ExitCode.UNSUPPORTED)
+            code=ExitCode.UNSUPPORTED,
+        )
 
 
-def open_volume(tcti: str, device_path: Path, name: str, options: Activation, token_id: int | None,
-                pins: PinSource) -> Report:
+def open_volume(
+    tcti: str, device_path: Path, name: str, options: Activation, token_id: int | None, pins: PinSource
+) -> Report:
     _require_device_mapper()
     with open_device(device_path) as device, Tpm(tcti) as tpm, KeyRecovery(tpm, pins) as recovery:
         found = recover_verified(device, recovery, token_id=token_id)
         with found.key:
             _activate(device, name, found.key, options)
         warnings = list(tpm.warnings)
-    return Report({"device": str(device_path), "name": name, "token": found.token_id},
-                  [f"{device_path}: opened as /dev/mapper/{name} (token {found.token_id})"], warnings=warnings)
+    return Report(
+        {"device": str(device_path), "name": name, "token": found.token_id},
+        [f"{device_path}: opened as /dev/mapper/{name} (token {found.token_id})"],
+        warnings=warnings,
+    )
 
 
 def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource) -> Report:
@@ -171,18 +193,25 @@ def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource) -> Report:
                 with open_device(resolved.device) as device:
                     found = recover_verified(device, recovery)
                     with found.key:
-                        _activate(device, entry.name, found.key, Activation(readonly=entry.readonly,
-                                                                            allow_discards=entry.discard))
+                        _activate(
+                            device,
+                            entry.name,
+                            found.key,
+                            Activation(readonly=entry.readonly, allow_discards=entry.discard),
+                        )
                 results.append({"name": entry.name, "device": entry.device, "opened": True, "token": found.token_id})
                 progress(f"{entry.name}: opened")
             except LuksTpmError as error:
-                results.append({"name": entry.name, "device": entry.device, "opened": False,
-                                "error": error_data(error)})
+                results.append(
+                    {"name": entry.name, "device": entry.device, "opened": False, "error": error_data(error)}
+                )
                 progress(f"{entry.name}: {error.message}; falling back to passphrase")
     failed = [result for result in results if not result["opened"]]
     if failed:
-        progress(f"{len(failed)} of {len(results)} volumes could not be opened with the TPM; they are left for "
-                 "the passphrase prompt")
+        progress(
+            f"{len(failed)} of {len(results)} volumes could not be opened with the TPM; they are left for "
+            "the passphrase prompt"
+        )
     return Report({"volumes": results}, [], exit_code=ExitCode.UNLOCK_FAILED if failed else ExitCode.OK)
 
 
@@ -211,15 +240,24 @@ def status(tcti: str, devices: Sequence[Path]) -> Report:
         state = "up: fenced tokens cannot be recovered until reboot" if fence_up else "down"
         lines.append(f"fence (PCR {FENCE_PCR}): {state}")
     every = all(volume["unlocks"] for volume in volumes)
-    return Report({"volumes": volumes, "fence_up": fence_up, "unlocks": every}, lines, warnings=warnings,
-                  exit_code=ExitCode.OK if every else ExitCode.UNLOCK_FAILED)
+    return Report(
+        {"volumes": volumes, "fence_up": fence_up, "unlocks": every},
+        lines,
+        warnings=warnings,
+        exit_code=ExitCode.OK if every else ExitCode.UNLOCK_FAILED,
+    )
 
 
 def _volume_status(path: Path, tpm: Tpm | None, tpm_error: LuksTpmError | None, *, alone: bool) -> dict[str, Any]:
     try:
         with open_device(path) as device:
-            volume: dict[str, Any] = {"device": str(path), "uuid": device.uuid, "keyslots": device.keyslots(),
-                                      "tokens": [], "error": None}
+            volume: dict[str, Any] = {
+                "device": str(path),
+                "uuid": device.uuid,
+                "keyslots": device.keyslots(),
+                "tokens": [],
+                "error": None,
+            }
             lines = [f"{path}: LUKS2 {device.uuid}, keyslots {volume['keyslots'] or 'none'}"]
             for entry in luks_tpm_tokens(device):
                 info = _token_status(device, tpm, tpm_error, entry.token_id, entry.token, entry.damage)
@@ -252,22 +290,44 @@ def _bound_line(info: dict[str, Any]) -> str:
     pcrs = ",".join(map(str, info["pcrs"])) or "none"
     matching = info.get("pcrs_matching")
     now = "unknown" if matching is None else ",".join(map(str, matching)) or "none"
-    return (f"bank {info['pcr_bank']}, PCRs {pcrs}, matching now: {now}, fence: {'yes' if info['fence'] else 'no'}"
-            f", PIN: {'yes' if info['pin'] else 'no'}")
+    return (
+        f"bank {info['pcr_bank']}, PCRs {pcrs}, matching now: {now}, fence: {'yes' if info['fence'] else 'no'}"
+        f", PIN: {'yes' if info['pin'] else 'no'}"
+    )
 
 
-def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | None, token_id: int,
-                  token: Token | None, damage: LuksTpmError | None) -> dict[str, Any]:
+def _token_status(
+    device: Device,
+    tpm: Tpm | None,
+    tpm_error: LuksTpmError | None,
+    token_id: int,
+    token: Token | None,
+    damage: LuksTpmError | None,
+) -> dict[str, Any]:
     if token is None:
         assert damage is not None
-        return {"id": token_id, "damaged": True, "summary": "damaged", "unlocks": False, "reason": damage.message,
-                "cause": str(damage.cause), "other_tpm": False}
+        return {
+            "id": token_id,
+            "damaged": True,
+            "summary": "damaged",
+            "unlocks": False,
+            "reason": damage.message,
+            "cause": str(damage.cause),
+            "other_tpm": False,
+        }
     info: dict[str, Any] = {
-        "id": token_id, "damaged": False, "mode": str(token.mode), "pcr_bank": str(token.pcr_bank),
-        "pcrs": list(token.pcrs), "pin": token.pin, "fence": token.fence, "created": token.created,
+        "id": token_id,
+        "damaged": False,
+        "mode": str(token.mode),
+        "pcr_bank": str(token.pcr_bank),
+        "pcrs": list(token.pcrs),
+        "pin": token.pin,
+        "fence": token.fence,
+        "created": token.created,
         "parent": token.parent.name.hex(),
         "parent_handle": None if token.parent.handle is None else f"{token.parent.handle:#x}",
-        "summary": f"{token.describe()}, created {token.created}", "other_tpm": False,
+        "summary": f"{token.describe()}, created {token.created}",
+        "other_tpm": False,
     }
     if tpm is None:
         assert tpm_error is not None
@@ -280,8 +340,9 @@ def _token_status(device: Device, tpm: Tpm | None, tpm_error: LuksTpmError | Non
             with KeyRecovery(tpm) as recovery:
                 recovery.precheck(token)
             if lockout_state(tpm).in_lockout:  # a PIN object is DA-protected: no try is accepted now
-                raise LuksTpmError("the TPM is in dictionary-attack lockout", code=ExitCode.LOCKED_OUT,
-                                   cause=Cause.LOCKED_OUT)
+                raise LuksTpmError(
+                    "the TPM is in dictionary-attack lockout", code=ExitCode.LOCKED_OUT, cause=Cause.LOCKED_OUT
+                )
             return {**info, "unlocks": True, "reason": None, "cause": None, "note": "needs the PIN"}
         with KeyRecovery(tpm) as recovery:
             recover_verified(device, recovery, token_id=token_id).key.close()
@@ -296,14 +357,24 @@ def _would_not_unlock(info: dict[str, Any], error: LuksTpmError) -> dict[str, An
     """Another TPM's token is not a failure here: it is marked as such, and the volume's verdict rests on
     this TPM's tokens (a volume with only other TPMs' tokens does not unlock here, and says so)."""
     other = error.cause is Cause.OTHER_TPM
-    return {**info, "unlocks": False, "reason": error.message, "cause": str(error.cause), "other_tpm": other,
-            **({"summary": f"{info['summary']} (another TPM)"} if other else {})}
+    return {
+        **info,
+        "unlocks": False,
+        "reason": error.message,
+        "cause": str(error.cause),
+        "other_tpm": other,
+        **({"summary": f"{info['summary']} (another TPM)"} if other else {}),
+    }
 
 
 def raise_fence(tcti: str) -> Report:
     with Tpm(tcti) as tpm:
         banks = tpm_pcr.raise_fence(tpm)
         value = tpm_pcr.pcr_values(tpm, FENCE_BANK, [FENCE_PCR])[FENCE_PCR]
-    return Report({"fence": "up", "pcr": FENCE_PCR, "banks": [str(bank) for bank in banks], "sha256": value.hex()},
-                  [f"fence raised: PCR {FENCE_PCR} extended in {', '.join(map(str, banks))}; fenced tokens cannot be "
-                   "recovered until the next boot"])
+    return Report(
+        {"fence": "up", "pcr": FENCE_PCR, "banks": [str(bank) for bank in banks], "sha256": value.hex()},
+        [
+            f"fence raised: PCR {FENCE_PCR} extended in {', '.join(map(str, banks))}; fenced tokens cannot be "
+            "recovered until the next boot"
+        ],
+    )

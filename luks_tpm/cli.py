@@ -67,31 +67,53 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None
         found.verbose = max(found.verbose, 2)
 
 
-_TCTI_HELP = ("TPM to use, as a TCTI string: device:/dev/tpmrm0 (default), swtpm:path=SOCKET, mssim:..., "
-              "tabrmd:. Also from LUKS_TPM_TCTI or TPM2TOOLS_TCTI.")
+_TCTI_HELP = (
+    "TPM to use, as a TCTI string: device:/dev/tpmrm0 (default), swtpm:path=SOCKET, mssim:..., "
+    "tabrmd:. Also from LUKS_TPM_TCTI or TPM2TOOLS_TCTI."
+)
 
 
 def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
     # Eager: processed before the command's own parameters, so that a bad value of one of those
     # (`--token-id 99 --json`) is already reported the way the line asked for.
-    for option in reversed([
-        click.option("--tcti", metavar="SPEC", expose_value=False, is_eager=True, callback=_set_tcti,
-                     help=_TCTI_HELP),
-        click.option("--json", is_flag=True, expose_value=False, is_eager=True, callback=_set_json,
-                     help="Machine-readable output on stdout (docs/json.md); errors too."),
-        click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True, callback=_add_verbose,
-                     help="More detail; -v also shows tracebacks of bugs, -vv libcryptsetup's debug log."),
-        click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
-                     help="The same as -vv."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--tcti", metavar="SPEC", expose_value=False, is_eager=True, callback=_set_tcti, help=_TCTI_HELP
+            ),
+            click.option(
+                "--json",
+                is_flag=True,
+                expose_value=False,
+                is_eager=True,
+                callback=_set_json,
+                help="Machine-readable output on stdout (docs/json.md); errors too.",
+            ),
+            click.option(
+                "-v",
+                "--verbose",
+                count=True,
+                expose_value=False,
+                is_eager=True,
+                callback=_add_verbose,
+                help="More detail; -v also shows tracebacks of bugs, -vv libcryptsetup's debug log.",
+            ),
+            click.option(
+                "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug, help="The same as -vv."
+            ),
+        ]
+    ):
         function = option(function)
     return function
 
 
 def apply_verbosity(options: Globals) -> None:
     """Logging for -v/-vv, once the command line is parsed; -vv also turns on libcryptsetup's debug log."""
-    logging.basicConfig(level=logging.DEBUG if options.verbose > 1 else logging.INFO if options.verbose
-                        else logging.WARNING, format="luks-tpm: %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if options.verbose > 1 else logging.INFO if options.verbose else logging.WARNING,
+        format="luks-tpm: %(name)s: %(message)s",
+        force=True,
+    )
     if options.verbose > 1:
         from . import cryptsetup
 
@@ -118,7 +140,7 @@ def json_requested(command: click.Command, ctx: click.Context, args: list[str]) 
         words = [index for index, word in enumerate(rest) if not word.startswith("-")]
         found = command.get_command(ctx, rest[words[0]]) if words else None
         if found is not None:
-            return json_requested(found, ctx, rest[words[0] + 1:])
+            return json_requested(found, ctx, rest[words[0] + 1 :])
     return False
 
 
@@ -167,8 +189,9 @@ def _pcr_list(text: str | None, option: str = "--pcrs") -> tuple[int, ...]:
     if text is None:
         return ()
     if not re.fullmatch(r"\d{1,2}(,\d{1,2})*", text) or any(int(i) >= PCR_COUNT for i in text.split(",")):
-        raise click.BadParameter(f"a comma-separated list of PCR indices 0-{PCR_COUNT - 1}, e.g. 7 or 7,11",
-                                 param_hint=option)
+        raise click.BadParameter(
+            f"a comma-separated list of PCR indices 0-{PCR_COUNT - 1}, e.g. 7 or 7,11", param_hint=option
+        )
     return tuple(sorted({int(i) for i in text.split(",")}))
 
 
@@ -255,8 +278,12 @@ def _new_pin_source(path: Path | None, *, required: bool, option: str) -> Callab
 
 def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
-        die(f"{question} (not asking: no terminal)", hint="pass --yes to confirm", code=ExitCode.REFUSED,
-            cause=Cause.REFUSED)
+        die(
+            f"{question} (not asking: no terminal)",
+            hint="pass --yes to confirm",
+            code=ExitCode.REFUSED,
+            cause=Cause.REFUSED,
+        )
     return click.confirm(question, default=False, err=True)
 
 
@@ -265,21 +292,43 @@ _key_file_check = _secret_file_check(_MAX_KEY_FILE)
 _pin_file_check = _secret_file_check(_MAX_PIN)
 device_argument = click.argument("device", type=click.Path(path_type=Path))
 token_option = click.option("--token-id", type=click.IntRange(0, 31), help="Use only this luks-tpm token.")
-pin_file_option = click.option("--pin-file", type=_file, callback=_pin_file_check,
-                               help="Read the PIN (1-32 bytes) from this file (exact bytes) instead of asking.")
+pin_file_option = click.option(
+    "--pin-file",
+    type=_file,
+    callback=_pin_file_check,
+    help="Read the PIN (1-32 bytes) from this file (exact bytes) instead of asking.",
+)
 unlock_key_option = click.option(
-    "--unlock-key-file", "--key-file", "unlock_key_file", type=_file, callback=_key_file_check,
+    "--unlock-key-file",
+    "--key-file",
+    "unlock_key_file",
+    type=_file,
+    callback=_key_file_check,
     help="Existing passphrase, recovery key or key file that opens a keyslot (exact bytes; - for stdin). "
-         "Asked for on the terminal otherwise.")
-yes_option = click.option("--yes", "-q", "--batch-mode", "yes", is_flag=True,
-                          help="Do not ask for confirmation (cryptsetup's -q/--batch-mode).")
+    "Asked for on the terminal otherwise.",
+)
+yes_option = click.option(
+    "--yes",
+    "-q",
+    "--batch-mode",
+    "yes",
+    is_flag=True,
+    help="Do not ask for confirmation (cryptsetup's -q/--batch-mode).",
+)
 pcrs_option = click.option("--pcrs", help="PCRs to bind to, e.g. 7 or 7,11 (default: none, bound to the TPM only).")
-bank_option = click.option("--pcr-bank", type=click.Choice([b.value for b in Bank]),
-                           help="PCR bank of --pcrs (default sha256).")
-fence_option = click.option("--fence", is_flag=True, help="Also require PCR 15 = zeros: recoverable only before "
-                            "the boot raises the fence (see `luks-tpm fence`).")
-srk_option = click.option("--transient-srk", is_flag=True, help="Do not store the standard SRK at 0x81000001 when "
-                          "it is free (each unlock then re-creates it).")
+bank_option = click.option(
+    "--pcr-bank", type=click.Choice([b.value for b in Bank]), help="PCR bank of --pcrs (default sha256)."
+)
+fence_option = click.option(
+    "--fence",
+    is_flag=True,
+    help="Also require PCR 15 = zeros: recoverable only before the boot raises the fence (see `luks-tpm fence`).",
+)
+srk_option = click.option(
+    "--transient-srk",
+    is_flag=True,
+    help="Do not store the standard SRK at 0x81000001 when it is free (each unlock then re-creates it).",
+)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -332,46 +381,85 @@ def persist_srk() -> None:
     with Tpm(_globals().tcti) as tpm:
         parent = run(tpm)
     assert parent.handle is not None
-    _emit(Report({"handle": f"{parent.handle:#x}", "name": parent.name.hex()},
-                 [f"SRK persistent at {parent.handle:#x}, name {parent.name.hex()}"]))
+    _emit(
+        Report(
+            {"handle": f"{parent.handle:#x}", "name": parent.name.hex()},
+            [f"SRK persistent at {parent.handle:#x}, name {parent.name.hex()}"],
+        )
+    )
 
 
-def _enrollment(mode: Mode, pcrs: str | None, bank: str | None, values: tuple[str, ...], pin: bool, fence: bool,
-                transient_srk: bool) -> Enrollment:
+def _enrollment(
+    mode: Mode, pcrs: str | None, bank: str | None, values: tuple[str, ...], pin: bool, fence: bool, transient_srk: bool
+) -> Enrollment:
     chosen_bank = Bank(bank or "sha256")
     given = _pcr_values(values, chosen_bank)
-    return Enrollment(mode, chosen_bank, tuple(sorted(set(_pcr_list(pcrs)) | set(given))), given, pin, fence,
-                      persist_srk=not transient_srk)
+    return Enrollment(
+        mode,
+        chosen_bank,
+        tuple(sorted(set(_pcr_list(pcrs)) | set(given))),
+        given,
+        pin,
+        fence,
+        persist_srk=not transient_srk,
+    )
 
 
 @main.command("format")
 @device_argument
 @click.option("--cipher", default="aes-xts-plain64", show_default=True)
-@click.option("--key-size", type=click.Choice(["256", "512"]), default="512", show_default=True,
-              help="Volume key size in bits.")
-@click.option("--sector-size", type=click.Choice(["512", "1024", "2048", "4096"]), default="512",
-              show_default=True)
+@click.option(
+    "--key-size", type=click.Choice(["256", "512"]), default="512", show_default=True, help="Volume key size in bits."
+)
+@click.option("--sector-size", type=click.Choice(["512", "1024", "2048", "4096"]), default="512", show_default=True)
 @click.option("--label", callback=lambda _c, _p, v: _label(v), help="LUKS2 label (at most 47 printable bytes).")
 @click.option("--uuid", "volume_uuid", type=click.UUID, help="UUID of the new volume (default: random).")
-@click.option("--passphrase-file", type=_file, callback=_key_file_check,
-              help="Recovery passphrase from this file (exact bytes) instead of a generated recovery key.")
+@click.option(
+    "--passphrase-file",
+    type=_file,
+    callback=_key_file_check,
+    help="Recovery passphrase from this file (exact bytes) instead of a generated recovery key.",
+)
 @click.option("--passphrase", "ask_passphrase", is_flag=True, help="Ask for a recovery passphrase instead.")
-@click.option("--no-recovery", is_flag=True,
-              help="No recovery keyslot: clearing or losing the TPM then destroys the data.")
-@click.option("--pbkdf", type=click.Choice(["argon2id", "argon2i", "pbkdf2"]), default="argon2id",
-              show_default=True, help="PBKDF of the recovery keyslot.")
-@click.option("--pbkdf-force-iterations", type=click.IntRange(1, 2**32 - 1),
-              help="Fixed PBKDF cost instead of benchmarking (like cryptsetup).")
+@click.option(
+    "--no-recovery", is_flag=True, help="No recovery keyslot: clearing or losing the TPM then destroys the data."
+)
+@click.option(
+    "--pbkdf",
+    type=click.Choice(["argon2id", "argon2i", "pbkdf2"]),
+    default="argon2id",
+    show_default=True,
+    help="PBKDF of the recovery keyslot.",
+)
+@click.option(
+    "--pbkdf-force-iterations",
+    type=click.IntRange(1, 2**32 - 1),
+    help="Fixed PBKDF cost instead of benchmarking (like cryptsetup).",
+)
 @pcrs_option
 @bank_option
 @fence_option
 @srk_option
 @yes_option
 @global_options
-def format_command(device: Path, cipher: str, key_size: str, sector_size: str, label: str | None,
-                   volume_uuid: uuid.UUID | None, passphrase_file: Path | None, ask_passphrase: bool,
-                   no_recovery: bool, pbkdf: str, pbkdf_force_iterations: int | None, pcrs: str | None,
-                   pcr_bank: str | None, fence: bool, transient_srk: bool, yes: bool) -> None:
+def format_command(
+    device: Path,
+    cipher: str,
+    key_size: str,
+    sector_size: str,
+    label: str | None,
+    volume_uuid: uuid.UUID | None,
+    passphrase_file: Path | None,
+    ask_passphrase: bool,
+    no_recovery: bool,
+    pbkdf: str,
+    pbkdf_force_iterations: int | None,
+    pcrs: str | None,
+    pcr_bank: str | None,
+    fence: bool,
+    transient_srk: bool,
+    yes: bool,
+) -> None:
     """Create a LUKS2 volume on DEVICE whose volume key is derived by the TPM.
 
     A recovery key is generated and printed once (or use --passphrase-file,
@@ -384,12 +472,21 @@ def format_command(device: Path, cipher: str, key_size: str, sector_size: str, l
         raise click.UsageError("choose one of --passphrase-file, --passphrase and --no-recovery")
     if not re.fullmatch(r"[a-z0-9]+-[a-z0-9]+(-[a-z0-9]+)?", cipher):
         raise click.BadParameter("CIPHER-MODE, e.g. aes-xts-plain64", param_hint="--cipher")
-    recovery = Recovery.NONE if no_recovery else (
-        Recovery.PASSPHRASE if passphrase_file or ask_passphrase else Recovery.GENERATE)
+    recovery = (
+        Recovery.NONE
+        if no_recovery
+        else (Recovery.PASSPHRASE if passphrase_file or ask_passphrase else Recovery.GENERATE)
+    )
     settings = FormatSettings(
-        device=device, recovery=recovery, pbkdf=Pbkdf(pbkdf, iterations=pbkdf_force_iterations),
-        cipher=cipher, key_size=int(key_size) // 8, sector_size=int(sector_size), label=label,
-        uuid=str(volume_uuid) if volume_uuid else None, yes=yes,
+        device=device,
+        recovery=recovery,
+        pbkdf=Pbkdf(pbkdf, iterations=pbkdf_force_iterations),
+        cipher=cipher,
+        key_size=int(key_size) // 8,
+        sector_size=int(sector_size),
+        label=label,
+        uuid=str(volume_uuid) if volume_uuid else None,
+        yes=yes,
         binding=_enrollment(Mode.DERIVED, pcrs, pcr_bank, (), False, fence, transient_srk),
     )
     source = _passphrase_source(passphrase_file, "Recovery passphrase: ", "--passphrase-file", twice=True)
@@ -398,46 +495,82 @@ def format_command(device: Path, cipher: str, key_size: str, sector_size: str, l
 
 @main.command()
 @device_argument
-@click.option("--mode", type=click.Choice([m.value for m in Mode]), required=True,
-              help="derived: the TPM recomputes a key-encryption key; sealed: the key is sealed in the TPM.")
+@click.option(
+    "--mode",
+    type=click.Choice([m.value for m in Mode]),
+    required=True,
+    help="derived: the TPM recomputes a key-encryption key; sealed: the key is sealed in the TPM.",
+)
 @pcrs_option
 @bank_option
-@click.option("--pcr-value", multiple=True, metavar="INDEX=HEX",
-              help="Bind to this value instead of the current one (repeatable), e.g. before an update.")
+@click.option(
+    "--pcr-value",
+    multiple=True,
+    metavar="INDEX=HEX",
+    help="Bind to this value instead of the current one (repeatable), e.g. before an update.",
+)
 @fence_option
 @click.option("--pin", is_flag=True, help="Sealed only: also require a PIN (asked twice; DA-protected).")
 @pin_file_option
 @srk_option
 @unlock_key_option
 @global_options
-def enroll(device: Path, mode: str, pcrs: str | None, pcr_bank: str | None, pcr_value: tuple[str, ...],
-           fence: bool, pin: bool, pin_file: Path | None, transient_srk: bool,
-           unlock_key_file: Path | None) -> None:
+def enroll(
+    device: Path,
+    mode: str,
+    pcrs: str | None,
+    pcr_bank: str | None,
+    pcr_value: tuple[str, ...],
+    fence: bool,
+    pin: bool,
+    pin_file: Path | None,
+    transient_srk: bool,
+    unlock_key_file: Path | None,
+) -> None:
     """Bind an existing LUKS2 volume to the TPM (other keyslots and tokens are kept)."""
     from .provision import enroll as run
 
     chosen = Mode(mode)
     with_pin = pin or pin_file is not None
     if chosen is Mode.DERIVED and with_pin:
-        raise click.UsageError("--pin and --pin-file apply to --mode sealed: a derived key's PIN would protect "
-                               "nothing (the TPM re-creates the key without it)")
+        raise click.UsageError(
+            "--pin and --pin-file apply to --mode sealed: a derived key's PIN would protect "
+            "nothing (the TPM re-creates the key without it)"
+        )
     enrollment = _enrollment(chosen, pcrs, pcr_bank, pcr_value, with_pin, fence, transient_srk)
-    _emit(run(_globals().tcti, device, enrollment,
-              _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file"),
-              _new_pin_source(pin_file, required=True, option="--pin-file")))
+    _emit(
+        run(
+            _globals().tcti,
+            device,
+            enrollment,
+            _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file"),
+            _new_pin_source(pin_file, required=True, option="--pin-file"),
+        )
+    )
 
 
 @main.command("load-key")
 @click.argument("devices", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="DEVICE...")
-@click.option("--keyring", "keyring_spec", default="@s", show_default=True,
-              help="Keyring to add the logon keys to: @s, @u, @p, @t, @us or a serial number.")
+@click.option(
+    "--keyring",
+    "keyring_spec",
+    default="@s",
+    show_default=True,
+    help="Keyring to add the logon keys to: @s, @u, @p, @t, @us or a serial number.",
+)
 @click.option("--timeout", type=click.IntRange(1, 2**32 - 1), help="Expire the keys after this many seconds.")
 @click.option("--table", is_flag=True, help="Also print the dm-crypt table line that references each key.")
 @token_option
 @pin_file_option
 @global_options
-def load_key(devices: tuple[Path, ...], keyring_spec: str, timeout: int | None, table: bool,
-             token_id: int | None, pin_file: Path | None) -> None:
+def load_key(
+    devices: tuple[Path, ...],
+    keyring_spec: str,
+    timeout: int | None,
+    table: bool,
+    token_id: int | None,
+    pin_file: Path | None,
+) -> None:
     """Recover each volume key and add it as logon key cryptsetup:<uuid>-d0; prints the serials.
 
     Several devices share one TPM pass (one connection, one session)."""
@@ -458,18 +591,31 @@ def load_key(devices: tuple[Path, ...], keyring_spec: str, timeout: int | None, 
 @main.command("open")
 @click.argument("device", required=False, type=click.Path(path_type=Path))
 @click.argument("name", required=False)
-@click.option("--all", "all_volumes", is_flag=True,
-              help="Open every crypttab entry with option x-luks-tpm, in one TPM pass.")
-@click.option("--crypttab", type=click.Path(path_type=Path, dir_okay=False, exists=True, readable=True),
-              default="/etc/crypttab",
-              show_default=True, help="The crypttab for --all.")
+@click.option(
+    "--all", "all_volumes", is_flag=True, help="Open every crypttab entry with option x-luks-tpm, in one TPM pass."
+)
+@click.option(
+    "--crypttab",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True, readable=True),
+    default="/etc/crypttab",
+    show_default=True,
+    help="The crypttab for --all.",
+)
 @click.option("--readonly", is_flag=True)
 @click.option("--allow-discards", is_flag=True)
 @token_option
 @pin_file_option
 @global_options
-def open_command(device: Path | None, name: str | None, all_volumes: bool, crypttab: Path, readonly: bool,
-                 allow_discards: bool, token_id: int | None, pin_file: Path | None) -> None:
+def open_command(
+    device: Path | None,
+    name: str | None,
+    all_volumes: bool,
+    crypttab: Path,
+    readonly: bool,
+    allow_discards: bool,
+    token_id: int | None,
+    pin_file: Path | None,
+) -> None:
     """Unlock DEVICE as /dev/mapper/NAME with the key referenced from the kernel keyring."""
     from . import crypttab as tab
     from .activate import open_all, open_volume
@@ -481,8 +627,11 @@ def open_command(device: Path | None, name: str | None, all_volumes: bool, crypt
         return
     if device is None or name is None:
         raise click.UsageError("give DEVICE and NAME, or --all")
-    _emit(open_volume(_globals().tcti, device, name, Activation(readonly, allow_discards), token_id,
-                      _pin_source(pin_file)))
+    _emit(
+        open_volume(
+            _globals().tcti, device, name, Activation(readonly, allow_discards), token_id, _pin_source(pin_file)
+        )
+    )
 
 
 @main.command()
@@ -507,22 +656,45 @@ def status(devices: tuple[Path, ...]) -> None:
 @bank_option
 @click.option("--pcr-value", multiple=True, metavar="INDEX=HEX", help="Bind to this value (repeatable).")
 @pin_file_option
-@click.option("--new-pin-file", type=_file, callback=_pin_file_check,
-              help="The new binding's PIN (default: the old PIN, once verified).")
+@click.option(
+    "--new-pin-file",
+    type=_file,
+    callback=_pin_file_check,
+    help="The new binding's PIN (default: the old PIN, once verified).",
+)
 @click.option("--force", is_flag=True, help="Replace the old token even if the new one cannot be verified now.")
 @unlock_key_option
 @global_options
-def reseal(device: Path, token_id: int | None, pcrs: str | None, pcr_bank: str | None, pcr_value: tuple[str, ...],
-           pin_file: Path | None, new_pin_file: Path | None, force: bool, unlock_key_file: Path | None) -> None:
+def reseal(
+    device: Path,
+    token_id: int | None,
+    pcrs: str | None,
+    pcr_bank: str | None,
+    pcr_value: tuple[str, ...],
+    pin_file: Path | None,
+    new_pin_file: Path | None,
+    force: bool,
+    unlock_key_file: Path | None,
+) -> None:
     """Re-bind a PCR-bound token to new PCR values; the old token is removed only after the new one is
     verified (with given --pcr-value values it cannot be: then both are kept, unless --force)."""
     from .provision import reseal as run
 
     values = _pcr_values(pcr_value, None)
-    _emit(run(_globals().tcti, device, token_id, _pcr_list(pcrs) if pcrs is not None else None, values, pcr_bank,
-              force, _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ",
-                                        "--unlock-key-file"),
-              _pin_source(pin_file), _new_pin_source(new_pin_file, required=False, option="--new-pin-file")))
+    _emit(
+        run(
+            _globals().tcti,
+            device,
+            token_id,
+            _pcr_list(pcrs) if pcrs is not None else None,
+            values,
+            pcr_bank,
+            force,
+            _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file"),
+            _pin_source(pin_file),
+            _new_pin_source(new_pin_file, required=False, option="--new-pin-file"),
+        )
+    )
 
 
 @main.command()
@@ -553,9 +725,13 @@ def request_key(arguments: tuple[str, ...]) -> None:
       user  luks-tpm:app:<name>          callout: the length in bytes, 16-64
     It answers through the keyring, logs to syslog, and is of no use from a shell.
     """
-    die(f"request-key takes exactly KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING ({len(arguments)} given), "
-        "and only /sbin/request-key can run it", hint="see `luks-tpm request-key --help`", code=ExitCode.USAGE,
-        cause=Cause.USAGE)
+    die(
+        f"request-key takes exactly KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING ({len(arguments)} given), "
+        "and only /sbin/request-key can run it",
+        hint="see `luks-tpm request-key --help`",
+        code=ExitCode.USAGE,
+        cause=Cause.USAGE,
+    )
 
 
 @main.command()
@@ -580,10 +756,14 @@ def _typed_confirmation() -> Callable[[list[str], str], bool]:
             print(line, file=stream)
         stream.flush()
         if not sys.stdin.isatty():
-            die("no terminal to confirm on, and no --yes: nothing was changed",
-                hint="pass --yes (or -q/--batch-mode) to go ahead; --dry-run only lists", code=ExitCode.REFUSED)
-        answer = click.prompt(f"{question} Type YES in capital letters to go on", default="", show_default=False,
-                              err=True)
+            die(
+                "no terminal to confirm on, and no --yes: nothing was changed",
+                hint="pass --yes (or -q/--batch-mode) to go ahead; --dry-run only lists",
+                code=ExitCode.REFUSED,
+            )
+        answer = click.prompt(
+            f"{question} Type YES in capital letters to go on", default="", show_default=False, err=True
+        )
         return bool(answer == "YES")
 
     return confirm
@@ -591,16 +771,24 @@ def _typed_confirmation() -> Callable[[list[str], str], bool]:
 
 @main.command()
 @click.argument("devices", nargs=-1, type=click.Path(path_type=Path), metavar="[DEVICE...]")
-@click.option("--lockout-auth-file", type=_file,
-              help="The TPM's lockout authorization (exact bytes: a trailing newline counts; - for stdin). "
-                   "Default: empty, as TPMs ship.")
-@click.option("--crypttab", "crypttab_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="The crypttab whose x-luks-tpm entries are listed (default: /etc/crypttab, when it exists).")
+@click.option(
+    "--lockout-auth-file",
+    type=_file,
+    help="The TPM's lockout authorization (exact bytes: a trailing newline counts; - for stdin). "
+    "Default: empty, as TPMs ship.",
+)
+@click.option(
+    "--crypttab",
+    "crypttab_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The crypttab whose x-luks-tpm entries are listed (default: /etc/crypttab, when it exists).",
+)
 @click.option("--dry-run", is_flag=True, help="Only list what would be destroyed; clear nothing.")
 @yes_option
 @global_options
-def wipe(devices: tuple[Path, ...], lockout_auth_file: Path | None, crypttab_path: Path | None, dry_run: bool,
-         yes: bool) -> None:
+def wipe(
+    devices: tuple[Path, ...], lockout_auth_file: Path | None, crypttab_path: Path | None, dry_run: bool, yes: bool
+) -> None:
     """Clear the TPM owner hierarchy (TPM2_Clear): every key bound to it dies.
 
     \b
@@ -613,8 +801,16 @@ def wipe(devices: tuple[Path, ...], lockout_auth_file: Path | None, crypttab_pat
     Keyslots stay: recovery keys and passphrases still open wiped volumes."""
     from .decommission import wipe as run
 
-    _emit(run(_globals().tcti, devices, crypttab_path=crypttab_path, lockout_auth_file=lockout_auth_file,
-              dry_run=dry_run, confirm=None if yes else _typed_confirmation()))
+    _emit(
+        run(
+            _globals().tcti,
+            devices,
+            crypttab_path=crypttab_path,
+            lockout_auth_file=lockout_auth_file,
+            dry_run=dry_run,
+            confirm=None if yes else _typed_confirmation(),
+        )
+    )
 
 
 @main.command()

@@ -33,8 +33,15 @@ class Convention(enum.Enum):
 
 
 class CLibrary:
-    def __init__(self, soname: str, signatures: Signatures, *, convention: Convention,
-                 error: type[CLibraryError] = CLibraryError, missing: Callable[[str], Exception] | None = None) -> None:
+    def __init__(
+        self,
+        soname: str,
+        signatures: Signatures,
+        *,
+        convention: Convention,
+        error: type[CLibraryError] = CLibraryError,
+        missing: Callable[[str], Exception] | None = None,
+    ) -> None:
         self.soname = soname
         self._signatures = signatures
         self._convention = convention

@@ -35,8 +35,14 @@ def parse(text: str, *, only_marked: bool = True) -> list[Entry]:
         options = fields[3].split(",") if len(fields) > 3 else []
         if only_marked and MARKER not in options:
             continue
-        entries.append(Entry(fields[0], fields[1], readonly=bool({"readonly", "read-only"} & set(options)),
-                             discard="discard" in options))
+        entries.append(
+            Entry(
+                fields[0],
+                fields[1],
+                readonly=bool({"readonly", "read-only"} & set(options)),
+                discard="discard" in options,
+            )
+        )
     return entries
 
 

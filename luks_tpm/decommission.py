@@ -77,8 +77,14 @@ class Found:
     error: str | None = None  # e.g. a crypttab entry whose device is not there
 
 
-def known_volumes(devices: Sequence[Path], crypttab_path: Path | None, *, scan: bool = True,
-                  sys_block: Path = Path("/sys/class/block"), dev: Path = Path("/dev")) -> list[Found]:
+def known_volumes(
+    devices: Sequence[Path],
+    crypttab_path: Path | None,
+    *,
+    scan: bool = True,
+    sys_block: Path = Path("/sys/class/block"),
+    dev: Path = Path("/dev"),
+) -> list[Found]:
     """The DEVICEs given, the crypttab entries marked x-luks-tpm (`crypttab_path` None: /etc/crypttab if
     it exists), and every block device whose LUKS2 header carries a luks-tpm token; each once."""
     found: dict[str, Found] = {}
@@ -151,16 +157,25 @@ def survey(tpm: Tpm, found: Sequence[Found]) -> Survey:
 def _survey_volume(tpm: Tpm, found: Found) -> dict[str, Any]:
     from .unlock import luks_tpm_tokens
 
-    volume: dict[str, Any] = {"device": found.path, "found_by": found.found_by, "uuid": None, "keyslots": [],
-                              "tokens": [], "other_tokens": [], "error": found.error, "affected": False}
+    volume: dict[str, Any] = {
+        "device": found.path,
+        "found_by": found.found_by,
+        "uuid": None,
+        "keyslots": [],
+        "tokens": [],
+        "other_tokens": [],
+        "error": found.error,
+        "affected": False,
+    }
     if found.error is None:
         try:
             with open_device(found.path) as device:
                 volume["uuid"] = device.uuid
                 volume["keyslots"] = device.keyslots()
                 volume["tokens"] = [_token_fate(tpm, entry) for entry in luks_tpm_tokens(device)]
-                volume["other_tokens"] = [{"id": token_id, "type": kind} for token_id, kind in device.tokens()
-                                          if kind != TOKEN_TYPE]
+                volume["other_tokens"] = [
+                    {"id": token_id, "type": kind} for token_id, kind in device.tokens() if kind != TOKEN_TYPE
+                ]
         except LuksTpmError as error:
             if "argument" in found.found_by:  # the operator named it: that is an error, not a footnote
                 raise
@@ -177,16 +192,20 @@ def _token_fate(tpm: Tpm, entry: TokenEntry) -> dict[str, Any]:
         assert entry.damage is not None
         return {"id": entry.token_id, "summary": "damaged", "fate": str(Fate.DAMAGED), "reason": entry.damage.message}
     token = entry.token
-    info: dict[str, Any] = {"id": entry.token_id, "mode": str(token.mode),
-                            "summary": f"{token.describe()}, created {token.created}",
-                            "parent": token.parent.name.hex()}
+    info: dict[str, Any] = {
+        "id": entry.token_id,
+        "mode": str(token.mode),
+        "summary": f"{token.describe()}, created {token.created}",
+        "parent": token.parent.name.hex(),
+    }
     # The SRK's name says which owner seed the key came from: that alone decides what a clear does to it.
     try:
         srk_for(tpm, token.parent, token.endorsement)
         return {**info, "fate": str(Fate.DIES), "reason": None}
     except LuksTpmError as error:
-        fate = {Cause.CLEARED: Fate.DEAD, Cause.OTHER_TPM: Fate.OTHER_TPM,
-                Cause.SRK_CHANGED: Fate.UNAFFECTED}.get(error.cause, Fate.UNKNOWN)
+        fate = {Cause.CLEARED: Fate.DEAD, Cause.OTHER_TPM: Fate.OTHER_TPM, Cause.SRK_CHANGED: Fate.UNAFFECTED}.get(
+            error.cause, Fate.UNKNOWN
+        )
         return {**info, "fate": str(fate), "reason": error.message}
 
 
@@ -222,11 +241,14 @@ def _volume_lines(volume: dict[str, Any]) -> list[str]:
     if not volume["affected"]:
         already = " (it has no way in left already)" if volume["after"] == "unrecoverable" else ""
         return [*lines, f"    afterwards: nothing of it changes{already}"]
-    lines.append("    afterwards: " + {
-        "recoverable": f"keyslot {slots} stays: its recovery key or passphrase still opens the volume",
-        "other-tpm-only": f"no keyslot; only token {', '.join(survivors)} (made elsewhere) can still open it",
-        "unrecoverable": "no keyslot and no other binding: the volume becomes UNRECOVERABLE",
-    }[volume["after"]])
+    lines.append(
+        "    afterwards: "
+        + {
+            "recoverable": f"keyslot {slots} stays: its recovery key or passphrase still opens the volume",
+            "other-tpm-only": f"no keyslot; only token {', '.join(survivors)} (made elsewhere) can still open it",
+            "unrecoverable": "no keyslot and no other binding: the volume becomes UNRECOVERABLE",
+        }[volume["after"]]
+    )
     return lines
 
 
@@ -235,8 +257,9 @@ def listing(tcti: str, found: Survey) -> list[str]:
     for volume in found.volumes:
         lines += _volume_lines(volume)
     if not found.volumes:
-        lines.append("  none known (DEVICE arguments, crypttab x-luks-tpm entries, block devices with a luks-tpm "
-                     "token)")
+        lines.append(
+            "  none known (DEVICE arguments, crypttab x-luks-tpm entries, block devices with a luks-tpm token)"
+        )
     lines.append("Persistent objects, evicted:")
     lines += [f"  {item.handle:#x}: {item.kind}" + (f", {item.role}" if item.role else "") for item in found.evicted]
     if not found.evicted:
@@ -244,26 +267,44 @@ def listing(tcti: str, found: Survey) -> list[str]:
     if found.platform_persistent:
         lines.append(f"  ({len(found.platform_persistent)} persisted by the platform stay)")
     lines.append("Owner NV indices, deleted:")
-    lines += [f"  {nv.index:#010x}: {nv.type}, {nv.size} bytes" + (f" ({', '.join(nv.attributes)})" if nv.attributes
-                                                                 else "") for nv in found.deleted_nv]
+    lines += [
+        f"  {nv.index:#010x}: {nv.type}, {nv.size} bytes" + (f" ({', '.join(nv.attributes)})" if nv.attributes else "")
+        for nv in found.deleted_nv
+    ]
     if not found.deleted_nv:
         lines.append("  none")
     if found.kept_nv:
         lines.append(f"  ({len(found.kept_nv)} created by the platform stay, e.g. EK certificates)")
-    lines.append("Also reset to empty: the owner, endorsement and lockout authorizations. Other software's keys in "
-                 "this TPM's owner hierarchy die too.")
+    lines.append(
+        "Also reset to empty: the owner, endorsement and lockout authorizations. Other software's keys in "
+        "this TPM's owner hierarchy die too."
+    )
     return lines
 
 
 def _survey_data(tcti: str, found: Survey) -> dict[str, Any]:
     return {
-        "tpm": {"tcti": tcti, "endorsement": found.endorsement.hex() if found.endorsement else None,
-                "disable_clear": found.state.disable_clear, "lockout_auth_set": found.state.lockout_auth_set},
+        "tpm": {
+            "tcti": tcti,
+            "endorsement": found.endorsement.hex() if found.endorsement else None,
+            "disable_clear": found.state.disable_clear,
+            "lockout_auth_set": found.state.lockout_auth_set,
+        },
         "volumes": found.volumes,
-        "persistent": [{"handle": f"{item.handle:#x}", "name": item.name.hex(), "kind": item.kind, "role": item.role}
-                       for item in found.evicted],
-        "nv_indices": [{"index": f"{nv.index:#010x}", "name": nv.name.hex(), "size": nv.size, "type": nv.type,
-                        "attributes": list(nv.attributes)} for nv in found.deleted_nv],
+        "persistent": [
+            {"handle": f"{item.handle:#x}", "name": item.name.hex(), "kind": item.kind, "role": item.role}
+            for item in found.evicted
+        ],
+        "nv_indices": [
+            {
+                "index": f"{nv.index:#010x}",
+                "name": nv.name.hex(),
+                "size": nv.size,
+                "type": nv.type,
+                "attributes": list(nv.attributes),
+            }
+            for nv in found.deleted_nv
+        ],
     }
 
 
@@ -279,8 +320,15 @@ def _lockout_auth(path: Path | None) -> Secret | None:
     return read_file(path, what="lockout authorization", option="--lockout-auth-file", limit=64)
 
 
-def wipe(tcti: str, devices: Sequence[Path], *, crypttab_path: Path | None, lockout_auth_file: Path | None,
-         dry_run: bool, confirm: Confirm | None) -> Report:
+def wipe(
+    tcti: str,
+    devices: Sequence[Path],
+    *,
+    crypttab_path: Path | None,
+    lockout_auth_file: Path | None,
+    dry_run: bool,
+    confirm: Confirm | None,
+) -> Report:
     """`confirm` None: the operator said --yes (the listing goes into the report instead)."""
     from .tpm import Tpm, owner
 
@@ -294,18 +342,27 @@ def wipe(tcti: str, devices: Sequence[Path], *, crypttab_path: Path | None, lock
         lines = listing(tcti, surveyed)
         data = _survey_data(tcti, surveyed)
         if auth is not None and not surveyed.state.lockout_auth_set:
-            warnings.append("the TPM's lockout authorization was never set (it is empty): --lockout-auth-file is "
-                            "not used")
+            warnings.append(
+                "the TPM's lockout authorization was never set (it is empty): --lockout-auth-file is not used"
+            )
             auth.close()
             auth = None
         refusal = owner.clear_refusal(surveyed.state, auth_given=auth is not None)
         if dry_run:
             outcome = "dry run: nothing was cleared" + (f"; the wipe would fail: {refusal.message}" if refusal else "")
-            return Report({**data, "dry_run": True, "cleared": False,
-                           "problem": None if refusal is None else {"message": refusal.message, "hint": refusal.hint,
-                                                                    "code": int(refusal.code)}},
-                          [*lines, outcome], warnings=warnings,
-                          exit_code=ExitCode.OK if refusal is None else refusal.code)
+            return Report(
+                {
+                    **data,
+                    "dry_run": True,
+                    "cleared": False,
+                    "problem": None
+                    if refusal is None
+                    else {"message": refusal.message, "hint": refusal.hint, "code": int(refusal.code)},
+                },
+                [*lines, outcome],
+                warnings=warnings,
+                exit_code=ExitCode.OK if refusal is None else refusal.code,
+            )
         if refusal is not None:
             raise refusal
         if confirm is not None and not confirm(lines, "Clear the TPM owner hierarchy, destroying all of the above?"):
@@ -322,8 +379,12 @@ def wipe(tcti: str, devices: Sequence[Path], *, crypttab_path: Path | None, lock
         if auth is not None:
             auth.close()
     data = {**_survey_data(tcti, surveyed), "dry_run": False, "cleared": True, "verified": verified}
-    return Report(data, ([] if confirm is not None else lines) + results, warnings=warnings,
-                  exit_code=ExitCode.OK if verified else ExitCode.INCOMPLETE)
+    return Report(
+        data,
+        ([] if confirm is not None else lines) + results,
+        warnings=warnings,
+        exit_code=ExitCode.OK if verified else ExitCode.INCOMPLETE,
+    )
 
 
 def _verify_wipe(tpm: Tpm, surveyed: Survey) -> tuple[list[str], bool]:
@@ -359,13 +420,19 @@ def _verify_wipe(tpm: Tpm, surveyed: Survey) -> tuple[list[str], bool]:
     not_gone += [f"NV {nv.index:#010x}" for nv in surveyed.deleted_nv if nv.index in nv_left]
     if surveyed.evicted or surveyed.deleted_nv:
         state = f"still there: {', '.join(not_gone)}" if not_gone else "gone"
-        lines.append(f"listed persistent objects ({len(surveyed.evicted)}) and owner NV indices "
-                     f"({len(surveyed.deleted_nv)}): {state}")
+        lines.append(
+            f"listed persistent objects ({len(surveyed.evicted)}) and owner NV indices "
+            f"({len(surveyed.deleted_nv)}): {state}"
+        )
     verified = not failed and not not_gone
-    lines.append(f"verified: all {checked} listed tokens are destroyed" if verified and checked else
-                 "verified: no luks-tpm token was bound to this TPM" if verified else
-                 f"NOT VERIFIED: {failed} of {checked} tokens not shown destroyed"
-                 + (f", {len(not_gone)} objects still there" if not_gone else ""))
+    lines.append(
+        f"verified: all {checked} listed tokens are destroyed"
+        if verified and checked
+        else "verified: no luks-tpm token was bound to this TPM"
+        if verified
+        else f"NOT VERIFIED: {failed} of {checked} tokens not shown destroyed"
+        + (f", {len(not_gone)} objects still there" if not_gone else "")
+    )
     return lines, verified
 
 
@@ -411,9 +478,14 @@ def _holders(path: str) -> list[str]:
 def _erase_plan(device: Device) -> dict[str, Any]:
     tokens = device.tokens()
     return {
-        "device": device.path, "uuid": device.uuid, "keyslots": device.keyslots_in_header(),
-        "luks_tpm_tokens": [{"id": token_id, "summary": _token_summary(device, token_id)}
-                            for token_id, kind in tokens if kind == TOKEN_TYPE],
+        "device": device.path,
+        "uuid": device.uuid,
+        "keyslots": device.keyslots_in_header(),
+        "luks_tpm_tokens": [
+            {"id": token_id, "summary": _token_summary(device, token_id)}
+            for token_id, kind in tokens
+            if kind == TOKEN_TYPE
+        ],
         "other_tokens": [{"id": token_id, "type": kind} for token_id, kind in tokens if kind != TOKEN_TYPE],
         "in_use_by": _holders(device.path),
     }
@@ -436,8 +508,10 @@ def _erase_lines(plan: dict[str, Any]) -> list[str]:
     if not (plan["keyslots"] or plan["luks_tpm_tokens"] or plan["other_tokens"]):
         lines.append("    nothing left to destroy: no keyslot, no token")
     if plan["in_use_by"]:
-        lines.append(f"    in use by {', '.join(plan['in_use_by'])}: the open mapping keeps its key in the kernel "
-                     "until it is closed")
+        lines.append(
+            f"    in use by {', '.join(plan['in_use_by'])}: the open mapping keeps its key in the kernel "
+            "until it is closed"
+        )
     return lines
 
 
@@ -446,8 +520,10 @@ def erase(devices: Sequence[Path], *, dry_run: bool, confirm: Confirm | None) ->
     for path in devices:
         with open_device(path) as device:
             plans.append(_erase_plan(device))
-    lines = ["Erasing destroys every keyslot and every token; afterwards nothing opens these volumes (no passphrase, "
-             "no recovery key, no TPM). The data area is not overwritten: without the key it is noise."]
+    lines = [
+        "Erasing destroys every keyslot and every token; afterwards nothing opens these volumes (no passphrase, "
+        "no recovery key, no TPM). The data area is not overwritten: without the key it is noise."
+    ]
     for plan in plans:
         lines += _erase_lines(plan)
     if dry_run:
@@ -459,11 +535,16 @@ def erase(devices: Sequence[Path], *, dry_run: bool, confirm: Confirm | None) ->
     for plan in plans:
         result = _erase_one(plan["device"])
         results.append({**plan, **result})
-        out.append(f"{plan['device']}: " + ("erased: no keyslot and no token left" if result["verified"] else
-                                            f"NOT ERASED: left {result['left']}"))
+        out.append(
+            f"{plan['device']}: "
+            + ("erased: no keyslot and no token left" if result["verified"] else f"NOT ERASED: left {result['left']}")
+        )
     every = all(result["verified"] for result in results)
-    return Report({"volumes": results, "dry_run": False, "verified": every}, out,
-                  exit_code=ExitCode.OK if every else ExitCode.INCOMPLETE)
+    return Report(
+        {"volumes": results, "dry_run": False, "verified": every},
+        out,
+        exit_code=ExitCode.OK if every else ExitCode.INCOMPLETE,
+    )
 
 
 def _erase_one(path: str) -> dict[str, Any]:
@@ -489,8 +570,12 @@ def _erase_one(path: str) -> dict[str, Any]:
     progress(f"{path}: removed token(s) {_ids(tokens_removed)}, destroyed keyslot(s) {_ids(keyslots_destroyed)}")
     with open_device(path) as fresh:  # read back from the disk, not from what libcryptsetup holds in memory
         left = {"keyslots": fresh.keyslots_in_header(), "tokens": [token_id for token_id, _ in fresh.tokens()]}
-    return {"tokens_removed": tokens_removed, "keyslots_destroyed": keyslots_destroyed, "left": left,
-            "verified": not left["keyslots"] and not left["tokens"]}
+    return {
+        "tokens_removed": tokens_removed,
+        "keyslots_destroyed": keyslots_destroyed,
+        "left": left,
+        "verified": not left["keyslots"] and not left["tokens"],
+    }
 
 
 def _ids(ids: list[int]) -> str:

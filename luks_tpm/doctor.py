@@ -37,21 +37,44 @@ def _tpm_checks(tcti: str) -> tuple[list[Check], dict[str, Any]]:
         _, parent = srk.current_srk(tpm)
         lockout = info.lockout_state(tpm)
         fence_up = pcr.fence_is_up(tpm)
-    facts = {"identity": identity, "banks": [str(bank) for bank in banks],
-             "srk": {"persistent": parent.handle is not None, "name": parent.name.hex()},
-             "lockout": dataclasses.asdict(lockout), "fence_up": fence_up}
+    facts = {
+        "identity": identity,
+        "banks": [str(bank) for bank in banks],
+        "srk": {"persistent": parent.handle is not None, "name": parent.name.hex()},
+        "lockout": dataclasses.asdict(lockout),
+        "fence_up": fence_up,
+    }
     checks = [
-        Check("tpm", True, f"reachable through {tcti}: {identity['manufacturer']} {identity['vendor']}, "
-                           f"firmware {identity['firmware']}"),
-        Check("pcr-banks", Bank.SHA256 in banks, ", ".join(map(str, banks)) or "none",
-              None if Bank.SHA256 in banks else "enable the sha256 PCR bank in the firmware, or use --pcr-bank"),
-        Check("srk", True,
-              f"persistent at {parent.handle:#x}" if parent.handle is not None
-              else "not persistent; created on each use (fast on swtpm, up to ~1 s on hardware)"),
-        Check("lockout", not lockout.in_lockout, lockout.describe(),
-              "wait, or clear it with `tpm2_dictionarylockout --clear-lockout`" if lockout.in_lockout else None),
-        Check("fence", True, f"PCR {FENCE_PCR} is " + (
-            "raised: fenced tokens cannot be recovered until reboot" if fence_up else "down")),
+        Check(
+            "tpm",
+            True,
+            f"reachable through {tcti}: {identity['manufacturer']} {identity['vendor']}, "
+            f"firmware {identity['firmware']}",
+        ),
+        Check(
+            "pcr-banks",
+            Bank.SHA256 in banks,
+            ", ".join(map(str, banks)) or "none",
+            None if Bank.SHA256 in banks else "enable the sha256 PCR bank in the firmware, or use --pcr-bank",
+        ),
+        Check(
+            "srk",
+            True,
+            f"persistent at {parent.handle:#x}"
+            if parent.handle is not None
+            else "not persistent; created on each use (fast on swtpm, up to ~1 s on hardware)",
+        ),
+        Check(
+            "lockout",
+            not lockout.in_lockout,
+            lockout.describe(),
+            "wait, or clear it with `tpm2_dictionarylockout --clear-lockout`" if lockout.in_lockout else None,
+        ),
+        Check(
+            "fence",
+            True,
+            f"PCR {FENCE_PCR} is " + ("raised: fenced tokens cannot be recovered until reboot" if fence_up else "down"),
+        ),
     ]
     return checks, facts
 
@@ -63,8 +86,12 @@ def _keyring_check() -> Check:
         keyring.unlink(serial, keyring.PROCESS)
         return Check("keyring", True, "logon keys can be added")
     except (OSError, ValueError) as error:
-        return Check("keyring", False, f"cannot add a logon key: {error}",
-                     "the kernel needs CONFIG_KEYS; in containers, keyctl may be blocked by seccomp")
+        return Check(
+            "keyring",
+            False,
+            f"cannot add a logon key: {error}",
+            "the kernel needs CONFIG_KEYS; in containers, keyctl may be blocked by seccomp",
+        )
 
 
 REQUEST_KEY = Path("/sbin/request-key")  # the kernel runs exactly this path (CONFIG_KEYS)
@@ -74,26 +101,44 @@ REQUEST_KEY_CONF = Path("/etc/request-key.d/luks-tpm.conf")
 def request_key_check(conf: Path = REQUEST_KEY_CONF, helper: Path = REQUEST_KEY) -> Check:
     """Is the request-key handler installed, and can the kernel reach it? Not installed is fine (optional)."""
     if not conf.exists():
-        return Check("request-key", True, f"handler not installed ({conf} absent; optional)",
-                     "`make install` installs it, for request_key(2) volume and application keys")
+        return Check(
+            "request-key",
+            True,
+            f"handler not installed ({conf} absent; optional)",
+            "`make install` installs it, for request_key(2) volume and application keys",
+        )
     if not os.access(helper, os.X_OK):
-        return Check("request-key", False, f"{conf} is installed but the kernel's helper {helper} is missing",
-                     "install keyutils")
+        return Check(
+            "request-key", False, f"{conf} is installed but the kernel's helper {helper} is missing", "install keyutils"
+        )
     try:
-        lines = [shlex.split(line) for line in conf.read_text().splitlines() if line.strip()
-                 and not line.lstrip().startswith("#")]
+        lines = [
+            shlex.split(line)
+            for line in conf.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
     except (OSError, ValueError) as error:
         return Check("request-key", False, f"cannot read {conf}: {error}")
     programs = {words[4] for words in lines if len(words) > 5}
     missing = sorted(program for program in programs if not os.access(program, os.X_OK))
     if not programs or missing:
-        return Check("request-key", False, f"{conf} runs {', '.join(missing) or 'nothing'}, which is not "
-                     "an executable", "fix the program path on its lines (absolute, see request-key.conf(5))")
+        return Check(
+            "request-key",
+            False,
+            f"{conf} runs {', '.join(missing) or 'nothing'}, which is not an executable",
+            "fix the program path on its lines (absolute, see request-key.conf(5))",
+        )
     types = sorted({f"{words[1]} {words[2]}" for words in lines if len(words) > 5})
-    tctis = sorted({words[i + 1] for words in lines for i in range(len(words) - 1) if words[i] == "--tcti"}
-                   | {word.removeprefix("--tcti=") for words in lines for word in words if word.startswith("--tcti=")})
-    return Check("request-key", True, f"handler installed for {', '.join(types)}, run by {helper}; "
-                 f"TPM: {', '.join(tctis) or 'the default (device:/dev/tpmrm0)'}")
+    tctis = sorted(
+        {words[i + 1] for words in lines for i in range(len(words) - 1) if words[i] == "--tcti"}
+        | {word.removeprefix("--tcti=") for words in lines for word in words if word.startswith("--tcti=")}
+    )
+    return Check(
+        "request-key",
+        True,
+        f"handler installed for {', '.join(types)}, run by {helper}; "
+        f"TPM: {', '.join(tctis) or 'the default (device:/dev/tpmrm0)'}",
+    )
 
 
 def doctor(tcti: str) -> Report:
@@ -102,9 +147,17 @@ def doctor(tcti: str) -> Report:
     checks.append(request_key_check())
     checks.append(Check("libcryptsetup", True, cryptsetup.library_version()))
     dm = cryptsetup.device_mapper_available()
-    checks.append(Check("dm-crypt", dm, "available" if dm else "device-mapper or dm-crypt missing",
-                        None if dm else "`modprobe dm_crypt`; without it only load-key works, not open"))
-    lines = [f"{'OK ' if check.ok else 'BAD'} {check.name}: {check.detail}"
-             + (f" -> {check.hint}" if check.hint else "") for check in checks]
+    checks.append(
+        Check(
+            "dm-crypt",
+            dm,
+            "available" if dm else "device-mapper or dm-crypt missing",
+            None if dm else "`modprobe dm_crypt`; without it only load-key works, not open",
+        )
+    )
+    lines = [
+        f"{'OK ' if check.ok else 'BAD'} {check.name}: {check.detail}" + (f" -> {check.hint}" if check.hint else "")
+        for check in checks
+    ]
     data = {"ok": all(check.ok for check in checks), "checks": [dataclasses.asdict(c) for c in checks], **facts}
     return Report(data, lines, exit_code=ExitCode.OK if checks[0].ok else ExitCode.TPM_UNAVAILABLE)

@@ -61,15 +61,26 @@ DEAD_CAUSES = frozenset({Cause.CORRUPT_TOKEN, Cause.CLEARED, Cause.OTHER_TPM, Ca
 
 # The cause of an error raised without one, when its exit code has only one meaning (with --json,
 # scripts read the cause: "generic" would tell them less than the code does).
-_CAUSE_OF_CODE = {ExitCode.USAGE: Cause.USAGE, ExitCode.REFUSED: Cause.REFUSED, ExitCode.LOCKED_OUT: Cause.LOCKED_OUT,
-                  ExitCode.UNSUPPORTED: Cause.UNSUPPORTED}
+_CAUSE_OF_CODE = {
+    ExitCode.USAGE: Cause.USAGE,
+    ExitCode.REFUSED: Cause.REFUSED,
+    ExitCode.LOCKED_OUT: Cause.LOCKED_OUT,
+    ExitCode.UNSUPPORTED: Cause.UNSUPPORTED,
+}
 
 
 class LuksTpmError(Exception):
     """An error caused by input or environment, not by a bug: shown as one line plus a hint."""
 
-    def __init__(self, message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE,
-                 cause: Cause | None = None, rc: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        code: ExitCode = ExitCode.DEVICE,
+        cause: Cause | None = None,
+        rc: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -81,8 +92,14 @@ class LuksTpmError(Exception):
         return self.message
 
 
-def die(message: str, *, hint: str | None = None, code: ExitCode = ExitCode.DEVICE,
-        cause: Cause | None = None, rc: int | None = None) -> NoReturn:
+def die(
+    message: str,
+    *,
+    hint: str | None = None,
+    code: ExitCode = ExitCode.DEVICE,
+    cause: Cause | None = None,
+    rc: int | None = None,
+) -> NoReturn:
     raise LuksTpmError(message, hint=hint, code=code, cause=cause, rc=rc)
 
 
@@ -101,8 +118,11 @@ class UnlockFailed(LuksTpmError):
         codes = {failure.error.code for failure in failures}
         # One kind of failure keeps its own exit code (lockout, corrupt token, ...); a mix is "unlock failed".
         code = codes.pop() if len(codes) == 1 else ExitCode.UNLOCK_FAILED
-        super().__init__(f"cannot unlock {device} with the TPM: {reasons}",
-                         hint="; ".join([*hints, "the recovery key or passphrase still opens it (`cryptsetup open`)"]),
-                         code=code, cause=failures[0].error.cause if len(failures) == 1 else Cause.GENERIC)
+        super().__init__(
+            f"cannot unlock {device} with the TPM: {reasons}",
+            hint="; ".join([*hints, "the recovery key or passphrase still opens it (`cryptsetup open`)"]),
+            code=code,
+            cause=failures[0].error.cause if len(failures) == 1 else Cause.GENERIC,
+        )
         self.device = device
         self.failures = failures

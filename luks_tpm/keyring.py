@@ -185,8 +185,9 @@ def join_session_keyring(name: str | None = None) -> int:
 def request_key(key_type: str, description: str, callout: str | None, keyring: int) -> int:
     """request_key(2), as an application asks for a key: found in its keyrings, or (with `callout`)
     made by the /sbin/request-key handler for it; linked into `keyring`. Its serial."""
-    return _call("request_key", key_type.encode(), description.encode(),
-                 None if callout is None else callout.encode(), keyring)
+    return _call(
+        "request_key", key_type.encode(), description.encode(), None if callout is None else callout.encode(), keyring
+    )
 
 
 # ---- request-key handlers (the process /sbin/request-key runs for a key under construction) ----------

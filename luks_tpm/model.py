@@ -140,8 +140,11 @@ class DerivedToken(_Common):
     pin = False
 
     def describe(self) -> str:
-        return "derived" + (" (wrapped volume key)" if self.wrapped_key else "") + (
-            f", bound{self._bound_to()}" if self._bound_to() else "")
+        return (
+            "derived"
+            + (" (wrapped volume key)" if self.wrapped_key else "")
+            + (f", bound{self._bound_to()}" if self._bound_to() else "")
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +214,24 @@ def is_ours(text: str) -> bool:
 # ---- parsing: every field checked for type and range, so a damaged token fails alone, here ----------
 
 _KNOWN = {
-    "type", "keyslots", "version", "mode", "digest", "key_size", "pcr_bank", "pcrs", "policy", "pin",
-    "parent", "created", "salt", "wrapped_key", "blob", "pcr_values", "endorsement", "fence",
+    "type",
+    "keyslots",
+    "version",
+    "mode",
+    "digest",
+    "key_size",
+    "pcr_bank",
+    "pcrs",
+    "policy",
+    "pin",
+    "parent",
+    "created",
+    "salt",
+    "wrapped_key",
+    "blob",
+    "pcr_values",
+    "endorsement",
+    "fence",
 }
 
 
@@ -229,12 +248,19 @@ def parse(text: str, token_id: int) -> Token:
     except ValueError:
         die(f"{where} is not valid JSON", hint=hint, cause=Cause.CORRUPT_TOKEN)
     if not isinstance(raw, dict) or raw.get("type") != TOKEN_TYPE:
-        die(f"token {token_id} is not a luks-tpm token", hint="pick a luks-tpm token (`luks-tpm status`)",
-            cause=Cause.USAGE)
+        die(
+            f"token {token_id} is not a luks-tpm token",
+            hint="pick a luks-tpm token (`luks-tpm status`)",
+            cause=Cause.USAGE,
+        )
     version = raw.get("version")
     if isinstance(version, int) and _is_int(version) and version > VERSION:
-        die(f"{where} has version {version}; this luks-tpm understands version {VERSION}",
-            hint="upgrade luks-tpm", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
+        die(
+            f"{where} has version {version}; this luks-tpm understands version {VERSION}",
+            hint="upgrade luks-tpm",
+            code=ExitCode.UNSUPPORTED,
+            cause=Cause.UNSUPPORTED,
+        )
     try:
         return _parse_fields(raw)
     except (_Damage, binascii.Error) as error:
@@ -385,5 +411,8 @@ def _parse_fields(raw: dict[str, Any]) -> Token:
     blob = _field(raw, "blob", dict, "an object")
     if "public" not in blob or "private" not in blob:
         raise _Damage("field 'blob' needs 'public' and 'private'")
-    return SealedToken(**common, pin=pin, blob=SealedBlob(_tpm2b(blob["public"], "blob.public"),
-                                                          _tpm2b(blob["private"], "blob.private")))
+    return SealedToken(
+        **common,
+        pin=pin,
+        blob=SealedBlob(_tpm2b(blob["public"], "blob.public"), _tpm2b(blob["private"], "blob.private")),
+    )

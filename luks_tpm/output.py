@@ -50,8 +50,12 @@ class Report:
 
 def error_data(error: LuksTpmError) -> dict[str, Any]:
     """An error as JSON data (docs/json.md, "Errors"): the same words as on stderr, plus the cause to branch on."""
-    data: dict[str, Any] = {"message": error.message, "hint": error.hint, "code": int(error.code),
-                            "cause": str(error.cause)}
+    data: dict[str, Any] = {
+        "message": error.message,
+        "hint": error.hint,
+        "code": int(error.code),
+        "cause": str(error.cause),
+    }
     if isinstance(error, UnlockFailed):
         data["failures"] = [{"token": failure.token_id, **error_data(failure.error)} for failure in error.failures]
     return data

@@ -36,8 +36,10 @@ def read_file(path: Path, *, what: str, option: str, limit: int = MAX_KEY_FILE) 
         while length < len(data) and (count := os.readv(fd, [memoryview(data)[length:]])):
             length += count
         if not 0 < length <= limit:
-            die(f"{option} {path}: the {what} must be 1 to {limit} bytes, not "
-                + ("empty" if not length else "longer"), code=ExitCode.USAGE)
+            die(
+                f"{option} {path}: the {what} must be 1 to {limit} bytes, not " + ("empty" if not length else "longer"),
+                code=ExitCode.USAGE,
+            )
         return Secret.copy_of(memoryview(data)[:length])
     finally:
         data[:] = bytes(len(data))
@@ -50,8 +52,11 @@ def _terminal() -> Iterator[int]:
     try:
         fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
     except OSError:
-        die("no terminal to ask for the passphrase or PIN",
-            hint="give it in a file (--unlock-key-file, --pin-file)", code=ExitCode.USAGE)
+        die(
+            "no terminal to ask for the passphrase or PIN",
+            hint="give it in a file (--unlock-key-file, --pin-file)",
+            code=ExitCode.USAGE,
+        )
     try:
         yield fd
     finally:

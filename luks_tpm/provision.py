@@ -47,26 +47,42 @@ def write_error(device: Device, error: CryptsetupError) -> LuksTpmError:
     """A failed header write in words, from the errno and what libcryptsetup logged about it."""
     said = " ".join(error.log).lower()
     if "concurrent" in said:
-        return LuksTpmError(f"{device.path}: another process changed the LUKS header meanwhile; nothing was "
-                            "written", hint="run the command again", cause=Cause.HEADER_CHANGED)
+        return LuksTpmError(
+            f"{device.path}: another process changed the LUKS header meanwhile; nothing was written",
+            hint="run the command again",
+            cause=Cause.HEADER_CHANGED,
+        )
     if "free token" in said or "no free" in said:
-        return LuksTpmError(f"{device.path}: the LUKS2 header is full ({error.log[-1] if error.log else error})",
-                            hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`) or keyslots; the "
-                            "JSON area size is fixed when the volume is formatted", cause=Cause.HEADER_FULL)
+        return LuksTpmError(
+            f"{device.path}: the LUKS2 header is full ({error.log[-1] if error.log else error})",
+            hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`) or keyslots; the "
+            "JSON area size is fixed when the volume is formatted",
+            cause=Cause.HEADER_FULL,
+        )
     if error.errno == errno.ENOSPC:
-        return LuksTpmError(f"{device.path}: the LUKS2 header's JSON area is full", hint="remove unused tokens "
-                            "(`luks-tpm status`, `luks-tpm remove`) or keyslots; a larger area can only be chosen "
-                            "when formatting (`cryptsetup luksFormat --luks2-metadata-size`)", cause=Cause.HEADER_FULL)
+        return LuksTpmError(
+            f"{device.path}: the LUKS2 header's JSON area is full",
+            hint="remove unused tokens "
+            "(`luks-tpm status`, `luks-tpm remove`) or keyslots; a larger area can only be chosen "
+            "when formatting (`cryptsetup luksFormat --luks2-metadata-size`)",
+            cause=Cause.HEADER_FULL,
+        )
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return LuksTpmError(f"{device.path}: cannot write the LUKS header ({error.strerror})",
-                            hint="is the device or image read-only?", cause=Cause.DEVICE)
+        return LuksTpmError(
+            f"{device.path}: cannot write the LUKS header ({error.strerror})",
+            hint="is the device or image read-only?",
+            cause=Cause.DEVICE,
+        )
     return LuksTpmError(f"{device.path}: writing the LUKS header failed: {error}", cause=Cause.DEVICE)
 
 
 def _write_token(device: Device, token: Token) -> int:
     if len(device.tokens()) >= 32:
-        die(f"{device.path}: the LUKS2 header already holds 32 tokens, the most it can",
-            hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`)", cause=Cause.HEADER_FULL)
+        die(
+            f"{device.path}: the LUKS2 header already holds 32 tokens, the most it can",
+            hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`)",
+            cause=Cause.HEADER_FULL,
+        )
     try:
         return device.token_json_set(to_json(token))
     except CryptsetupError as error:
@@ -96,10 +112,13 @@ class _Binding:
 
 def _prepare(tpm: Tpm, enrollment: Enrollment) -> _Binding:
     if enrollment.mode is Mode.DERIVED and enrollment.fence and tpm_pcr.fence_is_up(tpm):
-        die(f"the fence is up (PCR {FENCE_PCR} is not zero), so the TPM cannot compute a fenced derived key now",
+        die(
+            f"the fence is up (PCR {FENCE_PCR} is not zero), so the TPM cannot compute a fenced derived key now",
             hint="enroll from the installer or the initramfs before the fence is raised, or use --mode sealed "
-            "--fence (sealed to PCR 15 = zeros, verified at the next boot)", code=ExitCode.REFUSED,
-            cause=Cause.FENCE_UP)
+            "--fence (sealed to PCR 15 = zeros, verified at the next boot)",
+            code=ExitCode.REFUSED,
+            cause=Cause.FENCE_UP,
+        )
     if enrollment.persist_srk:
         _persist_srk_if_free(tpm)
     srk, parent = tpm_srk.current_srk(tpm)
@@ -131,16 +150,31 @@ def _derived_key(recovery: KeyRecovery, binding: _Binding, uuid: str, salt: byte
 def _token_fields(binding: _Binding, *, digest: int, key_size: int) -> dict[str, Any]:
     policy = binding.policy
     return {
-        "digest": digest, "key_size": key_size, "parent": binding.parent, "created": utc_now(),
-        "endorsement": binding.endorsement, "policy": binding.digest,
+        "digest": digest,
+        "key_size": key_size,
+        "parent": binding.parent,
+        "created": utc_now(),
+        "endorsement": binding.endorsement,
+        "policy": binding.digest,
         "pcr_bank": policy.bank if policy else Enrollment(Mode.DERIVED).bank,
-        "pcrs": policy.pcrs if policy else (), "pcr_values": dict(policy.values) if policy else {},
+        "pcrs": policy.pcrs if policy else (),
+        "pcr_values": dict(policy.values) if policy else {},
         "fence": bool(policy and policy.fence),
     }
 
 
-def _new_token(tpm: Tpm, recovery: KeyRecovery, binding: _Binding, *, mode: Mode, uuid: str, key: Secret,
-               digest: int, pin: Secret | None, extra: dict[str, Any]) -> Token:
+def _new_token(
+    tpm: Tpm,
+    recovery: KeyRecovery,
+    binding: _Binding,
+    *,
+    mode: Mode,
+    uuid: str,
+    key: Secret,
+    digest: int,
+    pin: Secret | None,
+    extra: dict[str, Any],
+) -> Token:
     """A new token that yields `key` (derived: `key` wrapped under a fresh TPM-derived KEK)."""
     fields = {**_token_fields(binding, digest=digest, key_size=len(key)), "extra": extra}
     if mode is Mode.DERIVED:
@@ -159,8 +193,7 @@ def _verifiable_now(tpm: Tpm, token: Token, enrollment: Enrollment) -> bool:
     return not (token.fence and tpm_pcr.fence_is_up(tpm))
 
 
-def _add_verified(device: Device, tpm: Tpm, token: Token, key: Secret, pin: Secret | None, *,
-                  verify: bool) -> int:
+def _add_verified(device: Device, tpm: Tpm, token: Token, key: Secret, pin: Secret | None, *, verify: bool) -> int:
     """Write the token; when `verify`, prove it recovers `key` from a fresh read of the header, or take it
     back. An unverifiable token is kept (it is an additional way in, not a replacement) and says so."""
     token_id = _write_token(device, token)
@@ -179,14 +212,29 @@ def _add_verified(device: Device, tpm: Tpm, token: Token, key: Secret, pin: Secr
     return token_id
 
 
-def _bind(device: Device, tpm: Tpm, key: Secret, enrollment: Enrollment, pin: Secret | None,
-          extra: dict[str, Any] | None = None) -> tuple[Token, int, bool]:
+def _bind(
+    device: Device,
+    tpm: Tpm,
+    key: Secret,
+    enrollment: Enrollment,
+    pin: Secret | None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[Token, int, bool]:
     """Create, write and (when possible) verify a token for `key`: (token, id, verified). `extra`: unknown
     fields of the token this one replaces, kept as the contract says."""
     binding = _prepare(tpm, enrollment)
     with KeyRecovery(tpm) as recovery:
-        token = _new_token(tpm, recovery, binding, mode=enrollment.mode, uuid=device.uuid, key=key,
-                           digest=device.default_digest(), pin=pin, extra=dict(extra or {}))
+        token = _new_token(
+            tpm,
+            recovery,
+            binding,
+            mode=enrollment.mode,
+            uuid=device.uuid,
+            key=key,
+            digest=device.default_digest(),
+            pin=pin,
+            extra=dict(extra or {}),
+        )
     verify = _verifiable_now(tpm, token, enrollment)
     return token, _add_verified(device, tpm, token, key, pin, verify=verify), verify
 
@@ -200,12 +248,15 @@ def _unverified_note(enrollment: Enrollment) -> str:
 # ---- commands ---------------------------------------------------------------------------------------
 
 
-def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
-                  recovery_passphrase: PassphraseSource | None) -> Report:
+def format_volume(
+    tcti: str, settings: FormatSettings, confirm: Confirm, recovery_passphrase: PassphraseSource | None
+) -> Report:
     path = str(settings.device)
     with open_device(path, load=False, write=True) as device:
-        if header_facts(path) is not None and not settings.yes and not confirm(
-            f"{path} already holds a LUKS header. Overwrite it, destroying all data on it?"
+        if (
+            header_facts(path) is not None
+            and not settings.yes
+            and not confirm(f"{path} already holds a LUKS header. Overwrite it, destroying all data on it?")
         ):
             die("not formatting: the existing header was kept", code=ExitCode.REFUSED, cause=Cause.REFUSED)
         if settings.recovery is not Recovery.NONE:
@@ -213,8 +264,7 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
         else:
             progress("no recovery keyslot: clearing or losing the TPM will make the data unrecoverable")
         uuid = settings.uuid or str(uuid_module.uuid4())
-        passphrase = recovery_passphrase() if settings.recovery is Recovery.PASSPHRASE and recovery_passphrase \
-            else None
+        passphrase = recovery_passphrase() if settings.recovery is Recovery.PASSPHRASE and recovery_passphrase else None
         recovery_key = generate_recovery_key() if settings.recovery is Recovery.GENERATE else None
         with Tpm(tcti) as tpm:
             binding = _prepare(tpm, settings.binding)
@@ -226,14 +276,25 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
                 cipher, _, mode = settings.cipher.partition("-")
                 progress(f"writing a LUKS2 header ({settings.cipher}, {8 * len(key)}-bit key) to {path}")
                 try:
-                    device.format_luks2(cipher=cipher, cipher_mode=mode, uuid=uuid, volume_key=key,
-                                        sector_size=settings.sector_size, pbkdf=_DIGEST_PBKDF, label=settings.label)
+                    device.format_luks2(
+                        cipher=cipher,
+                        cipher_mode=mode,
+                        uuid=uuid,
+                        volume_key=key,
+                        sector_size=settings.sector_size,
+                        pbkdf=_DIGEST_PBKDF,
+                        label=settings.label,
+                    )
                 except CryptsetupError as error:
                     if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
                         # libcryptsetup tries the cipher (kernel crypto API, then dm-crypt) before writing
                         said = f" ({error.log[-1]})" if error.log else ""
-                        die(f"--cipher {settings.cipher}: libcryptsetup cannot use this cipher here{said}",
-                            hint="e.g. aes-xts-plain64 (the default)", code=ExitCode.USAGE, cause=Cause.USAGE)
+                        die(
+                            f"--cipher {settings.cipher}: libcryptsetup cannot use this cipher here{said}",
+                            hint="e.g. aes-xts-plain64 (the default)",
+                            code=ExitCode.USAGE,
+                            cause=Cause.USAGE,
+                        )
                     raise write_error(device, error) from None
                 # The recovery keyslot first: an interruption after it leaves a volume the recovery key opens.
                 keyslot = None
@@ -242,8 +303,11 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
                     progress("adding the recovery keyslot")
                     device.set_pbkdf(settings.pbkdf)
                     keyslot = device.keyslot_add_by_volume_key(key, secret)
-                token = DerivedToken(**_token_fields(binding, digest=device.default_digest(), key_size=len(key)),
-                                     salt=salt, wrapped_key=None)
+                token = DerivedToken(
+                    **_token_fields(binding, digest=device.default_digest(), key_size=len(key)),
+                    salt=salt,
+                    wrapped_key=None,
+                )
                 verify = not token.fence or not tpm_pcr.fence_is_up(tpm)
                 token_id = _add_verified(device, tpm, token, key, None, verify=verify)
             finally:
@@ -251,11 +315,19 @@ def format_volume(tcti: str, settings: FormatSettings, confirm: Confirm,
                 if passphrase is not None:
                     passphrase.close()
             warnings = list(tpm.warnings)
-    data = {"device": path, "uuid": uuid, "token": token_id, "recovery_keyslot": keyslot,
-            "cipher": settings.cipher, "key_size": settings.key_size, "fence": token.fence,
-            "pcrs": list(token.pcrs)}
+    data = {
+        "device": path,
+        "uuid": uuid,
+        "token": token_id,
+        "recovery_keyslot": keyslot,
+        "cipher": settings.cipher,
+        "key_size": settings.key_size,
+        "fence": token.fence,
+        "pcrs": list(token.pcrs),
+    }
     line = f"{path}: formatted LUKS2 {uuid}, TPM-derived key in token {token_id}" + (
-        f", recovery keyslot {keyslot}" if keyslot is not None else ", NO recovery keyslot")
+        f", recovery keyslot {keyslot}" if keyslot is not None else ", NO recovery keyslot"
+    )
     return Report(data, [line], recovery_key=recovery_key, warnings=warnings)
 
 
@@ -265,8 +337,13 @@ def _check_pbkdf(device: Device, pbkdf: Pbkdf) -> None:
         device.set_pbkdf(pbkdf)
     except CryptsetupError as error:
         said = error.log[-1] if error.log else str(error)
-        die(f"--pbkdf {pbkdf.type}" + (f" --pbkdf-force-iterations {pbkdf.iterations}" if pbkdf.iterations else "")
-            + f": {said}", code=ExitCode.USAGE, cause=Cause.USAGE)
+        die(
+            f"--pbkdf {pbkdf.type}"
+            + (f" --pbkdf-force-iterations {pbkdf.iterations}" if pbkdf.iterations else "")
+            + f": {said}",
+            code=ExitCode.USAGE,
+            cause=Cause.USAGE,
+        )
 
 
 def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> Secret:
@@ -275,14 +352,18 @@ def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> 
             _, key = device.volume_key_get(secret)
         except CryptsetupError as error:
             if error.errno == 1:  # EPERM
-                die("no keyslot opens with that passphrase or key file", code=ExitCode.UNLOCK_FAILED,
-                    cause=Cause.WRONG_KEY)
+                die(
+                    "no keyslot opens with that passphrase or key file",
+                    code=ExitCode.UNLOCK_FAILED,
+                    cause=Cause.WRONG_KEY,
+                )
             raise
     return key
 
 
-def enroll(tcti: str, device_path: Path, enrollment: Enrollment, passphrase: PassphraseSource,
-           pin: NewPinSource) -> Report:
+def enroll(
+    tcti: str, device_path: Path, enrollment: Enrollment, passphrase: PassphraseSource, pin: NewPinSource
+) -> Report:
     path = str(device_path)
     with open_device(path, write=True) as device:
         key = volume_key_with_passphrase(device, passphrase)
@@ -295,28 +376,56 @@ def enroll(tcti: str, device_path: Path, enrollment: Enrollment, passphrase: Pas
             if pin_secret is not None:
                 pin_secret.close()
     checked = "verified by recovering the key" if verified else _unverified_note(enrollment)
-    return Report({"device": path, "token": token_id, "mode": str(token.mode), "pcrs": list(token.pcrs),
-                   "fence": token.fence, "verified": verified},
-                  [f"{path}: token {token_id} ({token.describe()}) enrolled, {checked}"], warnings=warnings)
+    return Report(
+        {
+            "device": path,
+            "token": token_id,
+            "mode": str(token.mode),
+            "pcrs": list(token.pcrs),
+            "fence": token.fence,
+            "verified": verified,
+        },
+        [f"{path}: token {token_id} ({token.describe()}) enrolled, {checked}"],
+        warnings=warnings,
+    )
 
 
-def reseal(tcti: str, device_path: Path, token_id: int | None, pcrs: tuple[int, ...] | None,
-           values: dict[int, bytes], bank_name: str | None, force: bool, passphrase: PassphraseSource,
-           pins: PinSource, new_pin: NewPinSource) -> Report:
+def reseal(
+    tcti: str,
+    device_path: Path,
+    token_id: int | None,
+    pcrs: tuple[int, ...] | None,
+    values: dict[int, bytes],
+    bank_name: str | None,
+    force: bool,
+    passphrase: PassphraseSource,
+    pins: PinSource,
+    new_pin: NewPinSource,
+) -> Report:
     """A new token for new PCR values, verified, and only then the old one removed.
 
     What is not given is the old token's: its mode, bank, PCRs (plus those given values for), PIN, fence."""
     path = str(device_path)
     with open_device(path, write=True) as device:
-        bound = [e for e in luks_tpm_tokens(device) if e.token is not None and (e.token.pcrs or e.token.fence
-                                                                                or e.token.mode is Mode.SEALED)]
+        bound = [
+            e
+            for e in luks_tpm_tokens(device)
+            if e.token is not None and (e.token.pcrs or e.token.fence or e.token.mode is Mode.SEALED)
+        ]
         if token_id is not None:
             bound = [e for e in bound if e.token_id == token_id]
         if not bound:
-            which = f"--token-id {token_id}: token {token_id} of {path} is not" if token_id is not None else \
-                f"{path} has no luks-tpm token"
-            die(f"{which} bound to PCRs or the fence: nothing to reseal",
-                hint="`luks-tpm status` lists the tokens", code=ExitCode.USAGE, cause=Cause.USAGE)
+            which = (
+                f"--token-id {token_id}: token {token_id} of {path} is not"
+                if token_id is not None
+                else f"{path} has no luks-tpm token"
+            )
+            die(
+                f"{which} bound to PCRs or the fence: nothing to reseal",
+                hint="`luks-tpm status` lists the tokens",
+                code=ExitCode.USAGE,
+                cause=Cause.USAGE,
+            )
         old_id, old = bound[0].token_id, bound[0].token
         assert old is not None
         bank = old.pcr_bank if bank_name is None else type(old.pcr_bank)(bank_name)
@@ -335,15 +444,34 @@ def reseal(tcti: str, device_path: Path, token_id: int | None, pcrs: tuple[int, 
                         pin_secret.close()
             warnings = list(tpm.warnings)
         if not verified and not force:
-            return Report({"device": path, "removed": None, "token": new_id, "kept": old_id, "verified": False,
-                           "pcrs": list(token.pcrs)},
-                          [f"{path}: token {new_id} ({token.describe()}) added; {_unverified_note(settings)}; "
-                           f"token {old_id} kept (remove it once the new one works, or pass --force)"],
-                          warnings=warnings)
+            return Report(
+                {
+                    "device": path,
+                    "removed": None,
+                    "token": new_id,
+                    "kept": old_id,
+                    "verified": False,
+                    "pcrs": list(token.pcrs),
+                },
+                [
+                    f"{path}: token {new_id} ({token.describe()}) added; {_unverified_note(settings)}; "
+                    f"token {old_id} kept (remove it once the new one works, or pass --force)"
+                ],
+                warnings=warnings,
+            )
         _remove_token(device, old_id)
-    return Report({"device": path, "removed": old_id, "token": new_id, "kept": None, "verified": verified,
-                   "pcrs": list(token.pcrs)},
-                  [f"{path}: token {old_id} replaced by token {new_id} ({token.describe()})"], warnings=warnings)
+    return Report(
+        {
+            "device": path,
+            "removed": old_id,
+            "token": new_id,
+            "kept": None,
+            "verified": verified,
+            "pcrs": list(token.pcrs),
+        },
+        [f"{path}: token {old_id} replaced by token {new_id} ({token.describe()})"],
+        warnings=warnings,
+    )
 
 
 def _key_for_reseal(device: Device, recovery: KeyRecovery, passphrase: PassphraseSource) -> Recovered | None:
@@ -366,9 +494,12 @@ def _pin_for_reseal(recovery: KeyRecovery, old_id: int, with_pin: bool, new_pin:
         return Secret.copy_of(verified.view())
     pin = new_pin()
     if pin is None:
-        die(f"token {old_id} has a PIN, and it was not verified now (wrong or not given), so it is not reused",
-            hint="give the new binding's PIN with --new-pin-file, or run on a terminal", code=ExitCode.UNLOCK_FAILED,
-            cause=Cause.WRONG_PIN)
+        die(
+            f"token {old_id} has a PIN, and it was not verified now (wrong or not given), so it is not reused",
+            hint="give the new binding's PIN with --new-pin-file, or run on a terminal",
+            code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.WRONG_PIN,
+        )
     return pin
 
 
@@ -407,12 +538,20 @@ def remove(tcti: str, device_path: Path, token_id: int, force: bool) -> Report:
     path = str(device_path)
     with open_device(path, write=True) as device:
         if token_id not in [entry.token_id for entry in luks_tpm_tokens(device)]:
-            die(f"{path} has no luks-tpm token {token_id}", hint="`luks-tpm status` lists the tokens",
-                code=ExitCode.USAGE, cause=Cause.USAGE)
+            die(
+                f"{path} has no luks-tpm token {token_id}",
+                hint="`luks-tpm status` lists the tokens",
+                code=ExitCode.USAGE,
+                cause=Cause.USAGE,
+            )
         keyslots, alive = ways_in(device, tcti, except_token=token_id)
         if not keyslots and not alive and not force:
-            die(f"token {token_id} is the last way into {path}: no keyslot, and no other token that can still "
-                "recover the key", hint="add a passphrase first (`cryptsetup luksAddKey`), or pass --force to lose "
-                "the data", code=ExitCode.REFUSED, cause=Cause.REFUSED)
+            die(
+                f"token {token_id} is the last way into {path}: no keyslot, and no other token that can still "
+                "recover the key",
+                hint="add a passphrase first (`cryptsetup luksAddKey`), or pass --force to lose the data",
+                code=ExitCode.REFUSED,
+                cause=Cause.REFUSED,
+            )
         _remove_token(device, token_id)
     return Report({"device": path, "removed": token_id}, [f"{path}: token {token_id} removed"])

@@ -49,8 +49,7 @@ _LENGTH = re.compile(r"[1-9][0-9]{0,2}")
 class _Request:
     """What the kernel asks, from the argv /sbin/request-key builds out of `%k %t %d %c %S`."""
 
-    def __init__(self, tcti: str | None, key: str, key_type: str, description: str, callout: str,
-                 session: str) -> None:
+    def __init__(self, tcti: str | None, key: str, key_type: str, description: str, callout: str, session: str) -> None:
         self.tcti = tcti
         self.key = key
         serial = int(key) if re.fullmatch(r"[1-9][0-9]{0,9}", key) else 0
@@ -124,23 +123,31 @@ def main(argv: list[str]) -> int:
     make_undumpable()
     request = _parse(argv)
     if request.serial is None:
-        _log(syslog.LOG_ERR, f"request-key: {request.what()}: invalid key serial {request.key[:20]!r}; "
-                             "this command is run by /sbin/request-key (request-key.conf(5): %k %t %d %c %S)")
+        _log(
+            syslog.LOG_ERR,
+            f"request-key: {request.what()}: invalid key serial {request.key[:20]!r}; "
+            "this command is run by /sbin/request-key (request-key.conf(5): %k %t %d %c %S)",
+        )
         return ExitCode.USAGE
     try:
         keyring.assume_authority(request.serial)
     except keyring.KeyringError as error:
         # Without the authority the key can be neither instantiated nor negated: the kernel negates it.
-        _log(syslog.LOG_ERR, f"request-key: {request.what()}: cannot act for key {request.serial} "
-                             f"({os.strerror(error.errno or 0)}); only /sbin/request-key can run this")
+        _log(
+            syslog.LOG_ERR,
+            f"request-key: {request.what()}: cannot act for key {request.serial} "
+            f"({os.strerror(error.errno or 0)}); only /sbin/request-key can run this",
+        )
         return ExitCode.REFUSED
     deadline = _start_deadline(request)
     try:
         asked = keyring.describe(request.serial)
         request.uid = uid = asked.uid
         if (asked.type, asked.description) != (request.type, request.description):
-            die(f"the key under construction is {asked.type} {asked.description}, not what the arguments say",
-                code=ExitCode.USAGE)
+            die(
+                f"the key under construction is {asked.type} {asked.description}, not what the arguments say",
+                code=ExitCode.USAGE,
+            )
         with _answer(request, uid) as payload:
             deadline.cancel()  # answered in time: nothing may negate it now
             if request.type == "logon":
@@ -165,8 +172,7 @@ def _answer(request: _Request, uid: int) -> Secret:
     if request.type == "logon":
         match = _VOLUME.fullmatch(request.description)
         if match is None:
-            die("not a volume key: logon keys luks-tpm answers are cryptsetup:<uuid>-d<digest>",
-                code=ExitCode.USAGE)
+            die("not a volume key: logon keys luks-tpm answers are cryptsetup:<uuid>-d<digest>", code=ExitCode.USAGE)
         if uid != 0:
             # Only root can load a dm table that uses the key; nobody else needs root to recover it, or to
             # open a device path of their choosing on their behalf.
@@ -177,14 +183,17 @@ def _answer(request: _Request, uid: int) -> Secret:
 
         name = request.description.removeprefix(_APP_PREFIX)
         if not APP_NAME.fullmatch(name):
-            die("invalid application key name: 1 to 200 characters from A-Z a-z 0-9 . _ @ + : -",
-                code=ExitCode.USAGE)
+            die("invalid application key name: 1 to 200 characters from A-Z a-z 0-9 . _ @ + : -", code=ExitCode.USAGE)
         if not _LENGTH.fullmatch(request.callout) or int(request.callout) not in APP_KEY_SIZES:
-            die(f"invalid key length {request.callout[:20]!r}: the callout info is the length in bytes, "
-                f"{APP_KEY_SIZES.start} to {APP_KEY_SIZES.stop - 1}", code=ExitCode.USAGE)
+            die(
+                f"invalid key length {request.callout[:20]!r}: the callout info is the length in bytes, "
+                f"{APP_KEY_SIZES.start} to {APP_KEY_SIZES.stop - 1}",
+                code=ExitCode.USAGE,
+            )
         return _app_key(request.tcti, uid, name, int(request.callout))
-    die("luks-tpm answers logon cryptsetup:<uuid>-d<digest> and user luks-tpm:app:<name> keys only",
-        code=ExitCode.USAGE)
+    die(
+        "luks-tpm answers logon cryptsetup:<uuid>-d<digest> and user luks-tpm:app:<name> keys only", code=ExitCode.USAGE
+    )
 
 
 def _tcti(option: str | None) -> str:
@@ -213,8 +222,7 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
         if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):  # a FIFO or a tty would hang the request
             die(f"{path} is neither a block device nor an image file", code=ExitCode.DEVICE)
     else:
-        die(f"the callout info must be the device's absolute path or '-', not {callout[:100]!r}",
-            code=ExitCode.USAGE)
+        die(f"the callout info must be the device's absolute path or '-', not {callout[:100]!r}", code=ExitCode.USAGE)
     with open_device(path) as device:
         if device.uuid.lower() != uuid.lower():
             die(f"{path} is LUKS2 volume {device.uuid}, not {uuid}", code=ExitCode.DEVICE)
@@ -224,8 +232,10 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
             found = recover_verified(device, recovery)
     if found.token.digest != digest:
         found.key.close()
-        die(f"{path}: token {found.token_id} yields the key of digest {found.token.digest}, not {digest}",
-            code=ExitCode.UNLOCK_FAILED)
+        die(
+            f"{path}: token {found.token_id} yields the key of digest {found.token.digest}, not {digest}",
+            code=ExitCode.UNLOCK_FAILED,
+        )
     return found.key
 
 

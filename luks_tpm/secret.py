@@ -20,12 +20,16 @@ from .clib import CLibrary, Convention
 ReadableBuffer: TypeAlias = bytes | bytearray | memoryview | ctypes.Array[ctypes.c_char]
 WritableBuffer: TypeAlias = bytearray | memoryview | ctypes.Array[ctypes.c_char]
 
-_libc = CLibrary("libc.so.6", {
-    "mlock": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
-    "munlock": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
-    "prctl": (ctypes.c_int, [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]),
-    "explicit_bzero": (None, [ctypes.c_void_p, ctypes.c_size_t]),
-}, convention=Convention.MINUS_ONE)
+_libc = CLibrary(
+    "libc.so.6",
+    {
+        "mlock": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
+        "munlock": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
+        "prctl": (ctypes.c_int, [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]),
+        "explicit_bzero": (None, [ctypes.c_void_p, ctypes.c_size_t]),
+    },
+    convention=Convention.MINUS_ONE,
+)
 
 _PR_SET_DUMPABLE = 4
 

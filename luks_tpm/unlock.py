@@ -43,9 +43,17 @@ def luks_tpm_tokens(device: Device) -> list[TokenEntry]:
         if text is None:
             continue
         if not is_ours(text):
-            entries.append(TokenEntry(token_id, None, LuksTpmError(
-                f"luks-tpm token {token_id} is not valid JSON", cause=Cause.CORRUPT_TOKEN,
-                hint=f"remove it with `luks-tpm remove --token-id {token_id}` and re-enroll")))
+            entries.append(
+                TokenEntry(
+                    token_id,
+                    None,
+                    LuksTpmError(
+                        f"luks-tpm token {token_id} is not valid JSON",
+                        cause=Cause.CORRUPT_TOKEN,
+                        hint=f"remove it with `luks-tpm remove --token-id {token_id}` and re-enroll",
+                    ),
+                )
+            )
             continue
         try:
             entries.append(TokenEntry(token_id, parse(text, token_id), None))
@@ -161,21 +169,31 @@ class KeyRecovery:
         with okm:
             key = derive.unwrap(okm, token.wrapped_key)
         if key is None:
-            die("the wrapped key does not unwrap: the token was damaged or altered",
-                hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED, cause=Cause.WRONG_KEY)
+            die(
+                "the wrapped key does not unwrap: the token was damaged or altered",
+                hint="re-enroll with the recovery key",
+                code=ExitCode.UNLOCK_FAILED,
+                cause=Cause.WRONG_KEY,
+            )
         return key
 
     def _check_pcrs(self, token: Token) -> None:
         """Name what changed before asking the TPM (which would only say "policy not satisfied")."""
         if token.fence and tpm_pcr.fence_is_up(self.tpm):
-            die(f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot "
-                "completes", hint="recover it from the initramfs at the next boot, or use the recovery key",
-                code=ExitCode.UNLOCK_FAILED, cause=Cause.FENCE_UP)
+            die(
+                f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot completes",
+                hint="recover it from the initramfs at the next boot, or use the recovery key",
+                code=ExitCode.UNLOCK_FAILED,
+                cause=Cause.FENCE_UP,
+            )
         changed = changed_pcrs(self.tpm, token, self._current_pcrs(token) if token.pcr_values else None)
         if changed:
-            die(f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the key was bound",
+            die(
+                f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the key was bound",
                 hint="if the change was planned, `luks-tpm reseal` with the recovery key",
-                code=ExitCode.UNLOCK_FAILED, cause=Cause.PCR_CHANGED)
+                code=ExitCode.UNLOCK_FAILED,
+                cause=Cause.PCR_CHANGED,
+            )
 
     def _current_pcrs(self, token: Token) -> dict[int, bytes]:
         """The token's PCRs now: read once per pass over many volumes, which mostly share their PCRs. They
@@ -193,8 +211,12 @@ class KeyRecovery:
         if token.pin:
             pin = self._pins(token_id) if self._pins else None
             if pin is None:
-                die("this binding needs a PIN and none was given", hint="pass --pin-file or run on a terminal",
-                    code=ExitCode.UNLOCK_FAILED, cause=Cause.NEEDS_PIN)
+                die(
+                    "this binding needs a PIN and none was given",
+                    hint="pass --pin-file or run on a terminal",
+                    code=ExitCode.UNLOCK_FAILED,
+                    cause=Cause.NEEDS_PIN,
+                )
         try:
             with self._policy_session(srk, token.pcr_policy(pin=token.pin)) as (session, last_use):
                 key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
@@ -213,8 +235,11 @@ def _with_lockout_state(tpm: Tpm, error: TpmError) -> TpmError:
         detail = lockout_state(tpm).describe()
     elif error.cause is Cause.LOCKED_OUT:
         state = lockout_state(tpm)
-        detail = (f"it lifts after at most {state.recovery_seconds} s without failed tries"
-                  if state.recovery_seconds else "only the lockout authorization can lift it")
+        detail = (
+            f"it lifts after at most {state.recovery_seconds} s without failed tries"
+            if state.recovery_seconds
+            else "only the lockout authorization can lift it"
+        )
     else:
         return error
     return TpmError(f"{error.message}; {detail}", hint=error.hint, code=error.code, cause=error.cause, rc=error.rc)
@@ -234,12 +259,17 @@ def _order(entries: list[TokenEntry], token_id: int | None, tpm: Tpm) -> list[To
     if token_id is not None:
         chosen = [entry for entry in entries if entry.token_id == token_id]
         if not chosen:
-            die(f"there is no luks-tpm token {token_id}", hint="`luks-tpm status` lists the tokens",
-                code=ExitCode.USAGE, cause=Cause.USAGE)
+            die(
+                f"there is no luks-tpm token {token_id}",
+                hint="`luks-tpm status` lists the tokens",
+                code=ExitCode.USAGE,
+                cause=Cause.USAGE,
+            )
         return chosen
     # Derived tokens need nothing but the TPM; sealed ones may need a PIN or fail on changed PCRs.
-    return _this_tpm_first(tpm, sorted(entries, key=lambda entry: (not isinstance(entry.token, DerivedToken),
-                                                                   entry.token_id)))
+    return _this_tpm_first(
+        tpm, sorted(entries, key=lambda entry: (not isinstance(entry.token, DerivedToken), entry.token_id))
+    )
 
 
 def _this_tpm_first(tpm: Tpm, entries: list[TokenEntry]) -> list[TokenEntry]:
@@ -251,8 +281,11 @@ def _this_tpm_first(tpm: Tpm, entries: list[TokenEntry]) -> list[TokenEntry]:
     if len(parents) < 2:  # one SRK for every token: nothing to choose
         return entries
     for create in (False, True):
-        mine = {entry.token_id for entry in entries if entry.token is not None
-                and _is_this_tpm(tpm, entry.token.parent, create=create)}
+        mine = {
+            entry.token_id
+            for entry in entries
+            if entry.token is not None and _is_this_tpm(tpm, entry.token.parent, create=create)
+        }
         if mine:
             return [e for e in entries if e.token_id in mine] + [e for e in entries if e.token_id not in mine]
     return entries
@@ -269,8 +302,12 @@ def recover_verified(device: Device, recovery: KeyRecovery, *, token_id: int | N
     """Try the volume's luks-tpm tokens in order; the first key that verifies wins."""
     entries = _order(luks_tpm_tokens(device), token_id, recovery.tpm)
     if not entries:
-        die(f"{device.path} has no luks-tpm token", hint="bind it first with `luks-tpm enroll`",
-            code=ExitCode.UNLOCK_FAILED, cause=Cause.NO_TOKEN)
+        die(
+            f"{device.path} has no luks-tpm token",
+            hint="bind it first with `luks-tpm enroll`",
+            code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.NO_TOKEN,
+        )
     failures: list[TokenFailure] = []
     digests = device.digest_ids()
     for entry in entries:
@@ -287,15 +324,23 @@ def recover_verified(device: Device, recovery: KeyRecovery, *, token_id: int | N
 
 def _recover_one(device: Device, recovery: KeyRecovery, token_id: int, token: Token, digests: set[int]) -> Secret:
     if token.digest not in digests:
-        die(f"the token refers to digest {token.digest}, which the header does not have "
+        die(
+            f"the token refers to digest {token.digest}, which the header does not have "
             "(the volume was re-encrypted or the header replaced)",
-            hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED, cause=Cause.WRONG_KEY)
+            hint="re-enroll with the recovery key",
+            code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.WRONG_KEY,
+        )
     key = recovery.key_from_token(device.uuid, token_id, token)
     if len(key) != token.key_size or not device.volume_key_verify(key):
         key.close()
-        die("the recovered key does not open the volume: its volume key changed since this binding was "
-            "made (re-encryption?)", hint="re-enroll with the recovery key", code=ExitCode.UNLOCK_FAILED,
-            cause=Cause.WRONG_KEY)
+        die(
+            "the recovered key does not open the volume: its volume key changed since this binding was "
+            "made (re-encryption?)",
+            hint="re-enroll with the recovery key",
+            code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.WRONG_KEY,
+        )
     return key
 
 

@@ -110,6 +110,7 @@ def model(path: str | None = None) -> tuple[Command, list[Command]]:
 
 # --- man page ------------------------------------------------------------------------------------------
 
+
 def roff(text: str) -> str:
     """Text for a roff text line: backslashes and minus signs escaped, no line starting with a control."""
     escaped = text.replace("\\", "\\e").replace("-", "\\-")
@@ -264,18 +265,26 @@ def completion(path: str | None = None) -> str:
         flags = " ".join(flag for option in command.options for flag in option.flags)
         pattern = shlex.quote(command.name) if command.name else '""'
         out.append(f"    {pattern}) echo {shlex.quote(flags)} ;;")
-    out += ["    esac", "}", "",
-            "# _luks_tpm_value COMMAND OPTION: what the option takes (choice:..., file, none), empty for a flag",
-            "_luks_tpm_value() {"]
+    out += [
+        "    esac",
+        "}",
+        "",
+        "# _luks_tpm_value COMMAND OPTION: what the option takes (choice:..., file, none), empty for a flag",
+        "_luks_tpm_value() {",
+    ]
     arms = []
     for command in [top, *commands]:
         for option in command.options:
             answer = f"choice:{' '.join(option.choices)}" if option.value == "choice" else option.value
             if answer:
                 arms += [(shlex.quote(f"{command.name}:{flag}"), answer) for flag in option.flags]
-    out += [_case(arms), "}", "",
-            "# _luks_tpm_argument COMMAND N: the kind of its Nth positional argument (device, none)",
-            "_luks_tpm_argument() {"]
+    out += [
+        _case(arms),
+        "}",
+        "",
+        "# _luks_tpm_argument COMMAND N: the kind of its Nth positional argument (device, none)",
+        "_luks_tpm_argument() {",
+    ]
     arms = []
     for command in commands:
         for index, argument in enumerate(command.arguments):
@@ -287,8 +296,7 @@ def completion(path: str | None = None) -> str:
 
 def _date() -> str:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    moment = (datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch
-              else datetime.datetime.now(datetime.UTC))
+    moment = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch else datetime.datetime.now(datetime.UTC)
     return moment.strftime("%Y-%m-%d")
 
 

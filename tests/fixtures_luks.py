@@ -47,16 +47,14 @@ def sparse_file(path: Path, size: int = IMAGE_SIZE) -> Path:
     return path
 
 
-def make_luks_image(path: Path, *, uuid: str = TEST_UUID, keyslot: bool = True,
-                    size: int = IMAGE_SIZE) -> LuksImage:
+def make_luks_image(path: Path, *, uuid: str = TEST_UUID, keyslot: bool = True, size: int = IMAGE_SIZE) -> LuksImage:
     """A LUKS2 image: aes-xts-plain64, a random 64-byte key, `uuid`, and (with `keyslot`) one
     keyslot (0) for TEST_PASSPHRASE."""
     sparse_file(path, size)
     key = random_secret(64)
     secret = Secret.copy_of(TEST_PASSPHRASE)
     with cryptsetup.open_device(path, load=False) as device:
-        device.format_luks2(cipher="aes", cipher_mode="xts-plain64", uuid=uuid, volume_key=key,
-                            pbkdf=TEST_PBKDF)
+        device.format_luks2(cipher="aes", cipher_mode="xts-plain64", uuid=uuid, volume_key=key, pbkdf=TEST_PBKDF)
         if keyslot:
             device.keyslot_add_by_volume_key(key, secret)
     return LuksImage(path=path, uuid=uuid, volume_key=key, passphrase=secret)
@@ -79,9 +77,21 @@ def luks_image(luks_volume: LuksImage) -> Path:
 def luks1_image(tmp_path: Path) -> Path:
     path = sparse_file(tmp_path / "luks1.img", 8 << 20)
     subprocess.run(
-        ["cryptsetup", "luksFormat", "--type", "luks1", "--pbkdf-force-iterations", "1000",
-         "--batch-mode", "--key-file", "-", str(path)],
-        input=TEST_PASSPHRASE, check=True, capture_output=True,
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--type",
+            "luks1",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--batch-mode",
+            "--key-file",
+            "-",
+            str(path),
+        ],
+        input=TEST_PASSPHRASE,
+        check=True,
+        capture_output=True,
     )
     return path
 

@@ -33,8 +33,10 @@ class Swtpm:
     def _channels(self) -> tuple[str, str]:
         """swtpm's --server and --ctrl arguments."""
         if self.port is not None:
-            return (f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                    f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1")
+            return (
+                f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+            )
         # the swtpm TCTI finds the control channel at <path>.ctrl
         return f"type=unixio,path={self.socket}", f"type=unixio,path={self.socket}.ctrl"
 
@@ -45,12 +47,19 @@ class Swtpm:
         server, ctrl = self._channels()
         self.process = subprocess.Popen(
             [
-                "swtpm", "socket", "--tpm2",
-                "--tpmstate", f"dir={self.state}",
-                "--server", server,
-                "--ctrl", ctrl,
-                "--flags", "not-need-init,startup-clear",
-                "--log", f"file={self.state / 'swtpm.log'}",
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state}",
+                "--server",
+                server,
+                "--ctrl",
+                ctrl,
+                "--flags",
+                "not-need-init,startup-clear",
+                "--log",
+                f"file={self.state / 'swtpm.log'}",
             ],
             stderr=subprocess.DEVNULL,
         )
@@ -98,8 +107,9 @@ class Swtpm:
 
     def tpm2(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run a tpm2-tools command against this TPM (e.g. clear, pcrextend), as an operator would."""
-        return subprocess.run(["tpm2_" + args[0], "-T", self.tcti, *args[1:]], check=True,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            ["tpm2_" + args[0], "-T", self.tcti, *args[1:]], check=True, capture_output=True, text=True
+        )
 
     def loaded_handles(self) -> list[int]:
         """Transient objects and sessions currently in the TPM (loaded and saved sessions included)."""

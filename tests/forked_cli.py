@@ -111,9 +111,16 @@ class ForkedCli:
         requests_read, self._requests = os.pipe()
         self._replies_fd, replies_write = os.pipe()
         self._process = subprocess.Popen(
-            [sys.executable, "-c", f"import os; os.dup2({requests_read}, 3); os.dup2({replies_write}, 4); "
-             f"exec(compile({_SERVER!r}, 'forked_cli_server', 'exec'))"],
-            cwd=REPO, env=environment, stdin=subprocess.DEVNULL, pass_fds=(requests_read, replies_write),
+            [
+                sys.executable,
+                "-c",
+                f"import os; os.dup2({requests_read}, 3); os.dup2({replies_write}, 4); "
+                f"exec(compile({_SERVER!r}, 'forked_cli_server', 'exec'))",
+            ],
+            cwd=REPO,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(requests_read, replies_write),
             start_new_session=True,
         )
         os.close(requests_read)
@@ -129,10 +136,18 @@ class ForkedCli:
             self._process.wait()
         self._replies.close()
 
-    def run_many(self, commands: Sequence[Sequence[str | os.PathLike[str]]], *, tcti: str | None,
-                 stdin: bytes = b"", parallel: int = 1, lanes: Sequence[str] | None = None,
-                 delays: Sequence[float] | None = None, own_keyring: bool = True,
-                 timeout: float = 60) -> list[subprocess.CompletedProcess[str]]:
+    def run_many(
+        self,
+        commands: Sequence[Sequence[str | os.PathLike[str]]],
+        *,
+        tcti: str | None,
+        stdin: bytes = b"",
+        parallel: int = 1,
+        lanes: Sequence[str] | None = None,
+        delays: Sequence[float] | None = None,
+        own_keyring: bool = True,
+        timeout: float = 60,
+    ) -> list[subprocess.CompletedProcess[str]]:
         """Run independent commands, up to `parallel` at once but never two of the same lane (e.g. two
         on one swtpm, which has no resource manager); `delays`: seconds each child waits before it runs
         (to stagger concurrent commands); `own_keyring`: each command joins a new session keyring of
@@ -145,11 +160,18 @@ class ForkedCli:
             for number, args in enumerate(commands):
                 argv = (["--tcti", tcti] if tcti else []) + [os.fspath(a) for a in args]
                 argvs.append(argv)
-                requests.append({"args": argv, "stdin": str(input_path), "timeout": timeout,
-                                 "lane": lanes[number] if lanes is not None else None,
-                                 "delay": delays[number] if delays is not None else 0,
-                                 "own_keyring": own_keyring,
-                                 "out": f"{scratch}/{number}.out", "err": f"{scratch}/{number}.err"})
+                requests.append(
+                    {
+                        "args": argv,
+                        "stdin": str(input_path),
+                        "timeout": timeout,
+                        "lane": lanes[number] if lanes is not None else None,
+                        "delay": delays[number] if delays is not None else 0,
+                        "own_keyring": own_keyring,
+                        "out": f"{scratch}/{number}.out",
+                        "err": f"{scratch}/{number}.err",
+                    }
+                )
             os.write(self._requests, (json.dumps({"requests": requests, "parallel": parallel}) + "\n").encode())
             line = self._replies.readline()
             if not line:
@@ -166,8 +188,14 @@ class ForkedCli:
         self.count += len(results)
         return results
 
-    def run(self, *args: str | os.PathLike[str], tcti: str | None, expect: int | None = 0,
-            stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str | os.PathLike[str],
+        tcti: str | None,
+        expect: int | None = 0,
+        stdin: bytes = b"",
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         (result,) = self.run_many([args], tcti=tcti, stdin=stdin, timeout=timeout)
         if expect is not None:
             assert result.returncode == expect, (

@@ -12,15 +12,27 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def luks_tpm(*args: str | os.PathLike[str], tcti: str | None, expect: int | tuple[int, ...] | None = 0,
-             stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def luks_tpm(
+    *args: str | os.PathLike[str],
+    tcti: str | None,
+    expect: int | tuple[int, ...] | None = 0,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m luks_tpm ARGS`; fail the test, showing stderr, if the exit code is not `expect`
     (one of them, for a tuple; None: any exit code, the caller looks at it)."""
     environment = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
     environment.update(env or {})
     command = [sys.executable, "-m", "luks_tpm"] + (["--tcti", tcti] if tcti else []) + [str(a) for a in args]
-    result = subprocess.run(command, input=stdin.decode("latin-1") if stdin is not None else None,
-                            capture_output=True, text=True, env=environment, cwd=REPO, check=False)
+    result = subprocess.run(
+        command,
+        input=stdin.decode("latin-1") if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO,
+        check=False,
+    )
     assert expect is None or result.returncode in (expect if isinstance(expect, tuple) else (expect,)), (
         f"luks-tpm {' '.join(map(str, args))}: exit {result.returncode}, expected {expect}\n"
         f"stdout: {result.stdout}\nstderr: {result.stderr}"
@@ -40,8 +52,13 @@ def luks_tpm_json(*args: str | os.PathLike[str], tcti: str | None, expect: int |
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
     """A user error: one message line (plus an optional hint line), no traceback, naming the problem."""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("luks-tpm: ")
-             and not line.startswith("luks-tpm: hint:") and not line.startswith("luks-tpm: luks_tpm.")]
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("luks-tpm: ")
+        and not line.startswith("luks-tpm: hint:")
+        and not line.startswith("luks-tpm: luks_tpm.")
+    ]
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1, f"expected one error line, got: {result.stderr}"
     for fragment in fragments:
@@ -52,6 +69,15 @@ def format_derived(path: Path, tcti: str, passphrase: Path) -> dict[str, Any]:
     """A new volume with a TPM-derived key and a recovery passphrase keyslot (fast PBKDF for tests)."""
     with open(path, "wb") as image:
         image.truncate(32 << 20)
-    result: dict[str, Any] = luks_tpm_json("format", path, "--passphrase-file", passphrase, "--pbkdf", "pbkdf2",
-                                           "--pbkdf-force-iterations", "1000", tcti=tcti)
+    result: dict[str, Any] = luks_tpm_json(
+        "format",
+        path,
+        "--passphrase-file",
+        passphrase,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        tcti=tcti,
+    )
     return result

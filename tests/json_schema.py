@@ -28,6 +28,8 @@ def _validator(definition: str) -> jsonschema.Draft202012Validator:
 def validate(definition: str, data: Any) -> None:
     """Fail with every violation if `data` is not what definition `definition` (a command, or "error") allows."""
     errors = sorted(_validator(definition).iter_errors(data), key=lambda error: list(error.absolute_path))
-    assert not errors, f"{definition} output does not match docs/json-schema.json:\n" + "\n".join(
-        f"  at {'/'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}" for error in errors
-    ) + f"\n{json.dumps(data, indent=2)}"
+    assert not errors, (
+        f"{definition} output does not match docs/json-schema.json:\n"
+        + "\n".join(f"  at {'/'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}" for error in errors)
+        + f"\n{json.dumps(data, indent=2)}"
+    )

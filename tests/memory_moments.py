@@ -111,8 +111,14 @@ def cannot_trace() -> str | None:
         return f"the gdb moments read x86-64 registers; this is {platform.machine()}"
     if shutil.which("gdb") is None:
         return "gdb is not installed (scripts/bootstrap installs it)"
-    probe = subprocess.run(["gdb", "-batch", "-nx", "-ex", "run", "--args", "/bin/true"], capture_output=True,
-                           text=True, timeout=60, check=False, env=_gdb_environment())
+    probe = subprocess.run(
+        ["gdb", "-batch", "-nx", "-ex", "run", "--args", "/bin/true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=_gdb_environment(),
+    )
     if "exited normally" not in probe.stdout + probe.stderr:
         last = (probe.stderr.strip() or probe.stdout.strip()).splitlines()[-1:] or ["no output"]
         return f"gdb cannot trace a child here (ptrace restricted?): {last[0]}"
@@ -137,15 +143,23 @@ def _gdb_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return environment
 
 
-def run_at_moments(argv: Sequence[str], directory: Path, *, cwd: Path, env: dict[str, str] | None = None,
-                   timeout: float = 120) -> Run:
+def run_at_moments(
+    argv: Sequence[str], directory: Path, *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> Run:
     """Run `argv` under gdb, writing a core into `directory` at each moment that happens."""
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "moments.gdb"
     script.write_text(_SCRIPT.format(dir=directory))
-    result = subprocess.run(["gdb", "-batch", "-nx", "-x", str(script), "--args", *argv], cwd=cwd,
-                            env=_gdb_environment(env), capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL, check=False)
+    result = subprocess.run(
+        ["gdb", "-batch", "-nx", "-x", str(script), "--args", *argv],
+        cwd=cwd,
+        env=_gdb_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     output = result.stdout + result.stderr
     moments: dict[str, Moment] = {}
     for name, address, length in re.findall(r"^luks-tpm-moment (\w+) (0x[0-9a-f]+|0) (\d+)$", output, re.M):
@@ -179,8 +193,9 @@ class Copies:
     def describe(self) -> str:
         if not self.starts:
             return "none"
-        return "; ".join(f"{len(found)} of {len(self.windows)} windows at {start:#x}"
-                         for start, found in sorted(self.starts.items()))
+        return "; ".join(
+            f"{len(found)} of {len(self.windows)} windows at {start:#x}" for start, found in sorted(self.starts.items())
+        )
 
 
 def _segments(core: mmap.mmap) -> list[tuple[int, int, int]]:
@@ -221,8 +236,10 @@ def find_copies(core_path: Path, needles: dict[str, bytes]) -> dict[str, Copies]
                 for start in candidates:
                     for window in range(windows):
                         first = start + window
-                        if offset <= first <= end - _WINDOW and \
-                                core[first : first + _WINDOW] == needle[window : window + _WINDOW]:
+                        if (
+                            offset <= first <= end - _WINDOW
+                            and core[first : first + _WINDOW] == needle[window : window + _WINDOW]
+                        ):
                             counts[window] += 1
                             starts.setdefault(address + start - offset, []).append(window)
                             before[address + start - offset] = core[max(offset, start - 2) : max(offset, start)]

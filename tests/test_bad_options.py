@@ -43,8 +43,19 @@ def _make_setup(work: Path, swtpm: Swtpm, cli: ForkedCli) -> Setup:
     pin.write_bytes(b"2468")
     cli.run("enroll", volume, "--mode", "derived", "--unlock-key-file", passphrase, tcti=swtpm.tcti)
     cli.run("enroll", volume, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase, tcti=swtpm.tcti)
-    cli.run("enroll", volume, "--mode", "sealed", "--pcrs", "7", "--pin-file", pin, "--unlock-key-file",
-            passphrase, tcti=swtpm.tcti)
+    cli.run(
+        "enroll",
+        volume,
+        "--mode",
+        "sealed",
+        "--pcrs",
+        "7",
+        "--pin-file",
+        pin,
+        "--unlock-key-file",
+        passphrase,
+        tcti=swtpm.tcti,
+    )
     blank = work / "blank.img"
     with open(blank, "wb") as handle:
         handle.truncate(32 << 20)
@@ -55,9 +66,18 @@ def _make_setup(work: Path, swtpm: Swtpm, cli: ForkedCli) -> Setup:
         handle.truncate(9 << 20)
     crypttab = work / "crypttab"
     crypttab.write_text("onlyaname\n")
-    files = {"passphrase": passphrase, "pin": pin, "empty": empty, "big": big, "dir": work,
-             "through-file": passphrase / "x", "missing": work / "missing", "zero": Path("/dev/zero"),
-             "null": Path("/dev/null"), "crypttab-garbage": crypttab}
+    files = {
+        "passphrase": passphrase,
+        "pin": pin,
+        "empty": empty,
+        "big": big,
+        "dir": work,
+        "through-file": passphrase / "x",
+        "missing": work / "missing",
+        "zero": Path("/dev/zero"),
+        "null": Path("/dev/null"),
+        "crypttab-garbage": crypttab,
+    }
     for length in (65, 1000):
         path = work / f"pin-{length}"
         path.write_bytes(b"7" * length)
@@ -96,18 +116,44 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
     """(command, option) -> [(label, bad value)]."""
     f = s.files
     unreadable = ("empty", "dir", "through-file", "missing", "zero", "big", "null")
-    pcrs = [("empty", ""), ("24", "24"), ("letter", "a"), ("-1", "-1"), ("trailing comma", "7,"),
-            ("leading comma", ",7"), ("double comma", "7,,8"), ("space", "7 8"), ("2**64", GIANT), ("hex", "0x7"),
-            ("range", "7-9"), ("100", "100")]
+    pcrs = [
+        ("empty", ""),
+        ("24", "24"),
+        ("letter", "a"),
+        ("-1", "-1"),
+        ("trailing comma", "7,"),
+        ("leading comma", ",7"),
+        ("double comma", "7,,8"),
+        ("space", "7 8"),
+        ("2**64", GIANT),
+        ("hex", "0x7"),
+        ("range", "7-9"),
+        ("100", "100"),
+    ]
     sha256 = "ab" * 32
-    pcr_values = [("no value", "7"), ("empty value", "7="), ("no index", f"={sha256}"), ("not hex", "7=" + "zz" * 32),
-                  ("31 bytes", "7=" + "ab" * 31), ("33 bytes", "7=" + "ab" * 33), ("sha1 size", "7=" + "ab" * 20),
-                  ("index 24", f"24={sha256}"), ("index letter", f"a={sha256}"), ("index 2**64", f"{GIANT}={sha256}"),
-                  ("colon", f"7:{sha256}"), ("odd hex", "7=" + "a" * 63)]
+    pcr_values = [
+        ("no value", "7"),
+        ("empty value", "7="),
+        ("no index", f"={sha256}"),
+        ("not hex", "7=" + "zz" * 32),
+        ("31 bytes", "7=" + "ab" * 31),
+        ("33 bytes", "7=" + "ab" * 33),
+        ("sha1 size", "7=" + "ab" * 20),
+        ("index 24", f"24={sha256}"),
+        ("index letter", f"a={sha256}"),
+        ("index 2**64", f"{GIANT}={sha256}"),
+        ("colon", f"7:{sha256}"),
+        ("odd hex", "7=" + "a" * 63),
+    ]
     token_ids = [("-1", "-1"), ("32", "32"), ("letter", "x"), ("2**64", GIANT), ("empty", "")]
     return {
-        ("format", "--cipher"): [("unknown", "foo-bar-plain64"), ("no mode", "aes"), ("empty", ""),
-                                 ("unknown mode", "aes-nosuchmode-plain64"), ("extra part", "aes-xts-plain64-x")],
+        ("format", "--cipher"): [
+            ("unknown", "foo-bar-plain64"),
+            ("no mode", "aes"),
+            ("empty", ""),
+            ("unknown mode", "aes-nosuchmode-plain64"),
+            ("extra part", "aes-xts-plain64-x"),
+        ],
         ("format", "--key-size"): [("128", "128"), ("0", "0"), ("letter", "x")],
         ("format", "--sector-size"): [("513", "513"), ("0", "0")],
         # the binary header holds 48 bytes of label (cryptsetup takes 48 too)
@@ -117,16 +163,28 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("format", "--pbkdf"): [("unknown", "scrypt")],
         ("format", "--pcrs"): pcrs,
         ("format", "--pcr-bank"): [("sha512", "sha512"), ("empty", "")],
-        ("format", "--pbkdf-force-iterations"): [("0", "0"), ("-1", "-1"), ("2**32", str(2**32)), ("2**64", GIANT),
-                                                 ("letter", "x")],
+        ("format", "--pbkdf-force-iterations"): [
+            ("0", "0"),
+            ("-1", "-1"),
+            ("2**32", str(2**32)),
+            ("2**64", GIANT),
+            ("letter", "x"),
+        ],
         ("enroll", "--mode"): [("unknown", "other"), ("empty", "")],
         ("enroll", "--pcrs"): pcrs,
         ("enroll", "--pcr-bank"): [("sha512", "sha512"), ("empty", "")],
         ("enroll", "--pcr-value"): pcr_values,
         ("enroll", "--pin-file"): _file_values(f, *unreadable, "pin-65", "pin-1000"),
         ("enroll", "--unlock-key-file"): _file_values(f, *unreadable),
-        ("load-key", "--keyring"): [("unknown name", "@x"), ("empty", ""), ("0", "0"), ("negative", "-5"),
-                                    ("absent serial", "123456789"), ("2**64", GIANT), ("at only", "@")],
+        ("load-key", "--keyring"): [
+            ("unknown name", "@x"),
+            ("empty", ""),
+            ("0", "0"),
+            ("negative", "-5"),
+            ("absent serial", "123456789"),
+            ("2**64", GIANT),
+            ("at only", "@"),
+        ],
         ("load-key", "--timeout"): [("0", "0"), ("-1", "-1"), ("letter", "x"), ("2**64", GIANT), ("2**32", str(2**32))],
         ("load-key", "--token-id"): [*token_ids, ("absent", "20")],
         ("load-key", "--pin-file"): _file_values(f, *unreadable, "pin-65"),
@@ -146,9 +204,25 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
 
 # Options that take no value (flags), and --tcti, whose bad values are "no TPM" (exit 4, README) and
 # are tried by test_unusable_tcti_is_no_tpm_in_one_line.
-NO_BAD_VALUE = {"--help", "--passphrase", "--no-recovery", "--yes", "--pin", "--table", "--all", "--readonly",
-                "--allow-discards", "--force", "--fence", "--transient-srk", "--json", "--verbose", "--debug",
-                "--batch-mode", "--tcti"}
+NO_BAD_VALUE = {
+    "--help",
+    "--passphrase",
+    "--no-recovery",
+    "--yes",
+    "--pin",
+    "--table",
+    "--all",
+    "--readonly",
+    "--allow-discards",
+    "--force",
+    "--fence",
+    "--transient-srk",
+    "--json",
+    "--verbose",
+    "--debug",
+    "--batch-mode",
+    "--tcti",
+}
 COMMANDS = ["format", "enroll", "load-key", "open", "status", "reseal", "remove", "doctor", "persist-srk"]
 
 
@@ -179,16 +253,22 @@ def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
 
 def _error_lines(stderr: str) -> list[str]:
     """The lines that say what is wrong: not click's usage banner, not hints, not blank."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("Usage:", "Try '"))
-            and not line.startswith("luks-tpm: hint:")]
+    return [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not line.startswith(("Usage:", "Try '")) and not line.startswith("luks-tpm: hint:")
+    ]
 
 
 def _names(line: str, option: str, value: str) -> bool:
     """Whether the error line names the option: `--pin-file`, `pin-file` or `PIN file`."""
     low = line.lower()
     name = option.lstrip("-")
-    return name in low or name.replace("-", " ") in low or (
-        option == "--token-id" and (f"token {value}" in low or f"id {value}" in low))
+    return (
+        name in low
+        or name.replace("-", " ") in low
+        or (option == "--token-id" and (f"token {value}" in low or f"id {value}" in low))
+    )
 
 
 def _options(help_text: str) -> list[str]:
@@ -223,8 +303,9 @@ def test_bad_option_values_exit_2_in_one_line(setups: list[Setup], cli: ForkedCl
     by_lane = [[job for job in jobs if job[0] is lane] for lane in setups]
     for step in range(max(len(x) for x in by_lane)):
         batch = [x[step] for x in by_lane if step < len(x)]
-        results = cli.run_many([["--tcti", lane.tcti, *argv] for lane, *_, argv in batch], tcti=None,
-                               parallel=len(batch), timeout=20)
+        results = cli.run_many(
+            [["--tcti", lane.tcti, *argv] for lane, *_, argv in batch], tcti=None, parallel=len(batch), timeout=20
+        )
         for (lane, command, option, label, argv), result in zip(batch, results, strict=True):
             tried += 1
             what = f"{command} {option} {label}"
@@ -245,8 +326,17 @@ def test_bad_option_values_exit_2_in_one_line(setups: list[Setup], cli: ForkedCl
     assert not failures, summary + ":\n" + "\n".join(sorted(failures))
 
 
-@pytest.mark.parametrize("tcti", ["nosuchmodule:", "", "device:/nonexistent/tpm", "swtpm:path=/nonexistent",
-                                  "swtpm:port=notaport", "mssim:host=127.0.0.1,port=1"])
+@pytest.mark.parametrize(
+    "tcti",
+    [
+        "nosuchmodule:",
+        "",
+        "device:/nonexistent/tpm",
+        "swtpm:path=/nonexistent",
+        "swtpm:port=notaport",
+        "mssim:host=127.0.0.1,port=1",
+    ],
+)
 def test_unusable_tcti_is_no_tpm_in_one_line(tcti: str, setup: Setup, cli: ForkedCli) -> None:
     result = cli.run("--tcti", tcti, "load-key", setup.volume, tcti=None, expect=None, timeout=20)
     lines = _error_lines(result.stderr)
@@ -261,8 +351,18 @@ def test_contradicting_options_exit_2(setup: Setup, cli: ForkedCli) -> None:
         ["format", setup.blank, "--passphrase-file", f["passphrase"], "--no-recovery", "--yes"],
         ["format", setup.blank, "--passphrase", "--no-recovery", "--yes"],
         ["enroll", setup.volume, "--mode", "derived", "--pin-file", f["pin"], "--unlock-key-file", f["passphrase"]],
-        ["enroll", setup.volume, "--mode", "sealed", "--pcr-bank", "sha1", "--pcr-value", "7=" + "ab" * 32,
-         "--unlock-key-file", f["passphrase"]],
+        [
+            "enroll",
+            setup.volume,
+            "--mode",
+            "sealed",
+            "--pcr-bank",
+            "sha1",
+            "--pcr-value",
+            "7=" + "ab" * 32,
+            "--unlock-key-file",
+            f["passphrase"],
+        ],
         ["open", "--all", setup.volume],
         ["open", setup.volume],
     ]

@@ -41,7 +41,11 @@ def _run(shell: list[str], function: str, stdin: str, tmp_path: Path) -> str:
     if shell[0] == "busybox" and not (bin_dir / "awk").exists():
         (bin_dir / "awk").symlink_to(shutil.which("busybox") or "busybox")
     result = subprocess.run(
-        [*shell, "-c", f'. "{FUNCTIONS}"; {function}'], input=stdin, capture_output=True, text=True, check=False,
+        [*shell, "-c", f'. "{FUNCTIONS}"; {function}'],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
         env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
@@ -54,8 +58,9 @@ def test_marked_entries_are_the_ones_luks_tpm_opens(shell: list[str], tmp_path: 
     marked = _run(shell, "luks_tpm_crypttab marked", TAB, tmp_path)
     assert [e.name for e in crypttab.parse(marked)] == [e.name for e in crypttab.parse(TAB)] == ["root", "data", "only"]
     # whole lines, as written
-    assert marked.splitlines() == [line for line in TAB.splitlines() if line.split("#")[0].split()[:1] in
-                                   (["root"], ["data"], ["only"])]
+    assert marked.splitlines() == [
+        line for line in TAB.splitlines() if line.split("#")[0].split()[:1] in (["root"], ["data"], ["only"])
+    ]
 
 
 @pytest.mark.parametrize("shell", [s[1] for s in SHELLS], ids=[s[0] for s in SHELLS])

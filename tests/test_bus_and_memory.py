@@ -80,8 +80,9 @@ def _plain_unseal(tcti: str, token: Token) -> bytes:
         public, _ = TPM2B_PUBLIC.unmarshal(token.blob.public)
         private, _ = TPM2B_PRIVATE.unmarshal(token.blob.private)
         sealed = tpm.track(tpm.esapi.load(parent, private, public))
-        session = tpm.track(tpm.esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, "null",
-                                                           TPM2_ALG.SHA256))
+        session = tpm.track(
+            tpm.esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, "null", TPM2_ALG.SHA256)
+        )
         tpm.esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION)
         assert not int(tpm.esapi.trsess_get_attributes(session)) & TPMA_SESSION_ENCRYPT
         selection = TPML_PCR_SELECTION.parse(f"{token.pcr_bank}:{','.join(map(str, token.pcrs))}")
@@ -103,8 +104,9 @@ def _assert_bus_protected(proxy: TpmProxy, code: int) -> list[str]:
         sessions = command_sessions(command, handles=1)
         assert sessions, f"{command_name(code)} was sent without an authorization area"
         handle, attributes = sessions[0]
-        assert attributes & TPMA_SESSION_ENCRYPT, \
+        assert attributes & TPMA_SESSION_ENCRYPT, (
             f"{command_name(code)} session {handle:#x} has no ENCRYPT attribute ({attributes:#x})"
+        )
         start = started.get(handle)
         assert start is not None, f"{command_name(code)} used session {handle:#x}, not started in this capture"
         tpm_key = start.tpm_key  # type: ignore[attr-defined]
@@ -119,8 +121,9 @@ def _assert_bus_protected(proxy: TpmProxy, code: int) -> list[str]:
 # ---- bus ----------------------------------------------------------------------------------------------
 
 
-def test_derived_hmac_response_is_encrypted_on_the_wire(tmp_path: Path, swtpm: Swtpm, proxy: TpmProxy,
-                                                         private_session_keyring: int) -> None:
+def test_derived_hmac_response_is_encrypted_on_the_wire(
+    tmp_path: Path, swtpm: Swtpm, proxy: TpmProxy, private_session_keyring: int
+) -> None:
     image, recovery = tmp_path / "disk.img", tmp_path / "recovery"
     recovery.write_bytes(b"correct horse battery staple")
     formatted = format_derived(image, swtpm.tcti, recovery)
@@ -145,10 +148,21 @@ def test_derived_hmac_response_is_encrypted_on_the_wire(tmp_path: Path, swtpm: S
     assert _leaks(prk, proxy.traffic), "the proxy does not see an unencrypted HMAC response"
 
 
-def test_unseal_response_is_encrypted_on_the_wire(luks_volume: LuksImage, swtpm: Swtpm, proxy: TpmProxy,
-                                                  passphrase_file: Path, private_session_keyring: int) -> None:
-    enrolled = luks_tpm("--json", "enroll", luks_volume.path, "--mode", "sealed", "--pcrs", "7",
-                        "--unlock-key-file", passphrase_file, tcti=swtpm.tcti)
+def test_unseal_response_is_encrypted_on_the_wire(
+    luks_volume: LuksImage, swtpm: Swtpm, proxy: TpmProxy, passphrase_file: Path, private_session_keyring: int
+) -> None:
+    enrolled = luks_tpm(
+        "--json",
+        "enroll",
+        luks_volume.path,
+        "--mode",
+        "sealed",
+        "--pcrs",
+        "7",
+        "--unlock-key-file",
+        passphrase_file,
+        tcti=swtpm.tcti,
+    )
     token_id = int(re.search(r'"token": (\d+)', enrolled.stdout)[1])  # type: ignore[index]
     key = bytes(luks_volume.volume_key.view())
 
@@ -168,8 +182,11 @@ def test_key_recovery_session_is_salted_and_encrypts_responses(swtpm: Swtpm, pro
         attributes = int(tpm.esapi.trsess_get_attributes(session))
         assert attributes & TPMA_SESSION.ENCRYPT, f"{attributes:#x}"
         assert attributes & TPMA_SESSION.CONTINUESESSION, "the session is meant for reuse across volumes"
-        starts = [parse_start_auth_session(command) for command, _ in proxy.exchanges
-                  if int.from_bytes(command[6:10], "big") == TPM_CC_START_AUTH_SESSION]
+        starts = [
+            parse_start_auth_session(command)
+            for command, _ in proxy.exchanges
+            if int.from_bytes(command[6:10], "big") == TPM_CC_START_AUTH_SESSION
+        ]
         assert len(starts) == 1, proxy.command_names()
         start = starts[0]
         assert start.tpm_key >> 24 in (0x80, 0x81), f"tpmKey {start.tpm_key:#x}: not salted with the SRK"
@@ -183,15 +200,30 @@ def test_key_recovery_session_is_salted_and_encrypts_responses(swtpm: Swtpm, pro
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent-srk", "transient-srk"])
-def test_tpm_commands_per_load_key(persistent: bool, fresh_swtpm: Swtpm, luks_volume: LuksImage, tmp_path: Path,
-                                   passphrase_file: Path, private_session_keyring: int,
-                                   record_property: Callable[[str, object], None]) -> None:
+def test_tpm_commands_per_load_key(
+    persistent: bool,
+    fresh_swtpm: Swtpm,
+    luks_volume: LuksImage,
+    tmp_path: Path,
+    passphrase_file: Path,
+    private_session_keyring: int,
+    record_property: Callable[[str, object], None],
+) -> None:
     if persistent:
         luks_tpm("persist-srk", tcti=fresh_swtpm.tcti)
     derived_image = tmp_path / "derived.img"
     format_derived(derived_image, fresh_swtpm.tcti, passphrase_file)
-    luks_tpm("enroll", luks_volume.path, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase_file,
-             tcti=fresh_swtpm.tcti)
+    luks_tpm(
+        "enroll",
+        luks_volume.path,
+        "--mode",
+        "sealed",
+        "--pcrs",
+        "7",
+        "--unlock-key-file",
+        passphrase_file,
+        tcti=fresh_swtpm.tcti,
+    )
     sequences: dict[str, list[str]] = {}
     with TpmProxy(fresh_swtpm.socket, tmp_path / "proxy.sock") as (proxy, tcti):
         for mode, image in (("derived", derived_image), ("sealed", luks_volume.path)):
@@ -246,8 +278,21 @@ def traceable() -> None:
 def _volume_key(image: Path, passphrase: Path, directory: Path) -> bytes:
     """The volume key as cryptsetup itself reads it from the header, not as luks-tpm computes it."""
     dump = directory / "volume-key"
-    subprocess.run(["cryptsetup", "luksDump", "--dump-volume-key", "--volume-key-file", str(dump), "--key-file",
-                    str(passphrase), "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "cryptsetup",
+            "luksDump",
+            "--dump-volume-key",
+            "--volume-key-file",
+            str(dump),
+            "--key-file",
+            str(passphrase),
+            "-q",
+            str(image),
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         return dump.read_bytes()
     finally:
@@ -274,9 +319,18 @@ def _prepare(shape: str, tmp_path: Path, swtpm: Swtpm, volume: LuksImage, passph
             pin_file = tmp_path / "pin"
             pin_file.write_bytes(os.urandom(10).hex().encode())  # 20 bytes: 5 windows of 16
             options = ["--pin-file", str(pin_file)]
-        enrolled = luks_tpm("--json", "enroll", image, "--mode", shape.split("-", maxsplit=1)[0],
-                            *(["--pcrs", "7"] if shape == "sealed" else []), *options, "--unlock-key-file",
-                            passphrase, tcti=swtpm.tcti)
+        enrolled = luks_tpm(
+            "--json",
+            "enroll",
+            image,
+            "--mode",
+            shape.split("-", maxsplit=1)[0],
+            *(["--pcrs", "7"] if shape == "sealed" else []),
+            *options,
+            "--unlock-key-file",
+            passphrase,
+            tcti=swtpm.tcti,
+        )
         token_id = int(re.search(r'"token": (\d+)', enrolled.stdout)[1])  # type: ignore[index]
     needles = {"volume key": _volume_key(image, passphrase, tmp_path)}
     token = _token(image, token_id)
@@ -298,8 +352,9 @@ def _prepare(shape: str, tmp_path: Path, swtpm: Swtpm, volume: LuksImage, passph
     return Bound(image, needles, options)
 
 
-def _copies_at_moments(argv: list[str], tmp_path: Path, needles: dict[str, bytes]) -> tuple[Run, dict[str, dict[
-        str, Copies]]]:
+def _copies_at_moments(
+    argv: list[str], tmp_path: Path, needles: dict[str, bytes]
+) -> tuple[Run, dict[str, dict[str, Copies]]]:
     """Run `argv` under gdb and count the needles in each moment's core; each core (it holds the key) is
     deleted as soon as it is counted."""
     environment = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
@@ -313,18 +368,29 @@ def _copies_at_moments(argv: list[str], tmp_path: Path, needles: dict[str, bytes
 
 
 def _summary(copies: dict[str, dict[str, Copies]]) -> str:
-    return "; ".join(f"{moment}: " + ", ".join(f"{name} {found.most}" for name, found in by_name.items())
-                     for moment, by_name in copies.items())
+    return "; ".join(
+        f"{moment}: " + ", ".join(f"{name} {found.most}" for name, found in by_name.items())
+        for moment, by_name in copies.items()
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_one_copy_of_the_key_while_in_use_and_none_after(shape: str, traceable: None, tmp_path: Path, swtpm: Swtpm,
-                                                         luks_volume: LuksImage, passphrase_file: Path,
-                                                         private_session_keyring: int,
-                                                         record_property: Callable[[str, object], None]) -> None:
+def test_one_copy_of_the_key_while_in_use_and_none_after(
+    shape: str,
+    traceable: None,
+    tmp_path: Path,
+    swtpm: Swtpm,
+    luks_volume: LuksImage,
+    passphrase_file: Path,
+    private_session_keyring: int,
+    record_property: Callable[[str, object], None],
+) -> None:
     bound = _prepare(shape, tmp_path, swtpm, luks_volume, passphrase_file)
-    run, copies = _copies_at_moments([sys.executable, "-m", "luks_tpm", "--tcti", swtpm.tcti, "load-key",
-                                      *bound.load_options, str(bound.image)], tmp_path, bound.needles)
+    run, copies = _copies_at_moments(
+        [sys.executable, "-m", "luks_tpm", "--tcti", swtpm.tcti, "load-key", *bound.load_options, str(bound.image)],
+        tmp_path,
+        bound.needles,
+    )
     summary = _summary(copies)
     record_property("key_copies", summary)
     print(f"copies per moment, {shape}: {summary}")
@@ -344,7 +410,8 @@ def test_one_copy_of_the_key_while_in_use_and_none_after(shape: str, traceable: 
     for moment in ("verify", "add_key"):
         found = copies[moment]["volume key"]
         assert found.least == found.most == 1 and found.starts == {secret: whole}, (
-            f"at {moment}, expected the key once, in the Secret at {secret:#x}: {found.describe()}")
+            f"at {moment}, expected the key once, in the Secret at {secret:#x}: {found.describe()}"
+        )
     # Inside its PBKDF2, libcryptsetup holds a second copy of its own: crypt_volume_key_verify copies the
     # key it is given into a `struct volume_key` for the digest handler and wipes it before returning
     # (at add_key it is gone). It appears inside the one C call, where no Python code runs, so it is not
@@ -353,8 +420,9 @@ def test_one_copy_of_the_key_while_in_use_and_none_after(shape: str, traceable: 
     found = copies["pbkdf2"]["volume key"]
     others = {start: windows for start, windows in found.starts.items() if start != secret}
     assert found.starts.get(secret) == whole, f"the Secret at {secret:#x} is not in the core: {found.describe()}"
-    assert found.most <= 2 and len(others) <= 1, f"more copies during verification than libcryptsetup's own: " \
-                                                 f"{found.describe()}"
+    assert found.most <= 2 and len(others) <= 1, (
+        f"more copies during verification than libcryptsetup's own: {found.describe()}"
+    )
     if "PIN" in bound.needles:
         _assert_pin_copies(copies, len(bound.needles["PIN"]))
 
@@ -372,24 +440,32 @@ def _assert_pin_copies(copies: dict[str, dict[str, Copies]], length: int) -> Non
         assert not as_tpm2b, f"the PIN is left in a TPM2B at {moment}: {[hex(a) for a in as_tpm2b]}"
     for moment, most in (("after", 2), ("exit", 1)):
         found = copies[moment]["PIN"]
-        assert found.most <= most, f"more copies of the PIN at {moment} than the Secret and ESYS's session " \
-                                   f"record: {found.describe()}"
+        assert found.most <= most, (
+            f"more copies of the PIN at {moment} than the Secret and ESYS's session record: {found.describe()}"
+        )
 
 
-def test_the_memory_scan_finds_a_copy_the_process_keeps(traceable: None, tmp_path: Path, swtpm: Swtpm,
-                                                       luks_volume: LuksImage, passphrase_file: Path,
-                                                       private_session_keyring: int) -> None:
+def test_the_memory_scan_finds_a_copy_the_process_keeps(
+    traceable: None,
+    tmp_path: Path,
+    swtpm: Swtpm,
+    luks_volume: LuksImage,
+    passphrase_file: Path,
+    private_session_keyring: int,
+) -> None:
     """The control: the same command, moments and count, with one careless `bytes` copy made before
     verification; every moment must show it, or the counts above prove nothing."""
     bound = _prepare("derived-64", tmp_path, swtpm, luks_volume, passphrase_file)
     careless = tmp_path / "careless.py"  # a file: gdb passes arguments on as one line, which -c's would not survive
     careless.write_text(_CARELESS)
-    run, copies = _copies_at_moments([sys.executable, str(careless), "--tcti", swtpm.tcti, "load-key",
-                                      str(bound.image)], tmp_path, bound.needles)
+    run, copies = _copies_at_moments(
+        [sys.executable, str(careless), "--tcti", swtpm.tcti, "load-key", str(bound.image)], tmp_path, bound.needles
+    )
     assert run.exit_code == 0, f"load-key under gdb did not succeed:\n{run.output}"
     assert tuple(run.moments) == MOMENTS, f"moments seen: {list(run.moments)}\n{run.output}"
     expected = {"verify": 2, "pbkdf2": 3, "add_key": 2, "after": 1, "exit": 1}
     seen = {moment: copies[moment]["volume key"].most for moment in MOMENTS}
     assert all(seen[moment] >= least for moment, least in expected.items()), (
-        f"the scan misses a copy the process keeps: {seen} (at least {expected})")
+        f"the scan misses a copy the process keeps: {seen} (at least {expected})"
+    )
     print(f"copies per moment, careless control: {_summary(copies)}")

@@ -70,8 +70,7 @@ def test_tcti_after_the_device(swtpm: Swtpm, derived_image: Path) -> None:
 
 
 def test_tcti_after_the_command_wins_over_one_before(swtpm: Swtpm, derived_image: Path, tmp_path: Path) -> None:
-    luks_tpm("--tcti", f"swtpm:path={tmp_path}/absent.sock", "status", derived_image, "--tcti", swtpm.tcti,
-             tcti=None)
+    luks_tpm("--tcti", f"swtpm:path={tmp_path}/absent.sock", "status", derived_image, "--tcti", swtpm.tcti, tcti=None)
 
 
 def test_tcti_from_the_environment(swtpm: Swtpm, derived_image: Path) -> None:
@@ -85,11 +84,11 @@ def test_load_key_verbose_after_the_device(swtpm: Swtpm, derived_image: Path, pr
 
 
 @pytest.mark.parametrize("spelling", [("--debug",), ("-vv",), ("--verbose", "--verbose")])
-def test_debug_is_vv_and_turns_on_libcryptsetups_log(swtpm: Swtpm, derived_image: Path, spelling: tuple[str, ...],
-                                                      private_session_keyring: int) -> None:
+def test_debug_is_vv_and_turns_on_libcryptsetups_log(
+    swtpm: Swtpm, derived_image: Path, spelling: tuple[str, ...], private_session_keyring: int
+) -> None:
     result = luks_tpm("load-key", derived_image, *spelling, tcti=swtpm.tcti)
-    assert f"luks-tpm: luks_tpm.cryptsetup: Trying to load any crypt type from device {derived_image}" \
-        in result.stderr
+    assert f"luks-tpm: luks_tpm.cryptsetup: Trying to load any crypt type from device {derived_image}" in result.stderr
 
 
 def test_verbose_counts_across_both_sides(swtpm: Swtpm, derived_image: Path, private_session_keyring: int) -> None:
@@ -106,8 +105,18 @@ def test_batch_mode_is_yes(swtpm: Swtpm, derived_image: Path, passphrase: Path, 
     result = luks_tpm("format", derived_image, "--no-recovery", tcti=swtpm.tcti, expect=7, stdin=b"")
     assert_one_line_error(result, "already holds a LUKS header", "not asking: no terminal")
     assert file_digest(derived_image) == before
-    report = luks_tpm_json("format", derived_image, "--passphrase-file", passphrase, "--pbkdf", "pbkdf2",
-                           "--pbkdf-force-iterations", "1000", spelling, tcti=swtpm.tcti)
+    report = luks_tpm_json(
+        "format",
+        derived_image,
+        "--passphrase-file",
+        passphrase,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        spelling,
+        tcti=swtpm.tcti,
+    )
     validate("format", report)
     assert file_digest(derived_image) != before
 
@@ -161,8 +170,12 @@ def test_device_error_with_json_is_json(swtpm: Swtpm, tmp_path: Path) -> None:
     result = luks_tpm("status", tmp_path / "absent.img", "--json", tcti=swtpm.tcti, expect=3)
     report = json.loads(result.stdout)
     validate("error", report)
-    assert report["error"] == {"message": f"{tmp_path / 'absent.img'}: no such file or device",
-                               "hint": "check the device path", "code": 3, "cause": "device"}
+    assert report["error"] == {
+        "message": f"{tmp_path / 'absent.img'}: no such file or device",
+        "hint": "check the device path",
+        "code": 3,
+        "cause": "device",
+    }
     assert "luks-tpm:" not in result.stderr  # the error is said once, on stdout
 
 
@@ -185,8 +198,9 @@ _PLANTED_BUG = textwrap.dedent("""
 
 
 def _with_planted_bug(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _PLANTED_BUG, *args], capture_output=True, text=True, cwd=REPO,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-c", _PLANTED_BUG, *args], capture_output=True, text=True, cwd=REPO, check=False
+    )
 
 
 @pytest.mark.parametrize("verbose", [["-v"], ["--verbose"], ["--debug"]])
@@ -201,8 +215,10 @@ def test_bug_hides_the_traceback_without_verbose() -> None:
     result = _with_planted_bug("doctor")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "planted" not in result.stderr
-    assert result.stderr.splitlines() == ["luks-tpm: internal error (KeyError)",
-                                          "luks-tpm: hint: rerun with -v and report it"]
+    assert result.stderr.splitlines() == [
+        "luks-tpm: internal error (KeyError)",
+        "luks-tpm: hint: rerun with -v and report it",
+    ]
 
 
 @pytest.mark.parametrize("verbose", [[], ["-v"]])

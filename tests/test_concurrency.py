@@ -79,11 +79,14 @@ def _loser_problem(result: Any) -> str | None:
     return None
 
 
-def _round(twins: Twins, cli: ForkedCli, work: Path, first: list[str | Path], second: list[str | Path],
-           delay: float) -> tuple[Path, list[Any]]:
+def _round(
+    twins: Twins, cli: ForkedCli, work: Path, first: list[str | Path], second: list[str | Path], delay: float
+) -> tuple[Path, list[Any]]:
     image = volumes.copy_image(twins.base, work / "disk.img")
-    argv = [["--tcti", twins.a.tcti, "--json", *[image if a == "IMAGE" else a for a in first]],
-            ["--tcti", twins.b.tcti, "--json", *[image if a == "IMAGE" else a for a in second]]]
+    argv = [
+        ["--tcti", twins.a.tcti, "--json", *[image if a == "IMAGE" else a for a in first]],
+        ["--tcti", twins.b.tcti, "--json", *[image if a == "IMAGE" else a for a in second]],
+    ]
     results = cli.run_many(argv, tcti=None, parallel=2, delays=[0.0, delay], timeout=60)
     return image, results
 
@@ -101,8 +104,15 @@ def _ways_in(image: Path, twins: Twins, cli: ForkedCli) -> list[str]:
     return broken
 
 
-def _run_pair(name: str, first: list[str | Path], second: list[str | Path], twins: Twins, cli: ForkedCli,
-              tmp_path: Path, expect_after: Any) -> None:
+def _run_pair(
+    name: str,
+    first: list[str | Path],
+    second: list[str | Path],
+    twins: Twins,
+    cli: ForkedCli,
+    tmp_path: Path,
+    expect_after: Any,
+) -> None:
     failures: list[str] = []
     both_won = losers = 0
     for number in range(ROUNDS):
@@ -192,9 +202,14 @@ def test_load_key_and_load_key(twins: Twins, cli: ForkedCli, tmp_path: Path) -> 
     image = volumes.copy_image(twins.base, tmp_path / "disk.img")
     failures = []
     for number in range(2 * ROUNDS):
-        results = cli.run_many([["--tcti", twins.a.tcti, "load-key", image],
-                                ["--tcti", twins.b.tcti, "load-key", image]], tcti=None, parallel=2,
-                               delays=[0.0, DELAYS[number % len(DELAYS)] / 10], own_keyring=False)
-        failures += [f"round {number}: exit {r.returncode}: {r.stderr.strip()[:200]}" for r in results
-                     if r.returncode != 0]
+        results = cli.run_many(
+            [["--tcti", twins.a.tcti, "load-key", image], ["--tcti", twins.b.tcti, "load-key", image]],
+            tcti=None,
+            parallel=2,
+            delays=[0.0, DELAYS[number % len(DELAYS)] / 10],
+            own_keyring=False,
+        )
+        failures += [
+            f"round {number}: exit {r.returncode}: {r.stderr.strip()[:200]}" for r in results if r.returncode != 0
+        ]
     assert not failures, f"{len(failures)} of {4 * ROUNDS} concurrent load-keys failed:\n" + "\n".join(failures)

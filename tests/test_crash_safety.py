@@ -70,8 +70,9 @@ def lanes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Lane]
         passphrase = volumes.passphrase_file(work)
         image = volumes.luks_format(work / "base.img", passphrase, metadata="16k", keyslots="1m")
         runners[0].run("enroll", image, "--mode", "derived", "--unlock-key-file", passphrase, tcti=first.tcti)
-        runners[0].run("enroll", image, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase,
-                       tcti=first.tcti)
+        runners[0].run(
+            "enroll", image, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase, tcti=first.tcti
+        )
         first.stop()
         shutil.copytree(first.state, work / "tpm-1", ignore=shutil.ignore_patterns("*.sock*", "*.log"))
         first.start()
@@ -93,11 +94,28 @@ def lanes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Lane]
 
 def killed_run(image: Path, syscall: str, when: int, tcti: str, *args: str | Path) -> bool:
     """Run luks-tpm ARGS, killed at its `when`th `syscall` on `image`; True when it was killed."""
-    command = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(image), "-e", f"trace={syscall}",
-               "-e", f"inject={syscall}:signal=KILL:when={when}",
-               sys.executable, "-m", "luks_tpm", "--tcti", tcti, *[str(a) for a in args]]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=120, check=False)
+    command = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-P",
+        str(image),
+        "-e",
+        f"trace={syscall}",
+        "-e",
+        f"inject={syscall}:signal=KILL:when={when}",
+        sys.executable,
+        "-m",
+        "luks_tpm",
+        "--tcti",
+        tcti,
+        *[str(a) for a in args],
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, check=False
+    )
     if result.returncode in (-9, 137):
         return True
     assert result.returncode == 0, f"{' '.join(map(str, args))} (not killed) failed: {result.stderr}"
@@ -105,8 +123,7 @@ def killed_run(image: Path, syscall: str, when: int, tcti: str, *args: str | Pat
 
 
 def token_works(image: Path, token_id: int, lane: Lane) -> bool:
-    return lane.cli.run("load-key", image, "--token-id", str(token_id), tcti=lane.tpm.tcti,
-                        expect=None).returncode == 0
+    return lane.cli.run("load-key", image, "--token-id", str(token_id), tcti=lane.tpm.tcti, expect=None).returncode == 0
 
 
 Check = Callable[[Path, Lane], list[str]]
@@ -115,18 +132,40 @@ Check = Callable[[Path, Lane], list[str]]
 def count_writes(image: Path, tcti: str, *args: str | Path) -> dict[str, int]:
     """How often a complete run calls each syscall on `image` (strace's own count)."""
     trace = image.with_suffix(".trace")
-    command = ["strace", "-f", "-qq", "-o", str(trace), "-P", str(image), "-e", f"trace={','.join(SYSCALLS)}",
-               sys.executable, "-m", "luks_tpm", "--tcti", tcti, *[str(a) for a in args]]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=120, check=False)
+    command = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        str(trace),
+        "-P",
+        str(image),
+        "-e",
+        f"trace={','.join(SYSCALLS)}",
+        sys.executable,
+        "-m",
+        "luks_tpm",
+        "--tcti",
+        tcti,
+        *[str(a) for a in args],
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, check=False
+    )
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed: {result.stderr}"
     lines = trace.read_text().splitlines()
     trace.unlink()
     return {name: sum(1 for line in lines if re.search(rf"^\d+\s+{name}\(", line)) for name in SYSCALLS}
 
 
-def kill_everywhere(name: str, make: Callable[[Path], Path], args: Callable[[Path], list[str | Path]],
-                    check: Check, lanes: list[Lane], tally: Tally) -> None:
+def kill_everywhere(
+    name: str,
+    make: Callable[[Path], Path],
+    args: Callable[[Path], list[str | Path]],
+    check: Check,
+    lanes: list[Lane],
+    tally: Tally,
+) -> None:
     """Kill at the Nth call of each syscall, for every N a complete run has; two runs at once, one per lane."""
     counting = make(lanes[0].work / "count.img")
     counts = count_writes(counting, lanes[0].tpm.tcti, *args(counting))
@@ -161,9 +200,10 @@ def kill_everywhere(name: str, make: Callable[[Path], Path], args: Callable[[Pat
 
 
 def _report(name: str, tally: Tally) -> str:
-    return (f"{name}: {tally.kills} kills injected in {tally.runs} runs (calls on the image: {tally.counts}), "
-            f"{len(tally.lost)} ways in lost" +
-            "".join(f"\n  {line}" for line in tally.lost))
+    return (
+        f"{name}: {tally.kills} kills injected in {tally.runs} runs (calls on the image: {tally.counts}), "
+        f"{len(tally.lost)} ways in lost" + "".join(f"\n  {line}" for line in tally.lost)
+    )
 
 
 def test_killed_format_never_leaves_a_tpm_only_volume(lanes: tuple[list[Lane], Path, Path]) -> None:
@@ -187,12 +227,27 @@ def test_killed_format_never_leaves_a_tpm_only_volume(lanes: tuple[list[Lane], P
         # What must never happen (issue 8, defect 7) is a token without the recovery keyslot.
         if not tokens and not volumes.keyslots(image):
             return []
-        return [f"a LUKS2 volume without its recovery keyslot (keyslots {volumes.keyslots(image)}, "
-                f"tokens {sorted(tokens)})"]
+        return [
+            f"a LUKS2 volume without its recovery keyslot (keyslots {volumes.keyslots(image)}, tokens {sorted(tokens)})"
+        ]
 
-    kill_everywhere("format", blank, lambda image: ["format", image, "--passphrase-file", passphrase, "--pbkdf",
-                                                    "pbkdf2", "--pbkdf-force-iterations", "1000"],
-                    check, workers, tally)
+    kill_everywhere(
+        "format",
+        blank,
+        lambda image: [
+            "format",
+            image,
+            "--passphrase-file",
+            passphrase,
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ],
+        check,
+        workers,
+        tally,
+    )
     summary = _report("format", tally)
     print(summary)
     assert tally.kills > 0, summary
@@ -224,9 +279,14 @@ def test_killed_header_change_keeps_every_way_in(command: str, lanes: tuple[list
             lost.append("sealed token 1")
         return lost
 
-    kill_everywhere(command, lambda path: volumes.copy_image(image0, path),
-                    lambda image: [image if a == "IMAGE" else a for a in args[command]],
-                    check, workers, tally)
+    kill_everywhere(
+        command,
+        lambda path: volumes.copy_image(image0, path),
+        lambda image: [image if a == "IMAGE" else a for a in args[command]],
+        check,
+        workers,
+        tally,
+    )
     summary = _report(command, tally)
     print(summary)
     assert tally.kills > 0, summary

@@ -55,8 +55,12 @@ def luks_dump_field(path: Path, field: str) -> str:
 def passphrase_opens(path: Path, passphrase: bytes, keyslot: int | None = None) -> bool:
     """The real cryptsetup's opinion (needs no device-mapper with --test-passphrase)."""
     slot = [f"--key-slot={keyslot}"] if keyslot is not None else []
-    result = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", *slot, str(path)],
-                            input=passphrase, capture_output=True, check=False)
+    result = subprocess.run(
+        ["cryptsetup", "open", "--test-passphrase", "--key-file=-", *slot, str(path)],
+        input=passphrase,
+        capture_output=True,
+        check=False,
+    )
     return result.returncode == 0
 
 
@@ -73,8 +77,15 @@ def test_format_writes_chosen_uuid_cipher_and_label(tmp_path: Path) -> None:
     path = sparse_file(tmp_path / "disk.img")
     chosen = str(uuid.uuid4())
     with random_secret(64) as key, cryptsetup.open_device(path, load=False) as device:
-        device.format_luks2(cipher="aes", cipher_mode="xts-plain64", uuid=chosen, volume_key=key,
-                            sector_size=4096, pbkdf=TEST_PBKDF, label="luks-tpm-test")
+        device.format_luks2(
+            cipher="aes",
+            cipher_mode="xts-plain64",
+            uuid=chosen,
+            volume_key=key,
+            sector_size=4096,
+            pbkdf=TEST_PBKDF,
+            label="luks-tpm-test",
+        )
     assert luks_dump_field(path, "UUID") == chosen
     assert luks_dump_field(path, "Label") == "luks-tpm-test"
     assert luks_dump_field(path, r"\s*cipher") == "aes-xts-plain64"
@@ -122,8 +133,11 @@ def test_volume_key_get_returns_the_formatted_key(luks_volume: LuksImage) -> Non
 
 def test_wrong_passphrase_raises_eperm_without_the_passphrase(luks_volume: LuksImage) -> None:
     wrong = b"not-the-passphrase-at-all"
-    with (cryptsetup.open_device(luks_volume.path) as device, Secret.copy_of(wrong) as secret,
-          pytest.raises(CryptsetupError) as caught):
+    with (
+        cryptsetup.open_device(luks_volume.path) as device,
+        Secret.copy_of(wrong) as secret,
+        pytest.raises(CryptsetupError) as caught,
+    ):
         device.volume_key_get(secret)
     error = caught.value
     assert isinstance(error, OSError)
@@ -216,12 +230,15 @@ def test_token_ids_are_listed_and_removed(luks_image: Path) -> None:
     assert "luks-tpm" in cryptsetup_cli("token", "export", "--token-id", "5", luks_image)
 
 
-@pytest.mark.parametrize("text", [
-    "{not json",
-    json.dumps({"keyslots": []}),  # no type
-    json.dumps({"type": "luks-tpm", "keyslots": [0]}),  # keyslots must be strings
-    json.dumps({"type": "luks-tpm", "keyslots": ["7"]}),  # no such keyslot
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        json.dumps({"keyslots": []}),  # no type
+        json.dumps({"type": "luks-tpm", "keyslots": [0]}),  # keyslots must be strings
+        json.dumps({"type": "luks-tpm", "keyslots": ["7"]}),  # no such keyslot
+    ],
+)
 def test_invalid_tokens_are_refused_and_nothing_is_written(luks_image: Path, text: str) -> None:
     before = file_digest(luks_image)
     with cryptsetup.open_device(luks_image) as device:
@@ -240,7 +257,11 @@ def test_metadata_names_digest_and_segment(luks_volume: LuksImage) -> None:
     assert metadata["digests"]["0"]["keyslots"] == ["0"]
     segment = metadata["segments"]["0"]
     assert (segment["type"], segment["encryption"], segment["sector_size"], segment["iv_tweak"]) == (
-        "crypt", "aes-xts-plain64", 512, "0")
+        "crypt",
+        "aes-xts-plain64",
+        512,
+        "0",
+    )
     assert metadata["keyslots"]["0"]["kdf"]["type"] == "pbkdf2"
     assert metadata["tokens"] == {}
 
@@ -394,9 +415,11 @@ def nobody_dir() -> Iterator[Path]:
 def run_as_nobody(script: str, *args: str) -> dict[str, Any]:
     """Run `script` as uid/gid 65534 with no groups; it prints one JSON object."""
     result = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", script, *args],
-        capture_output=True, text=True, check=False, timeout=120,
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr
@@ -484,8 +507,7 @@ def test_unreadable_image_is_permission_denied(nobody_dir: Path) -> None:
 # --- library plumbing ---------------------------------------------------------------------------
 
 
-def test_library_messages_go_to_logging(tmp_path: Path, luks_image: Path,
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_library_messages_go_to_logging(tmp_path: Path, luks_image: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="luks_tpm.cryptsetup")
     # open_device refuses a missing path before libcryptsetup sees it: ask libcryptsetup itself
     missing = tmp_path / "missing.img"
@@ -507,8 +529,7 @@ def test_library_messages_go_to_logging(tmp_path: Path, luks_image: Path,
             pass
     finally:
         cryptsetup.set_debug(False)
-    debug = [r.getMessage() for r in caplog.records
-             if r.name == "luks_tpm.cryptsetup" and r.levelno == logging.DEBUG]
+    debug = [r.getMessage() for r in caplog.records if r.name == "luks_tpm.cryptsetup" and r.levelno == logging.DEBUG]
     assert any(str(luks_image) in message for message in debug)
     assert all(not message.endswith("\n") for message in debug)
 

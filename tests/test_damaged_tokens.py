@@ -85,8 +85,10 @@ class Tally:
         self.failures.setdefault(check, []).append(what)
 
     def report(self, kind: str) -> str:
-        lines = [f"{kind}: {self.tried} damaged tokens tried ({self.refused_by_libcryptsetup} more refused by "
-                 f"libcryptsetup at import), {self.calls} luks-tpm runs"]
+        lines = [
+            f"{kind}: {self.tried} damaged tokens tried ({self.refused_by_libcryptsetup} more refused by "
+            f"libcryptsetup at import), {self.calls} luks-tpm runs"
+        ]
         for check, items in self.failures.items():
             lines.append(f"  {check}: {len(items)} of {self.tried} inputs failed")
             lines.extend(f"    {item}" for item in items)
@@ -117,8 +119,17 @@ def real(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[R
         formatted = work / "formatted.img"
         with open(formatted, "wb") as handle:
             handle.truncate(32 << 20)
-        made = cli.json("format", formatted, "--passphrase-file", passphrase, "--pbkdf", "pbkdf2",
-                        "--pbkdf-force-iterations", "1000", tcti=first.tcti)
+        made = cli.json(
+            "format",
+            formatted,
+            "--passphrase-file",
+            passphrase,
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            tcti=first.tcti,
+        )
         format_token = volumes.tokens(formatted)[made["token"]]
         # The same UUID and volume key on a small image with room for 32 tokens: the format token
         # derives the same key there.
@@ -128,11 +139,23 @@ def real(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[R
         key_file.unlink()
         formatted.unlink()
         scratch = volumes.copy_image(base, work / "enroll.img")
-        ids = [cli.json("enroll", scratch, "--mode", "derived", "--unlock-key-file", passphrase,
-                        tcti=first.tcti)["token"]]
+        ids = [
+            cli.json("enroll", scratch, "--mode", "derived", "--unlock-key-file", passphrase, tcti=first.tcti)["token"]
+        ]
         for _ in range(2):
-            ids.append(cli.json("enroll", scratch, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file",
-                                passphrase, tcti=first.tcti)["token"])
+            ids.append(
+                cli.json(
+                    "enroll",
+                    scratch,
+                    "--mode",
+                    "sealed",
+                    "--pcrs",
+                    "7",
+                    "--unlock-key-file",
+                    passphrase,
+                    tcti=first.tcti,
+                )["token"]
+            )
         found = volumes.tokens(scratch)
         # a valid TPM2B_PUBLIC of another type of object (an ECC storage key), made by tpm2-tools
         first.tpm2("createprimary", "-C", "o", "-G", "ecc256:aes128cfb", "-c", str(work / "srk.ctx"))
@@ -145,10 +168,13 @@ def real(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[R
         twin = Swtpm(work / "twin")
         twin.start()
         twins.append(twin)
-        yield Real([t.tcti for t in twins], base, passphrase,
-                   {"format": format_token, "enrolled": found[ids[0]], "sealed": found[ids[1]],
-                    "other-sealed": found[ids[2]]},
-                   (work / "srk.pub").read_bytes())
+        yield Real(
+            [t.tcti for t in twins],
+            base,
+            passphrase,
+            {"format": format_token, "enrolled": found[ids[0]], "sealed": found[ids[1]], "other-sealed": found[ids[2]]},
+            (work / "srk.pub").read_bytes(),
+        )
     finally:
         for swtpm in twins:
             swtpm.stop()
@@ -169,8 +195,16 @@ def _garbage(size: int, seed: str) -> bytes:
 
 
 GENERIC: list[tuple[str, object]] = [
-    ("missing", MISSING), ("null", None), ("string", "x"), ("empty string", ""), ("int 0", 0), ("int -1", -1),
-    ("float", 1.5), ("true", True), ("empty list", []), ("object", {"a": 1}),
+    ("missing", MISSING),
+    ("null", None),
+    ("string", "x"),
+    ("empty string", ""),
+    ("int 0", 0),
+    ("int -1", -1),
+    ("float", 1.5),
+    ("true", True),
+    ("empty list", []),
+    ("object", {"a": 1}),
 ]
 
 
@@ -232,46 +266,79 @@ def _generic_allowed(kind: str, path: tuple[str, ...], label: str) -> frozenset[
     return CORRUPT
 
 
-def _specific(kind: str, token: dict[str, Any], other: dict[str, Any],
-              srk_public: bytes) -> Iterator[tuple[tuple[str, ...], str, object, frozenset[int]]]:
+def _specific(
+    kind: str, token: dict[str, Any], other: dict[str, Any], srk_public: bytes
+) -> Iterator[tuple[tuple[str, ...], str, object, frozenset[int]]]:
     c, cv = CORRUPT, CORRUPT_OR_NOT_VERIFYING
     sealed = kind == "sealed"
     yield from [
-        (("version",), "0", 0, c), (("version",), "2 (newer)", 2, frozenset({8})),
-        (("version",), "99", 99, frozenset({8})), (("version",), "-1", -1, c),
-        (("version",), "2**31", 2**31, frozenset({3, 8})), (("version",), "2**64", 2**64, frozenset({3, 8})),
-        (("version",), "10**40", 10**40, frozenset({3, 8})), (("version",), "string '1'", "1", c),
-        (("version",), "float 1.0", 1.0, IGNORED_OR_CORRUPT), (("version",), "float 2.0", 2.0, frozenset({3, 8})),
+        (("version",), "0", 0, c),
+        (("version",), "2 (newer)", 2, frozenset({8})),
+        (("version",), "99", 99, frozenset({8})),
+        (("version",), "-1", -1, c),
+        (("version",), "2**31", 2**31, frozenset({3, 8})),
+        (("version",), "2**64", 2**64, frozenset({3, 8})),
+        (("version",), "10**40", 10**40, frozenset({3, 8})),
+        (("version",), "string '1'", "1", c),
+        (("version",), "float 1.0", 1.0, IGNORED_OR_CORRUPT),
+        (("version",), "float 2.0", 2.0, frozenset({3, 8})),
         (("keyslots",), "['0'] (an existing keyslot)", ["0"], c),
         (("mode",), "'sealed'" if not sealed else "'derived'", "derived" if sealed else "sealed", c),
-        (("mode",), "'DERIVED'", "DERIVED", c), (("mode",), "'other'", "other", c),
-        (("digest",), "1 (absent)", 1, cv), (("digest",), "31 (absent)", 31, cv), (("digest",), "32", 32, c),
-        (("digest",), "-1", -1, c), (("digest",), "2**64", 2**64, c), (("digest",), "string '0'", "0", c),
+        (("mode",), "'DERIVED'", "DERIVED", c),
+        (("mode",), "'other'", "other", c),
+        (("digest",), "1 (absent)", 1, cv),
+        (("digest",), "31 (absent)", 31, cv),
+        (("digest",), "32", 32, c),
+        (("digest",), "-1", -1, c),
+        (("digest",), "2**64", 2**64, c),
+        (("digest",), "string '0'", "0", c),
         (("digest",), "float 0.0", 0.0, IGNORED_OR_CORRUPT),
-        (("key_size",), "0", 0, c), (("key_size",), "1", 1, c), (("key_size",), "15", 15, c),
-        (("key_size",), "129", 129, c), (("key_size",), "9999", 9999, c), (("key_size",), "-64", -64, c),
-        (("key_size",), "2**64", 2**64, c), (("key_size",), "string '64'", "64", c),
-        (("key_size",), "16", 16, cv), (("key_size",), "32", 32, cv), (("key_size",), "63", 63, cv),
-        (("key_size",), "128", 128, cv), (("key_size",), "float 64.0", 64.0, IGNORED_OR_CORRUPT),
+        (("key_size",), "0", 0, c),
+        (("key_size",), "1", 1, c),
+        (("key_size",), "15", 15, c),
+        (("key_size",), "129", 129, c),
+        (("key_size",), "9999", 9999, c),
+        (("key_size",), "-64", -64, c),
+        (("key_size",), "2**64", 2**64, c),
+        (("key_size",), "string '64'", "64", c),
+        (("key_size",), "16", 16, cv),
+        (("key_size",), "32", 32, cv),
+        (("key_size",), "63", 63, cv),
+        (("key_size",), "128", 128, cv),
+        (("key_size",), "float 64.0", 64.0, IGNORED_OR_CORRUPT),
         (("pcr_bank",), "'sha512' (swtpm has it, luks-tpm does not)", "sha512", c),
-        (("pcr_bank",), "'md5'", "md5", c), (("pcr_bank",), "'SHA256'", "SHA256", c),
-        (("pcr_bank",), "'sha3_256'", "sha3_256", c), (("pcr_bank",), "'sha256 '", "sha256 ", c),
+        (("pcr_bank",), "'md5'", "md5", c),
+        (("pcr_bank",), "'SHA256'", "SHA256", c),
+        (("pcr_bank",), "'sha3_256'", "sha3_256", c),
+        (("pcr_bank",), "'sha256 '", "sha256 ", c),
         (("pcr_bank",), "'sha1'", "sha1", cv if sealed else IGNORED_OR_CORRUPT),
         (("pcr_bank",), "'sha384'", "sha384", cv if sealed else IGNORED_OR_CORRUPT),
-        (("pcrs",), "[24]", [24], c), (("pcrs",), "[-1]", [-1], c), (("pcrs",), "[7, 7]", [7, 7], c),
-        (("pcrs",), "[7, '7']", [7, "7"], c), (("pcrs",), "['7']", ["7"], c), (("pcrs",), "[1.5]", [1.5], c),
-        (("pcrs",), "[true]", [True], c), (("pcrs",), "[2**64]", [2**64], c), (("pcrs",), "[null]", [None], c),
-        (("pcrs",), "object instead of list", {"7": True}, c), (("pcrs",), "int 7", 7, c),
-        (("pcrs",), "string '7'", "7", c), (("pcrs",), "[7, 255]", [7, 255], c),
+        (("pcrs",), "[24]", [24], c),
+        (("pcrs",), "[-1]", [-1], c),
+        (("pcrs",), "[7, 7]", [7, 7], c),
+        (("pcrs",), "[7, '7']", [7, "7"], c),
+        (("pcrs",), "['7']", ["7"], c),
+        (("pcrs",), "[1.5]", [1.5], c),
+        (("pcrs",), "[true]", [True], c),
+        (("pcrs",), "[2**64]", [2**64], c),
+        (("pcrs",), "[null]", [None], c),
+        (("pcrs",), "object instead of list", {"7": True}, c),
+        (("pcrs",), "int 7", 7, c),
+        (("pcrs",), "string '7'", "7", c),
+        (("pcrs",), "[7, 255]", [7, 255], c),
         (("pcrs",), "[0..23]", list(range(24)), cv if sealed else frozenset({3, 5, 8})),
         (("pcrs",), "[8]", [8], cv if sealed else frozenset({3, 5, 8})),
-        (("policy",), "'zz'", "zz", c), (("policy",), "odd length", "abc", c), (("policy",), "'0x' prefix",
-                                                                                 "0x" + "00" * 32, c),
-        (("policy",), "int", 5, c), (("policy",), "1000 bytes", "00" * 1000, c),
+        (("policy",), "'zz'", "zz", c),
+        (("policy",), "odd length", "abc", c),
+        (("policy",), "'0x' prefix", "0x" + "00" * 32, c),
+        (("policy",), "int", 5, c),
+        (("policy",), "1000 bytes", "00" * 1000, c),
         # a sealed object's real policy is inside its TPM object, which the TPM enforces: a reader
         # may ignore the recorded copy, or refuse the token for the mismatch
         (("policy",), "32 zero bytes", "00" * 32, cv | HARMLESS if sealed else IGNORED_OR_CORRUPT),
-        (("pin",), "string 'true'", "true", c), (("pin",), "int 1", 1, c), (("pin",), "string 'false'", "false", c),
+        (("pin",), "string 'true'", "true", c),
+        (("pin",), "int 1", 1, c),
+        (("pin",), "string 'false'", "false", c),
         (("pin",), "true (no PIN in the policy)", True, cv if sealed else IGNORED_OR_CORRUPT),
         (("parent",), "list [handle, name]", [token["parent"]["handle"], token["parent"]["name"]], c),
         (("parent",), "only a name", {"name": token["parent"]["name"]}, c),
@@ -281,18 +348,22 @@ def _specific(kind: str, token: dict[str, Any], other: dict[str, Any],
         (("parent", "handle"), "'0x81000001' (absent here)", "0x81000001", cv | HARMLESS),
         (("parent", "handle"), "'0x81000002'", "0x81000002", cv | HARMLESS),
         (("parent", "handle"), "'0x81800000' (platform range)", "0x81800000", cv | HARMLESS),
-        (("parent", "handle"), "'0x1'", "0x1", c), (("parent", "handle"), "'0x40000001' (owner hierarchy)",
-                                                    "0x40000001", c),
+        (("parent", "handle"), "'0x1'", "0x1", c),
+        (("parent", "handle"), "'0x40000001' (owner hierarchy)", "0x40000001", c),
         (("parent", "handle"), "'0x80000000' (transient)", "0x80000000", c),
         (("parent", "handle"), "'0x02000000' (session)", "0x02000000", c),
-        (("parent", "handle"), "'0x'", "0x", c), (("parent", "handle"), "'0xzz'", "0xzz", c),
-        (("parent", "handle"), "'zz'", "zz", c), (("parent", "handle"), "no 0x prefix", "81000001", cv),
-        (("parent", "handle"), "'-0x1'", "-0x1", c), (("parent", "handle"), "'0x100000000' (33 bits)",
-                                                      "0x100000000", c),
+        (("parent", "handle"), "'0x'", "0x", c),
+        (("parent", "handle"), "'0xzz'", "0xzz", c),
+        (("parent", "handle"), "'zz'", "zz", c),
+        (("parent", "handle"), "no 0x prefix", "81000001", cv),
+        (("parent", "handle"), "'-0x1'", "-0x1", c),
+        (("parent", "handle"), "'0x100000000' (33 bits)", "0x100000000", c),
         (("parent", "handle"), "2**64 as hex", "0x" + "f" * 16 + "1", c),
         (("parent", "handle"), "int 0x81000001", 0x81000001, c),
-        (("parent", "name"), "'zz'", "zz", c), (("parent", "name"), "'abc'", "abc", c),
-        (("parent", "name"), "int", 5, c), (("parent", "name"), "sha256 name, 31 bytes", "000b" + "00" * 31, c),
+        (("parent", "name"), "'zz'", "zz", c),
+        (("parent", "name"), "'abc'", "abc", c),
+        (("parent", "name"), "int", 5, c),
+        (("parent", "name"), "sha256 name, 31 bytes", "000b" + "00" * 31, c),
         (("parent", "name"), "sha256 name of nothing", "000b" + "00" * 32, cv),
         (("parent", "name"), "sha1 name", "0004" + "11" * 20, cv),
         (("parent", "name"), "1000 bytes", "00" * 1000, c),
@@ -305,10 +376,12 @@ def _specific(kind: str, token: dict[str, Any], other: dict[str, Any],
     ]
     if kind in {"format", "enrolled"}:
         yield from [
-            (("salt",), "not base64", "not base64!", c), (("salt",), "3 bytes", "AAAA", c),
-            (("salt",), "31 bytes", _b64(b"\1" * 31), c), (("salt",), "64 bytes", _b64(b"\1" * 64), c),
-            (("salt",), "padding only", "====", c), (("salt",), "with a newline",
-                                                       token["salt"][:20] + "\n" + token["salt"][20:], c),
+            (("salt",), "not base64", "not base64!", c),
+            (("salt",), "3 bytes", "AAAA", c),
+            (("salt",), "31 bytes", _b64(b"\1" * 31), c),
+            (("salt",), "64 bytes", _b64(b"\1" * 64), c),
+            (("salt",), "padding only", "====", c),
+            (("salt",), "with a newline", token["salt"][:20] + "\n" + token["salt"][20:], c),
             (("salt",), "urlsafe alphabet", _b64(b"\xfb\xff" * 16).replace("+", "-").replace("/", "_"), c),
             (("salt",), "another 32 bytes", _b64(_garbage(32, "salt")), cv),
             (("salt",), "a list of bytes", list(range(32)), c),
@@ -316,8 +389,10 @@ def _specific(kind: str, token: dict[str, Any], other: dict[str, Any],
     if kind == "enrolled":
         wrapped = base64.b64decode(token["wrapped_key"])
         yield from [
-            (("wrapped_key",), "not base64", "!!!!", c), (("wrapped_key",), "3 bytes", "AAAA", c),
-            (("wrapped_key",), "7 bytes", _b64(b"\7" * 7), c), (("wrapped_key",), "8 bytes", _b64(b"\7" * 8), c),
+            (("wrapped_key",), "not base64", "!!!!", c),
+            (("wrapped_key",), "3 bytes", "AAAA", c),
+            (("wrapped_key",), "7 bytes", _b64(b"\7" * 7), c),
+            (("wrapped_key",), "8 bytes", _b64(b"\7" * 8), c),
             (("wrapped_key",), "64 bytes (not a multiple of 8 + 8)", _b64(_garbage(64, "w")), c),
             (("wrapped_key",), "garbage of the right size", _b64(_garbage(72, "w")), cv),
             (("wrapped_key",), "one bit flipped", _b64(wrapped[:-1] + bytes([wrapped[-1] ^ 1])), cv),
@@ -326,8 +401,7 @@ def _specific(kind: str, token: dict[str, Any], other: dict[str, Any],
             (("wrapped_key",), "1 MiB-ish (200 KiB)", _b64(_garbage(200 << 10, "big")), c),
         ]
     if kind == "format":
-        yield (("wrapped_key",), "garbage of the right size (a format token has none)",
-               _b64(_garbage(72, "w")), cv)
+        yield (("wrapped_key",), "garbage of the right size (a format token has none)", _b64(_garbage(72, "w")), cv)
     if sealed:
         public = base64.b64decode(token["blob"]["public"])
         private = base64.b64decode(token["blob"]["private"])
@@ -335,7 +409,8 @@ def _specific(kind: str, token: dict[str, Any], other: dict[str, Any],
         for part, data in (("public", public), ("private", private)):
             path = ("blob", part)
             yield from [
-                (path, "not base64", "%%%%", c), (path, "3 bytes", "AAAA", c),
+                (path, "not base64", "%%%%", c),
+                (path, "3 bytes", "AAAA", c),
                 (path, "garbage", _b64(_garbage(len(data), part)), c),
                 (path, "truncated", _b64(data[: len(data) // 2]), c),
                 (path, "size field 0xffff", _b64(b"\xff\xff" + data[2:]), c),
@@ -410,8 +485,11 @@ def _one_line_problem(result: Any) -> str | None:
     """Why the result is not one clear error line (plus an optional hint), or None."""
     if "Traceback" in result.stderr:
         return "traceback"
-    lines = [line for line in result.stderr.splitlines() if line.startswith("luks-tpm: ")
-             and not line.startswith("luks-tpm: hint:")]
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("luks-tpm: ") and not line.startswith("luks-tpm: hint:")
+    ]
     if len(lines) != 1:
         return f"{len(lines)} error lines"
     return None
@@ -468,12 +546,12 @@ def _interleave(lanes: list[_Lane], make: Any) -> list[tuple[_Lane, Any, list[st
 
 def _run(cli: ForkedCli, jobs: list[tuple[_Lane, Any, list[str | Path]]], tally: Tally) -> list[Any]:
     tally.calls += len(jobs)
-    return cli.run_many([argv for _, _, argv in jobs], tcti=None, parallel=2,
-                        lanes=[lane.tcti for lane, _, _ in jobs])
+    return cli.run_many([argv for _, _, argv in jobs], tcti=None, parallel=2, lanes=[lane.tcti for lane, _, _ in jobs])
 
 
-def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tally: Tally,
-                 monkeypatch: pytest.MonkeyPatch) -> None:
+def _check_lanes(
+    lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tally: Tally, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = json.dumps(real.tokens["sealed"])
     for number, lane in enumerate(lanes):
         lane.volume = volumes.copy_image(real.base, work / f"beside-{number}.img")
@@ -491,9 +569,13 @@ def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tal
         lane.labels = _batch_name(lane.placed)
 
     before = {lane.labels: file_digest(lane.volume) for lane in lanes}
-    jobs = _interleave(lanes, lambda lane: [
-        ("beside", ["--tcti", lane.tcti, "--json", "load-key", lane.volume]),
-        ("status", ["--tcti", lane.tcti, "--json", "status", lane.volume])])
+    jobs = _interleave(
+        lanes,
+        lambda lane: [
+            ("beside", ["--tcti", lane.tcti, "--json", "load-key", lane.volume]),
+            ("status", ["--tcti", lane.tcti, "--json", "status", lane.volume]),
+        ],
+    )
     for (lane, what, _), result in zip(jobs, _run(cli, jobs, tally), strict=True):
         if what == "beside" and result.returncode != 0:
             tally.fail("load-key with a good token beside the damaged ones", f"[{lane.labels}] {_describe(result)}")
@@ -509,9 +591,13 @@ def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tal
         if file_digest(lane.volume) != before[lane.labels]:
             tally.fail("header byte-identical after load-key and status", f"[{lane.labels}]")
 
-    jobs = _interleave(lanes, lambda lane: [
-        (token_id, ["--tcti", lane.tcti, "load-key", lane.volume, "--token-id", str(token_id)])
-        for token_id in lane.placed])
+    jobs = _interleave(
+        lanes,
+        lambda lane: [
+            (token_id, ["--tcti", lane.tcti, "load-key", lane.volume, "--token-id", str(token_id)])
+            for token_id in lane.placed
+        ],
+    )
     for (lane, token_id, _), result in zip(jobs, _run(cli, jobs, tally), strict=True):
         _check_single(lane, token_id, result, tally)
 
@@ -521,19 +607,23 @@ def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tal
             tally.calls += 1
             problem = _one_line_problem(only) if only.returncode != 0 else "succeeded"
             # one damaged token alone: its own exit code; many: any failure but a bug (they mix)
-            allowed = (next(iter(lane.placed.values())).allowed - {0}) if len(lane.placed) == 1 else \
-                ANY_FAILURE_BUT_BUG
+            allowed = (next(iter(lane.placed.values())).allowed - {0}) if len(lane.placed) == 1 else ANY_FAILURE_BUT_BUG
             if only.returncode not in allowed or problem:
-                tally.fail("load-key on a volume with only damaged tokens",
-                           f"[{lane.labels}] {_describe(only)} ({problem or 'one line'})")
+                tally.fail(
+                    "load-key on a volume with only damaged tokens",
+                    f"[{lane.labels}] {_describe(only)} ({problem or 'one line'})",
+                )
             _check_open_all(lane, tally, monkeypatch)
 
-    jobs = _interleave(lanes, lambda lane: [
-        (token_id, ["remove", lane.volume, "--token-id", str(token_id)]) for token_id in lane.placed])
+    jobs = _interleave(
+        lanes,
+        lambda lane: [(token_id, ["remove", lane.volume, "--token-id", str(token_id)]) for token_id in lane.placed],
+    )
     for (lane, token_id, _), result in zip(jobs, _run(cli, jobs, tally), strict=True):
         if result.returncode != 0:
-            tally.fail("remove --token-id N of the damaged token",
-                       f"{lane.placed[token_id].label}: {_describe(result)}")
+            tally.fail(
+                "remove --token-id N of the damaged token", f"{lane.placed[token_id].label}: {_describe(result)}"
+            )
     for lane in lanes:
         left = set(volumes.tokens(lane.volume)) - {GOOD_ID}
         if left and len(tally.failures.get("remove --token-id N of the damaged token", [])) == 0:
@@ -548,8 +638,13 @@ def _check_single(lane: _Lane, token_id: int, result: Any, tally: Tally) -> None
     damage = lane.placed[token_id]
     code = result.returncode
     if code not in damage.allowed:
-        check = "load-key --token-id N: internal error (exit 1)" if code == 1 else \
-            "load-key --token-id N: hung" if code < -100 else "load-key --token-id N: exit code"
+        check = (
+            "load-key --token-id N: internal error (exit 1)"
+            if code == 1
+            else "load-key --token-id N: hung"
+            if code < -100
+            else "load-key --token-id N: exit code"
+        )
         tally.fail(check, f"{damage.label}: {_describe(result)} (allowed {sorted(damage.allowed)})")
     elif code != 0:
         problem = _one_line_problem(result)
@@ -588,18 +683,28 @@ def _check_open_all(lane: _Lane, tally: Tally, monkeypatch: pytest.MonkeyPatch) 
         tally.fail("open --all still opens the other volume", f"[{lane.labels}] opened {recorder.opened}")
 
 
-def _check_pairs(batches: list[list[Damage]], real: Real, cli: ForkedCli, tmp_path: Path, tally: Tally,
-                 monkeypatch: pytest.MonkeyPatch) -> None:
+def _check_pairs(
+    batches: list[list[Damage]],
+    real: Real,
+    cli: ForkedCli,
+    tmp_path: Path,
+    tally: Tally,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Two batches at a time, one per TPM; anything left loaded in a TPM is a failure too."""
     for first in range(0, len(batches), len(real.tctis)):
-        lanes = [_Lane(tcti, batch) for tcti, batch in zip(real.tctis, batches[first:first + len(real.tctis)],
-                                                          strict=False)]
+        lanes = [
+            _Lane(tcti, batch)
+            for tcti, batch in zip(real.tctis, batches[first : first + len(real.tctis)], strict=False)
+        ]
         _check_lanes(lanes, real, cli, tmp_path, tally, monkeypatch)
         for lane in lanes:
             left = volumes.run("tpm2_getcap", "-T", lane.tcti, "handles-transient").stdout.decode().strip()
             if left:
-                tally.fail("TPM objects left loaded (a TPM without resource manager fills up)",
-                           f"[{lane.labels}] {left.replace(chr(10), ' ')}")
+                tally.fail(
+                    "TPM objects left loaded (a TPM without resource manager fills up)",
+                    f"[{lane.labels}] {left.replace(chr(10), ' ')}",
+                )
                 volumes.flush_tpm(lane.tcti)
 
 
@@ -611,10 +716,11 @@ def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path, monkeypatch
     tally = Tally()
     suspects: list[Damage] = []
     for start in range(0, len(inputs), BATCH * len(real.tctis)):
-        group = inputs[start:start + BATCH * len(real.tctis)]
+        group = inputs[start : start + BATCH * len(real.tctis)]
         scratch = Tally()
-        _check_pairs([group[i:i + BATCH] for i in range(0, len(group), BATCH)], real, cli, tmp_path, scratch,
-                     monkeypatch)
+        _check_pairs(
+            [group[i : i + BATCH] for i in range(0, len(group), BATCH)], real, cli, tmp_path, scratch, monkeypatch
+        )
         tally.tried += scratch.tried
         tally.refused_by_libcryptsetup += scratch.refused_by_libcryptsetup
         tally.calls += scratch.calls
@@ -633,9 +739,15 @@ def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path, monkeypatch
     for check, items in alone.failures.items():
         for item in items:
             tally.fail(check, item)
-    summary = tally.report(kind) + f"\n  ({len(suspects)} inputs of failing batches tried again one per volume" + (
-        f"; {len(skipped)} more not, beyond the first {MAX_ALONE}: {'; '.join(d.label for d in skipped)})"
-        if skipped else ")")
+    summary = (
+        tally.report(kind)
+        + f"\n  ({len(suspects)} inputs of failing batches tried again one per volume"
+        + (
+            f"; {len(skipped)} more not, beyond the first {MAX_ALONE}: {'; '.join(d.label for d in skipped)})"
+            if skipped
+            else ")"
+        )
+    )
     print(summary)
     assert tally.tried >= 50, summary
     assert not tally.failures, summary
@@ -669,8 +781,10 @@ def test_tokens_the_tpm_rejects_do_not_use_up_the_pass(count: int, real: Real, c
     (sessions, objects), or the good token after them fails ("out of memory for session contexts")."""
     token = real.tokens["sealed"]
     private = base64.b64decode(token["blob"]["private"])
-    flipped = {**token, "blob": {**token["blob"], "private": _b64(private[:-5] + bytes([private[-5] ^ 0x10]) +
-                                                                  private[-4:])}}
+    flipped = {
+        **token,
+        "blob": {**token["blob"], "private": _b64(private[:-5] + bytes([private[-5] ^ 0x10]) + private[-4:])},
+    }
     volume = volumes.copy_image(real.base, tmp_path / "rejected.img")
     assert volumes.set_token(volume, json.dumps(token), GOOD_ID) == GOOD_ID
     for token_id in range(count):

@@ -25,8 +25,17 @@ from .fixtures_luks import file_digest
 from .fixtures_tpm import Swtpm
 from .helpers import REPO, assert_one_line_error, format_derived, luks_tpm, luks_tpm_json
 
-FOREIGN_TOKEN = json.dumps({"type": "systemd-tpm2", "keyslots": ["0"], "tpm2-blob": "AAAA", "tpm2-pcrs": [7],
-                            "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc", "tpm2-policy-hash": "00" * 32})
+FOREIGN_TOKEN = json.dumps(
+    {
+        "type": "systemd-tpm2",
+        "keyslots": ["0"],
+        "tpm2-blob": "AAAA",
+        "tpm2-pcrs": [7],
+        "tpm2-pcr-bank": "sha256",
+        "tpm2-primary-alg": "ecc",
+        "tpm2-policy-hash": "00" * 32,
+    }
+)
 OTHER_NV, OTHER_KEY = "0x01500016", "0x81000010"  # "other software's" NV index and persistent key
 
 
@@ -54,8 +63,14 @@ def _by_device(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _opens_with_passphrase(image: Path, passphrase: Path) -> bool:
-    return subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(passphrase), str(image)],
-                          capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["cryptsetup", "open", "--test-passphrase", "--key-file", str(passphrase), str(image)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def _other_software_keys(tpm: Swtpm, tmp_path: Path) -> None:
@@ -72,9 +87,9 @@ def _owner_objects(tpm: Swtpm) -> tuple[list[int], list[int]]:
         return connection.handles(0x81000000), connection.handles(0x01000000)
 
 
-def test_wipe_lists_clears_and_proves_every_token_destroyed(tmp_path: Path, fresh_swtpm: Swtpm,
-                                                             second_swtpm: Swtpm, recovery_file: Path,
-                                                             no_crypttab: Path) -> None:
+def test_wipe_lists_clears_and_proves_every_token_destroyed(
+    tmp_path: Path, fresh_swtpm: Swtpm, second_swtpm: Swtpm, recovery_file: Path, no_crypttab: Path
+) -> None:
     here, elsewhere = fresh_swtpm, second_swtpm
     both, only_here = tmp_path / "both.img", tmp_path / "only-here.img"
     format_derived(both, here.tcti, recovery_file)
@@ -128,8 +143,15 @@ def _on_terminal(args: list[str], tcti: str, answer: bytes | None) -> tuple[int,
     or with None, kill it there (kill -9)."""
     master, slave = os.openpty()
     environment = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
-    process = subprocess.Popen([sys.executable, "-m", "luks_tpm", "--tcti", tcti, *args], stdin=slave,
-                               stdout=slave, stderr=slave, cwd=REPO, env=environment, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "luks_tpm", "--tcti", tcti, *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=REPO,
+        env=environment,
+        start_new_session=True,
+    )
     os.close(slave)
     output = bytearray()
     deadline = time.monotonic() + 60
@@ -160,9 +182,9 @@ def _on_terminal(args: list[str], tcti: str, answer: bytes | None) -> tuple[int,
     return code, output.decode(errors="replace")
 
 
-def test_wipe_asks_for_yes_on_the_terminal_and_changes_nothing_until_then(tmp_path: Path, fresh_swtpm: Swtpm,
-                                                                         recovery_file: Path,
-                                                                         no_crypttab: Path) -> None:
+def test_wipe_asks_for_yes_on_the_terminal_and_changes_nothing_until_then(
+    tmp_path: Path, fresh_swtpm: Swtpm, recovery_file: Path, no_crypttab: Path
+) -> None:
     image = tmp_path / "disk.img"
     format_derived(image, fresh_swtpm.tcti, recovery_file)
     args = ["wipe", "--crypttab", str(no_crypttab), str(image)]
@@ -179,8 +201,9 @@ def test_wipe_asks_for_yes_on_the_terminal_and_changes_nothing_until_then(tmp_pa
     assert luks_tpm_json("status", image, tcti=fresh_swtpm.tcti, expect=5)["volumes"][0]["unlocks"] is False
 
 
-def test_wipe_failures_are_diagnosed_and_cost_nothing(tmp_path: Path, fresh_swtpm: Swtpm, recovery_file: Path,
-                                                      no_crypttab: Path) -> None:
+def test_wipe_failures_are_diagnosed_and_cost_nothing(
+    tmp_path: Path, fresh_swtpm: Swtpm, recovery_file: Path, no_crypttab: Path
+) -> None:
     tpm = fresh_swtpm
     image = tmp_path / "disk.img"
     format_derived(image, tpm.tcti, recovery_file)
@@ -215,8 +238,10 @@ def test_wipe_finds_crypttab_entries(tmp_path: Path, swtpm: Swtpm, recovery_file
     listed = tmp_path / "listed.img"
     format_derived(listed, swtpm.tcti, recovery_file)
     crypttab = tmp_path / "crypttab"
-    crypttab.write_text(f"data {listed} none luks,x-luks-tpm\nplain {tmp_path / 'unmarked.img'} none luks\n"
-                        "gone UUID=00000000-0000-4000-8000-000000000000 none luks,x-luks-tpm\n")
+    crypttab.write_text(
+        f"data {listed} none luks,x-luks-tpm\nplain {tmp_path / 'unmarked.img'} none luks\n"
+        "gone UUID=00000000-0000-4000-8000-000000000000 none luks,x-luks-tpm\n"
+    )
     volumes = _by_device(luks_tpm_json("wipe", "--dry-run", "--crypttab", crypttab, tcti=swtpm.tcti))
     assert volumes[str(listed)]["found_by"] == ["crypttab data"] and _fates(volumes[str(listed)]) == {0: "dies"}
     gone = volumes["UUID=00000000-0000-4000-8000-000000000000"]
@@ -224,8 +249,9 @@ def test_wipe_finds_crypttab_entries(tmp_path: Path, swtpm: Swtpm, recovery_file
     assert str(tmp_path / "unmarked.img") not in volumes
 
 
-def test_wipe_finds_block_devices_with_a_token(tmp_path: Path, swtpm: Swtpm, recovery_file: Path,
-                                               no_crypttab: Path) -> None:
+def test_wipe_finds_block_devices_with_a_token(
+    tmp_path: Path, swtpm: Swtpm, recovery_file: Path, no_crypttab: Path
+) -> None:
     image = tmp_path / "looped.img"
     format_derived(image, swtpm.tcti, recovery_file)
     attach = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False)
@@ -257,7 +283,7 @@ def test_erase_leaves_nothing_that_opens_the_volume(tmp_path: Path, swtpm: Swtpm
         sealed = json.loads(device.token_json_get(1) or "")
         area = device.metadata()["keyslots"]["0"]["area"]
     offset, size = int(area["offset"]), int(area["size"])
-    keyslot_area = image.read_bytes()[offset:offset + size]
+    keyslot_area = image.read_bytes()[offset : offset + size]
     before = file_digest(image)
 
     luks_tpm("erase", image, tcti=None, expect=7, stdin=b"YES\n")  # no terminal, no --yes
@@ -278,12 +304,11 @@ def test_erase_leaves_nothing_that_opens_the_volume(tmp_path: Path, swtpm: Swtpm
     # to its key), the sealed blob, the keyslot's key material.
     raw = image.read_bytes()
     assert derived["salt"].encode() not in raw and sealed["blob"]["private"].encode() not in raw
-    assert raw[offset:offset + size] != keyslot_area
+    assert raw[offset : offset + size] != keyslot_area
     assert "nothing left to destroy" in luks_tpm("erase", "--yes", image, tcti=None).stdout
 
 
-def _assert_as_before_or_further(image: Path, tokens_before: dict[int, str], swtpm: Swtpm,
-                                 recovery_file: Path) -> bool:
+def _assert_as_before_or_further(image: Path, tokens_before: dict[int, str], swtpm: Swtpm, recovery_file: Path) -> bool:
     """After an interruption: a subset of what was there, each remaining part unchanged, removed in erase's
     order (luks-tpm tokens, then other tools', then keyslots). True when nothing is left."""
     with cryptsetup.open_device(image) as device:
@@ -308,8 +333,7 @@ def _assert_as_before_or_further(image: Path, tokens_before: dict[int, str], swt
         return not tokens and not keyslots
 
 
-def test_erase_killed_at_any_write_runs_again_to_completion(tmp_path: Path, swtpm: Swtpm,
-                                                            recovery_file: Path) -> None:
+def test_erase_killed_at_any_write_runs_again_to_completion(tmp_path: Path, swtpm: Swtpm, recovery_file: Path) -> None:
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed (needed to kill erase at its Nth write)")
     template = tmp_path / "template.img"
@@ -321,10 +345,28 @@ def test_erase_killed_at_any_write_runs_again_to_completion(tmp_path: Path, swtp
     kill_at = 1
     while True:
         shutil.copyfile(template, image)
-        killed = subprocess.run(["strace", "-f", "-o", "/dev/null", "-e", "trace=write",
-                                 "-e", f"inject=write:signal=KILL:when={kill_at}",
-                                 sys.executable, "-m", "luks_tpm", "erase", "--yes", str(image)],
-                                cwd=REPO, capture_output=True, text=True, check=False)
+        killed = subprocess.run(
+            [
+                "strace",
+                "-f",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=write",
+                "-e",
+                f"inject=write:signal=KILL:when={kill_at}",
+                sys.executable,
+                "-m",
+                "luks_tpm",
+                "erase",
+                "--yes",
+                str(image),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if killed.returncode == 0:
             pytest.fail(f"erase finished before its write {kill_at}, yet never left the volume fully erased")
         finished = _assert_as_before_or_further(image, tokens_before, swtpm, recovery_file)

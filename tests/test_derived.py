@@ -29,12 +29,16 @@ def recovery_file(tmp_path: Path) -> Path:
 
 
 def _proc_keys(description: str) -> list[list[str]]:
-    return [line.split(None, 8) for line in Path("/proc/keys").read_text().splitlines()
-            if line.rstrip().endswith(description) or f" {description}:" in line]
+    return [
+        line.split(None, 8)
+        for line in Path("/proc/keys").read_text().splitlines()
+        if line.rstrip().endswith(description) or f" {description}:" in line
+    ]
 
 
-def test_format_then_load_key_in_another_process(tmp_path: Path, swtpm: Swtpm, recovery_file: Path,
-                                                  private_session_keyring: int) -> None:
+def test_format_then_load_key_in_another_process(
+    tmp_path: Path, swtpm: Swtpm, recovery_file: Path, private_session_keyring: int
+) -> None:
     image = tmp_path / "disk.img"
     formatted = format_derived(image, swtpm.tcti, recovery_file)
     uuid = formatted["uuid"]
@@ -57,8 +61,9 @@ def test_format_then_load_key_in_another_process(tmp_path: Path, swtpm: Swtpm, r
 
 
 @pytest.mark.parametrize("spec", ["@p", "@t"])
-def test_load_key_into_a_keyring_that_exists_only_once_asked_for(tmp_path: Path, swtpm: Swtpm,
-                                                                  recovery_file: Path, spec: str) -> None:
+def test_load_key_into_a_keyring_that_exists_only_once_asked_for(
+    tmp_path: Path, swtpm: Swtpm, recovery_file: Path, spec: str
+) -> None:
     """A new process has no process or thread keyring until one is asked for (the side-by-side benchmark
     loads into @p, which goes away with the process)."""
     image = tmp_path / "disk.img"
@@ -68,8 +73,9 @@ def test_load_key_into_a_keyring_that_exists_only_once_asked_for(tmp_path: Path,
     assert loaded["keyring"] > 0  # the keyring's real serial (docs/json.md), created for the command
 
 
-def test_key_survives_restart_and_is_destroyed_by_owner_clear(tmp_path: Path, fresh_swtpm: Swtpm,
-                                                              recovery_file: Path) -> None:
+def test_key_survives_restart_and_is_destroyed_by_owner_clear(
+    tmp_path: Path, fresh_swtpm: Swtpm, recovery_file: Path
+) -> None:
     image = tmp_path / "disk.img"
     format_derived(image, fresh_swtpm.tcti, recovery_file)
     fresh_swtpm.restart()
@@ -84,8 +90,9 @@ def test_key_survives_restart_and_is_destroyed_by_owner_clear(tmp_path: Path, fr
     assert status["unlocks"] is False and "cleared" in status["reason"]
     assert file_digest(image) == before
     # the recovery passphrase still opens it with plain cryptsetup
-    subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(recovery_file), str(image)],
-                   check=True)
+    subprocess.run(
+        ["cryptsetup", "open", "--test-passphrase", "--key-file", str(recovery_file), str(image)], check=True
+    )
 
 
 def test_other_tpm_is_named_as_such(tmp_path: Path, swtpm: Swtpm, recovery_file: Path) -> None:
@@ -102,14 +109,24 @@ def test_other_tpm_is_named_as_such(tmp_path: Path, swtpm: Swtpm, recovery_file:
 
 def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path) -> None:
     image = luks_volume.path
-    foreign = json.dumps({"type": "systemd-tpm2", "keyslots": ["0"], "tpm2-blob": "AAAA", "tpm2-pcrs": [7],
-                          "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc", "tpm2-policy-hash": "00" * 32})
+    foreign = json.dumps(
+        {
+            "type": "systemd-tpm2",
+            "keyslots": ["0"],
+            "tpm2-blob": "AAAA",
+            "tpm2-pcrs": [7],
+            "tpm2-pcr-bank": "sha256",
+            "tpm2-primary-alg": "ecc",
+            "tpm2-policy-hash": "00" * 32,
+        }
+    )
     subprocess.run(["cryptsetup", "token", "import", str(image)], input=foreign, text=True, check=True)
     with cryptsetup.open_device(image) as device:
         foreign_before = device.token_json_get(0)
         keyslots_before = device.metadata()["keyslots"]
-    enrolled = luks_tpm_json("enroll", image, "--mode", "derived", "--unlock-key-file", passphrase_file,
-                             tcti=swtpm.tcti)
+    enrolled = luks_tpm_json(
+        "enroll", image, "--mode", "derived", "--unlock-key-file", passphrase_file, tcti=swtpm.tcti
+    )
     assert enrolled["verified"] is True
     with cryptsetup.open_device(image) as device:
         assert device.token_json_get(0) == foreign_before
@@ -117,27 +134,31 @@ def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: S
         token = parse(device.token_json_get(enrolled["token"]) or "", enrolled["token"])
         assert isinstance(token, DerivedToken)
         assert token.wrapped_key is not None and len(token.wrapped_key) == 64 + 8
-        with Tpm(swtpm.tcti) as tpm, KeyRecovery(tpm) as recovery, \
-                recovery.key_from_token(luks_volume.uuid, enrolled["token"], token) as key:
+        with (
+            Tpm(swtpm.tcti) as tpm,
+            KeyRecovery(tpm) as recovery,
+            recovery.key_from_token(luks_volume.uuid, enrolled["token"], token) as key,
+        ):
             assert key.equals(luks_volume.volume_key)
     before_repair = file_digest(image)
     subprocess.run(["cryptsetup", "repair", "--batch-mode", str(image)], check=True, capture_output=True)
     assert file_digest(image) == before_repair, "cryptsetup repair found something to fix in our header"
 
 
-def test_enroll_refuses_luks1_and_wrong_passphrase(luks1_image: Path, luks_volume: LuksImage, swtpm: Swtpm,
-                                                   tmp_path: Path) -> None:
+def test_enroll_refuses_luks1_and_wrong_passphrase(
+    luks1_image: Path, luks_volume: LuksImage, swtpm: Swtpm, tmp_path: Path
+) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_bytes(b"not the passphrase")
     before = file_digest(luks1_image)
-    result = luks_tpm("enroll", luks1_image, "--mode", "derived", "--unlock-key-file", wrong, tcti=swtpm.tcti,
-                      expect=8)
+    result = luks_tpm("enroll", luks1_image, "--mode", "derived", "--unlock-key-file", wrong, tcti=swtpm.tcti, expect=8)
     assert_one_line_error(result, "LUKS1")
     assert file_digest(luks1_image) == before
 
     before = file_digest(luks_volume.path)
-    result = luks_tpm("enroll", luks_volume.path, "--mode", "derived", "--unlock-key-file", wrong,
-                      tcti=swtpm.tcti, expect=5)
+    result = luks_tpm(
+        "enroll", luks_volume.path, "--mode", "derived", "--unlock-key-file", wrong, tcti=swtpm.tcti, expect=5
+    )
     assert_one_line_error(result, "passphrase")
     assert file_digest(luks_volume.path) == before
 
@@ -160,8 +181,9 @@ def _set_token(image: Path, token_id: int, text: str) -> None:
     ],
     ids=["future-version", "missing-field", "corrupt-field", "missing-digest", "wrong-key-size", "other-salt"],
 )
-def test_bad_tokens_fail_cleanly_and_change_nothing(tmp_path: Path, swtpm: Swtpm, recovery_file: Path,
-                                                    edit: object, message: str, code: int) -> None:
+def test_bad_tokens_fail_cleanly_and_change_nothing(
+    tmp_path: Path, swtpm: Swtpm, recovery_file: Path, edit: object, message: str, code: int
+) -> None:
     image = tmp_path / "disk.img"
     format_derived(image, swtpm.tcti, recovery_file)
     with cryptsetup.open_device(image) as device:
@@ -176,10 +198,23 @@ def test_bad_tokens_fail_cleanly_and_change_nothing(tmp_path: Path, swtpm: Swtpm
 def test_reencrypted_volume_is_detected(tmp_path: Path, swtpm: Swtpm, recovery_file: Path) -> None:
     image = tmp_path / "disk.img"
     format_derived(image, swtpm.tcti, recovery_file)
-    subprocess.run(["cryptsetup", "reencrypt", "--batch-mode", "--force-offline-reencrypt",
-                    "--key-file", str(recovery_file), "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                    str(image)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "cryptsetup",
+            "reencrypt",
+            "--batch-mode",
+            "--force-offline-reencrypt",
+            "--key-file",
+            str(recovery_file),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            str(image),
+        ],
+        check=True,
+        capture_output=True,
+    )
     result = luks_tpm("load-key", image, tcti=swtpm.tcti, expect=5)
     assert_one_line_error(result)
     assert "re-encrypt" in result.stderr
@@ -199,8 +234,16 @@ def test_read_only_image_is_refused_unchanged(luks_volume: LuksImage, swtpm: Swt
     # root ignores file modes, but not the immutable attribute
     subprocess.run(["chattr", "+i", str(luks_volume.path)], check=True)
     try:
-        result = luks_tpm("enroll", luks_volume.path, "--mode", "derived", "--unlock-key-file", passphrase_file,
-                          tcti=swtpm.tcti, expect=3)
+        result = luks_tpm(
+            "enroll",
+            luks_volume.path,
+            "--mode",
+            "derived",
+            "--unlock-key-file",
+            passphrase_file,
+            tcti=swtpm.tcti,
+            expect=3,
+        )
     finally:
         subprocess.run(["chattr", "-i", str(luks_volume.path)], check=True)
     assert_one_line_error(result, "read-only")
@@ -229,8 +272,9 @@ def test_derivation_is_stable_across_connections(swtpm: Swtpm) -> None:
     assert derive.KEK_SIZE == 32
 
 
-def test_format_asks_before_overwriting_and_prints_recovery_key(tmp_path: Path, swtpm: Swtpm,
-                                                                recovery_file: Path) -> None:
+def test_format_asks_before_overwriting_and_prints_recovery_key(
+    tmp_path: Path, swtpm: Swtpm, recovery_file: Path
+) -> None:
     image = tmp_path / "disk.img"
     format_derived(image, swtpm.tcti, recovery_file)
     before = file_digest(image)
@@ -238,8 +282,9 @@ def test_format_asks_before_overwriting_and_prints_recovery_key(tmp_path: Path, 
     assert_one_line_error(result, "LUKS header")
     assert file_digest(image) == before
 
-    generated = luks_tpm_json("format", image, "--yes", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                              tcti=swtpm.tcti)
+    generated = luks_tpm_json(
+        "format", image, "--yes", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", tcti=swtpm.tcti
+    )
     key = generated["recovery_key"]
     assert re.fullmatch(r"([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}", key), key
     key_file = tmp_path / "recovery.key"

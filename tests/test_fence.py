@@ -33,10 +33,12 @@ def _pcr15(swtpm: Swtpm) -> str:
 
 
 def test_pcr_bound_derived_token_unlocks_then_names_the_changed_pcr(
-        luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int) -> None:
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int
+) -> None:
     tcti = fresh_swtpm.tcti
-    enrolled = luks_tpm_json("enroll", luks_volume.path, "--mode", "derived", "--pcrs", "7",
-                             "--unlock-key-file", passphrase_file, tcti=tcti)
+    enrolled = luks_tpm_json(
+        "enroll", luks_volume.path, "--mode", "derived", "--pcrs", "7", "--unlock-key-file", passphrase_file, tcti=tcti
+    )
     assert enrolled["verified"] is True and enrolled["pcrs"] == [7]
     token = _token(luks_volume.path, enrolled["token"])
     assert token["mode"] == "derived" and token["pcrs"] == [7] and len(str(token["policy"])) == 64
@@ -47,13 +49,26 @@ def test_pcr_bound_derived_token_unlocks_then_names_the_changed_pcr(
     assert file_digest(luks_volume.path) == before
 
 
-def test_format_with_pcrs_and_fence(tmp_path: Path, fresh_swtpm: Swtpm, passphrase_file: Path,
-                                    private_session_keyring: int) -> None:
+def test_format_with_pcrs_and_fence(
+    tmp_path: Path, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int
+) -> None:
     image = tmp_path / "disk.img"
     with open(image, "wb") as handle:
         handle.truncate(32 << 20)
-    formatted = luks_tpm_json("format", image, "--passphrase-file", passphrase_file, "--pbkdf", "pbkdf2",
-                              "--pbkdf-force-iterations", "1000", "--pcrs", "7", "--fence", tcti=fresh_swtpm.tcti)
+    formatted = luks_tpm_json(
+        "format",
+        image,
+        "--passphrase-file",
+        passphrase_file,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--pcrs",
+        "7",
+        "--fence",
+        tcti=fresh_swtpm.tcti,
+    )
     assert formatted["fence"] is True and formatted["pcrs"] == [7]
     token = _token(image, formatted["token"])
     assert token["fence"] is True and token["wrapped_key"] is None
@@ -65,23 +80,27 @@ def test_format_with_pcrs_and_fence(tmp_path: Path, fresh_swtpm: Swtpm, passphra
 
 
 def test_fence_closes_fenced_tokens_of_both_modes_and_only_them(
-        luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int) -> None:
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
 
     def enroll(*args: str) -> int:
-        token_id: int = luks_tpm_json("enroll", image, *args, "--unlock-key-file", passphrase_file,
-                                      tcti=tcti)["token"]
+        token_id: int = luks_tpm_json("enroll", image, *args, "--unlock-key-file", passphrase_file, tcti=tcti)["token"]
         return token_id
 
-    fenced = {"derived": enroll("--mode", "derived", "--fence"),
-              "sealed": enroll("--mode", "sealed", "--pcrs", "7", "--fence")}
+    fenced = {
+        "derived": enroll("--mode", "derived", "--fence"),
+        "sealed": enroll("--mode", "sealed", "--pcrs", "7", "--fence"),
+    }
     open_ = {"derived": enroll("--mode", "derived"), "sealed": enroll("--mode", "sealed", "--pcrs", "7")}
     for token_id in [*fenced.values(), *open_.values()]:
         luks_tpm("load-key", image, "--token-id", str(token_id), tcti=tcti)
     status = luks_tpm_json("status", image, tcti=tcti)
     assert status["fence_up"] is False
     assert {t["id"]: t["fence"] for t in status["volumes"][0]["tokens"]} == {
-        **{i: True for i in fenced.values()}, **{i: False for i in open_.values()}}
+        **{i: True for i in fenced.values()},
+        **{i: False for i in open_.values()},
+    }
 
     raised = luks_tpm_json("fence", tcti=tcti)
     assert raised["fence"] == "up" and raised["pcr"] == 15 and "sha256" in raised["banks"]
@@ -105,18 +124,21 @@ def test_fence_closes_fenced_tokens_of_both_modes_and_only_them(
     assert all(by_id[i]["unlocks"] for i in open_.values())
 
 
-def test_enrolling_fenced_tokens_while_the_fence_is_up(luks_volume: LuksImage, fresh_swtpm: Swtpm,
-                                                        passphrase_file: Path, private_session_keyring: int) -> None:
+def test_enrolling_fenced_tokens_while_the_fence_is_up(
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     luks_tpm("fence", tcti=tcti)
     before = file_digest(image)
-    result = luks_tpm("enroll", image, "--mode", "derived", "--fence", "--unlock-key-file", passphrase_file,
-                      tcti=tcti, expect=7)
+    result = luks_tpm(
+        "enroll", image, "--mode", "derived", "--fence", "--unlock-key-file", passphrase_file, tcti=tcti, expect=7
+    )
     assert_one_line_error(result, "fence is up")
     assert file_digest(image) == before
     # sealed: written against PCR 15 = zeros, reported unverified, usable after the next reset
-    enrolled = luks_tpm_json("enroll", image, "--mode", "sealed", "--pcrs", "7", "--fence",
-                             "--unlock-key-file", passphrase_file, tcti=tcti)
+    enrolled = luks_tpm_json(
+        "enroll", image, "--mode", "sealed", "--pcrs", "7", "--fence", "--unlock-key-file", passphrase_file, tcti=tcti
+    )
     assert enrolled["verified"] is False and enrolled["fence"] is True
     luks_tpm("load-key", image, "--token-id", str(enrolled["token"]), tcti=tcti, expect=5)
     fresh_swtpm.restart()
@@ -124,6 +146,15 @@ def test_enrolling_fenced_tokens_while_the_fence_is_up(luks_volume: LuksImage, f
 
 
 def test_derived_refuses_a_pin(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path) -> None:
-    result = luks_tpm("enroll", luks_volume.path, "--mode", "derived", "--pin", "--unlock-key-file",
-                      passphrase_file, tcti=swtpm.tcti, expect=2)
+    result = luks_tpm(
+        "enroll",
+        luks_volume.path,
+        "--mode",
+        "derived",
+        "--pin",
+        "--unlock-key-file",
+        passphrase_file,
+        tcti=swtpm.tcti,
+        expect=2,
+    )
     assert "--pin" in result.stderr and "derived" in result.stderr

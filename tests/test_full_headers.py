@@ -83,19 +83,22 @@ def test_enroll_on_a_full_json_area(mode: str, tmp_path: Path, tpm: Swtpm, cli: 
     assert 0 < filled < 32
     before = file_digest(image)
     result = cli.run("enroll", image, "--mode", mode, "--unlock-key-file", passphrase, tcti=tpm.tcti, expect=None)
-    _assert_refused_clearly(result, image, before, f"enroll {mode} on a full JSON area",
-                            ("full", "no room", "no space", "metadata"))
+    _assert_refused_clearly(
+        result, image, before, f"enroll {mode} on a full JSON area", ("full", "no room", "no space", "metadata")
+    )
     assert volumes.passphrase_opens(image, passphrase)
 
 
 def test_reseal_on_a_full_json_area_keeps_the_old_token(tmp_path: Path, tpm: Swtpm, cli: ForkedCli) -> None:
     passphrase = volumes.passphrase_file(tmp_path)
     image = volumes.luks_format(tmp_path / "disk.img", passphrase, metadata="16k")
-    sealed = cli.json("enroll", image, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase,
-                      tcti=tpm.tcti)["token"]
+    sealed = cli.json(
+        "enroll", image, "--mode", "sealed", "--pcrs", "7", "--unlock-key-file", passphrase, tcti=tpm.tcti
+    )["token"]
     _fill_json_area(image)
     before = file_digest(image)
     result = cli.run("reseal", image, "--token-id", str(sealed), tcti=tpm.tcti, expect=None)
-    _assert_refused_clearly(result, image, before, "reseal on a full JSON area",
-                            ("full", "no room", "no space", "metadata"))
+    _assert_refused_clearly(
+        result, image, before, "reseal on a full JSON area", ("full", "no room", "no space", "metadata")
+    )
     assert cli.run("load-key", image, "--token-id", str(sealed), tcti=tpm.tcti).returncode == 0

@@ -53,8 +53,7 @@ def extend(swtpm: Swtpm, index: int) -> None:
 
 def add_damaged_token(image: Path) -> int:
     with cryptsetup.open_device(image) as device:
-        return device.token_json_set(json.dumps({"type": "luks-tpm", "keyslots": [], "version": 1,
-                                                 "mode": "derived"}))
+        return device.token_json_set(json.dumps({"type": "luks-tpm", "keyslots": [], "version": 1, "mode": "derived"}))
 
 
 @pytest.fixture
@@ -97,8 +96,10 @@ def test_every_command_has_a_definition() -> None:
     missing = sorted(commands - set(defs))
     assert not missing, f"docs/json-schema.json has no definition for {missing}: add one (and to docs/json.md)"
     unwritten = sorted(command for command in commands if _placeholder(defs[command]))
-    assert not unwritten, (f"`luks-tpm {', '.join(unwritten)}` exist(s) but the schema holds only a placeholder: "
-                           "write the definition, document it in docs/json.md and validate it here")
+    assert not unwritten, (
+        f"`luks-tpm {', '.join(unwritten)}` exist(s) but the schema holds only a placeholder: "
+        "write the definition, document it in docs/json.md and validate it here"
+    )
     listed = {entry["$ref"].removeprefix("#/$defs/") for entry in schema()["anyOf"]}
     assert listed == commands | {"error"}, "the schema's anyOf lists every command's definition and the error"
 
@@ -127,7 +128,8 @@ def test_json_md_documents_every_command_and_field() -> None:
     for name, definition in defs.items():
         if "version" in definition.get("required", ()) or "oneOf" in definition:
             assert re.search(rf"^##+ .*`(luks-tpm )?{re.escape(name)}[` ]", text, re.MULTILINE), (
-                f"docs/json.md has no section for {name}")
+                f"docs/json.md has no section for {name}"
+            )
     undocumented = sorted(name for name in _property_names(defs) if f"`{name}`" not in text)
     assert not undocumented, f"docs/json.md does not mention the fields {undocumented}"
 
@@ -167,8 +169,9 @@ def test_format(swtpm: Swtpm, tmp_path: Path, key_file: Path) -> None:
     image = sparse_file(tmp_path / "new.img")
     generated = run("format", "format", image, *FAST, tcti=swtpm.tcti)
     assert generated["recovery_keyslot"] == 0 and "recovery_key" in generated and generated["key_size"] == 64
-    chosen = run("format", "format", image, "-q", "--passphrase-file", key_file, "--key-size", "256", *FAST,
-                 tcti=swtpm.tcti)
+    chosen = run(
+        "format", "format", image, "-q", "--passphrase-file", key_file, "--key-size", "256", *FAST, tcti=swtpm.tcti
+    )
     assert "recovery_key" not in chosen and chosen["key_size"] == 32 and chosen["uuid"] != generated["uuid"]
     none = run("format", "format", image, "-q", "--no-recovery", tcti=swtpm.tcti)
     assert none["recovery_keyslot"] is None and none["token"] == 0
@@ -179,35 +182,60 @@ def test_format(swtpm: Swtpm, tmp_path: Path, key_file: Path) -> None:
 def test_enroll(swtpm: Swtpm, luks_image: Path, key_file: Path, tmp_path: Path) -> None:
     derived = run("enroll", "enroll", luks_image, "--mode", "derived", "--key-file", key_file, tcti=swtpm.tcti)
     assert derived == {**derived, "mode": "derived", "verified": True, "pcrs": [], "fence": False}
-    sealed = run("enroll", "enroll", luks_image, "--mode", "sealed", "--pcrs", "7", "--key-file", key_file,
-                 tcti=swtpm.tcti)
+    sealed = run(
+        "enroll", "enroll", luks_image, "--mode", "sealed", "--pcrs", "7", "--key-file", key_file, tcti=swtpm.tcti
+    )
     assert sealed["pcrs"] == [7] and sealed["verified"] is True and sealed["token"] != derived["token"]
-    future = run("enroll", "enroll", luks_image, "--mode", "sealed", "--pcr-value", f"7={'ab' * 32}",
-                 "--key-file", key_file, tcti=swtpm.tcti)
+    future = run(
+        "enroll",
+        "enroll",
+        luks_image,
+        "--mode",
+        "sealed",
+        "--pcr-value",
+        f"7={'ab' * 32}",
+        "--key-file",
+        key_file,
+        tcti=swtpm.tcti,
+    )
     assert future["verified"] is False
     wrong = tmp_path / "wrong"
     wrong.write_bytes(b"not the passphrase")
-    run_error("enroll", luks_image, "--mode", "derived", "--key-file", wrong, tcti=swtpm.tcti, expect=5,
-              cause="wrong-key")
+    run_error(
+        "enroll", luks_image, "--mode", "derived", "--key-file", wrong, tcti=swtpm.tcti, expect=5, cause="wrong-key"
+    )
 
 
 def test_reseal(fresh_swtpm: Swtpm, luks_image: Path, key_file: Path) -> None:
     run_error("reseal", luks_image, "--key-file", key_file, tcti=fresh_swtpm.tcti, expect=2, cause="usage")
-    old = run("enroll", "enroll", luks_image, "--mode", "sealed", "--pcrs", "16", "--key-file", key_file,
-              tcti=fresh_swtpm.tcti)["token"]
+    old = run(
+        "enroll",
+        "enroll",
+        luks_image,
+        "--mode",
+        "sealed",
+        "--pcrs",
+        "16",
+        "--key-file",
+        key_file,
+        tcti=fresh_swtpm.tcti,
+    )["token"]
     extend(fresh_swtpm, 16)
     replaced = run("reseal", "reseal", luks_image, "--key-file", key_file, tcti=fresh_swtpm.tcti)
     assert replaced == {**replaced, "removed": old, "kept": None, "verified": True, "pcrs": [16]}
-    kept = run("reseal", "reseal", luks_image, "--pcr-value", f"16={'cd' * 32}", "--key-file", key_file,
-               tcti=fresh_swtpm.tcti)
+    kept = run(
+        "reseal", "reseal", luks_image, "--pcr-value", f"16={'cd' * 32}", "--key-file", key_file, tcti=fresh_swtpm.tcti
+    )
     assert kept == {**kept, "removed": None, "kept": replaced["token"], "verified": False}
 
 
 def test_remove(swtpm: Swtpm, luks_image: Path, key_file: Path, tmp_path: Path) -> None:
-    token = run("enroll", "enroll", luks_image, "--mode", "derived", "--key-file", key_file,
-                tcti=swtpm.tcti)["token"]
+    token = run("enroll", "enroll", luks_image, "--mode", "derived", "--key-file", key_file, tcti=swtpm.tcti)["token"]
     assert run("remove", "remove", luks_image, "--token-id", str(token), tcti=swtpm.tcti) == {
-        "version": 1, "device": str(luks_image), "removed": token}
+        "version": 1,
+        "device": str(luks_image),
+        "removed": token,
+    }
     run_error("remove", luks_image, "--token-id", str(token), tcti=swtpm.tcti, expect=2, cause="usage")
     only = sparse_file(tmp_path / "only-tpm.img")
     run("format", "format", only, "--no-recovery", tcti=swtpm.tcti)
@@ -217,24 +245,53 @@ def test_remove(swtpm: Swtpm, luks_image: Path, key_file: Path, tmp_path: Path) 
 # ---- load-key, open, status -------------------------------------------------------------------------
 
 
-def test_load_key(swtpm: Swtpm, luks_image: Path, second_volume: LuksImage, key_file: Path, tmp_path: Path,
-                  private_session_keyring: int) -> None:
+def test_load_key(
+    swtpm: Swtpm,
+    luks_image: Path,
+    second_volume: LuksImage,
+    key_file: Path,
+    tmp_path: Path,
+    private_session_keyring: int,
+) -> None:
     run("enroll", "enroll", luks_image, "--mode", "derived", "--key-file", key_file, tcti=swtpm.tcti)
     one = run("load-key", "load-key", luks_image, "--table", tcti=swtpm.tcti)
     assert one["keyring"] == private_session_keyring and one["table"].startswith("0 ")
     many = run("load-key", "load-key", luks_image, tmp_path / "absent.img", tcti=swtpm.tcti, expect=3)
-    assert [sorted(volume) for volume in many["volumes"]] == [sorted(set(one) - {"table", "version"}),
-                                                              ["device", "error"]]
+    assert [sorted(volume) for volume in many["volumes"]] == [
+        sorted(set(one) - {"table", "version"}),
+        ["device", "error"],
+    ]
     run_error("load-key", tmp_path / "absent.img", tcti=swtpm.tcti, expect=3, cause="device")
     run_error("load-key", second_volume.path, tcti=swtpm.tcti, expect=5, cause="no-token")
 
 
-def test_load_key_unlock_failure_lists_each_token(fresh_swtpm: Swtpm, luks_image: Path, key_file: Path,
-                                                  private_session_keyring: int) -> None:
-    first = run("enroll", "enroll", luks_image, "--mode", "sealed", "--pcrs", "16", "--key-file", key_file,
-                tcti=fresh_swtpm.tcti)["token"]
-    second = run("enroll", "enroll", luks_image, "--mode", "derived", "--pcrs", "16", "--key-file", key_file,
-                 tcti=fresh_swtpm.tcti)["token"]
+def test_load_key_unlock_failure_lists_each_token(
+    fresh_swtpm: Swtpm, luks_image: Path, key_file: Path, private_session_keyring: int
+) -> None:
+    first = run(
+        "enroll",
+        "enroll",
+        luks_image,
+        "--mode",
+        "sealed",
+        "--pcrs",
+        "16",
+        "--key-file",
+        key_file,
+        tcti=fresh_swtpm.tcti,
+    )["token"]
+    second = run(
+        "enroll",
+        "enroll",
+        luks_image,
+        "--mode",
+        "derived",
+        "--pcrs",
+        "16",
+        "--key-file",
+        key_file,
+        tcti=fresh_swtpm.tcti,
+    )["token"]
     extend(fresh_swtpm, 16)
     error = run_error("load-key", luks_image, tcti=fresh_swtpm.tcti, expect=5)
     # in the order they were tried
@@ -245,8 +302,14 @@ def test_load_key_unlock_failure_lists_each_token(fresh_swtpm: Swtpm, luks_image
 def test_open(swtpm: Swtpm, luks_image: Path, key_file: Path, tmp_path: Path) -> None:
     """Without device-mapper (as in containers) open fails with 8 before looking at anything."""
     dm = cryptsetup.device_mapper_available()
-    run_error("open", tmp_path / "absent.img", "luks-tpm-json-test", tcti=swtpm.tcti, expect=3 if dm else 8,
-              cause="device" if dm else "unsupported")
+    run_error(
+        "open",
+        tmp_path / "absent.img",
+        "luks-tpm-json-test",
+        tcti=swtpm.tcti,
+        expect=3 if dm else 8,
+        cause="device" if dm else "unsupported",
+    )
     crypttab = tmp_path / "crypttab"
     crypttab.write_text(f"luks-tpm-json-test {luks_image} none luks,x-luks-tpm\n")
     if not dm:
@@ -269,10 +332,21 @@ def test_open_success(swtpm: Swtpm, luks_image: Path, key_file: Path, tmp_path: 
 
 
 def test_status(swtpm: Swtpm, luks_image: Path, key_file: Path, pin_file: Path, tmp_path: Path) -> None:
-    derived = run("enroll", "enroll", luks_image, "--mode", "derived", "--key-file", key_file,
-                  tcti=swtpm.tcti)["token"]
-    pinned = run("enroll", "enroll", luks_image, "--mode", "sealed", "--pcrs", "7", "--pin-file", pin_file,
-                 "--key-file", key_file, tcti=swtpm.tcti)["token"]
+    derived = run("enroll", "enroll", luks_image, "--mode", "derived", "--key-file", key_file, tcti=swtpm.tcti)["token"]
+    pinned = run(
+        "enroll",
+        "enroll",
+        luks_image,
+        "--mode",
+        "sealed",
+        "--pcrs",
+        "7",
+        "--pin-file",
+        pin_file,
+        "--key-file",
+        key_file,
+        tcti=swtpm.tcti,
+    )["token"]
     damaged = add_damaged_token(luks_image)
     report = run("status", "status", luks_image, tcti=swtpm.tcti)
     assert report["unlocks"] is True and report["fence_up"] is False
@@ -292,8 +366,19 @@ def test_status(swtpm: Swtpm, luks_image: Path, key_file: Path, pin_file: Path, 
 
 
 def test_status_after_pcr_change_and_fence(fresh_swtpm: Swtpm, luks_image: Path, key_file: Path) -> None:
-    token = run("enroll", "enroll", luks_image, "--mode", "sealed", "--pcrs", "16", "--fence", "--key-file",
-                key_file, tcti=fresh_swtpm.tcti)["token"]
+    token = run(
+        "enroll",
+        "enroll",
+        luks_image,
+        "--mode",
+        "sealed",
+        "--pcrs",
+        "16",
+        "--fence",
+        "--key-file",
+        key_file,
+        tcti=fresh_swtpm.tcti,
+    )["token"]
     extend(fresh_swtpm, 16)
     changed = run("status", "status", luks_image, tcti=fresh_swtpm.tcti, expect=5)["volumes"][0]["tokens"][0]
     assert changed == {**changed, "id": token, "unlocks": False, "cause": "pcr-changed", "pcrs_matching": []}

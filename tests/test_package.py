@@ -48,8 +48,9 @@ clidoc = _clidoc()
 
 @functools.cache
 def _help(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "luks_tpm", *args, "--help"], capture_output=True, text=True,
-                            check=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "luks_tpm", *args, "--help"], capture_output=True, text=True, check=True, cwd=REPO
+    )
     return result.stdout
 
 
@@ -102,6 +103,7 @@ def _man_sections(page: str, heading: str) -> dict[str, str]:
 
 # --- man page ------------------------------------------------------------------------------------------
 
+
 def test_man_page_has_every_command_and_option_of_help(manpage: str) -> None:
     commands = _man_sections(manpage, "COMMANDS")
     assert sorted(commands) == sorted(_help_commands())
@@ -141,12 +143,14 @@ def test_man_page_renders_without_warnings(manpage: str, tmp_path: Path) -> None
         pytest.skip("groff is not installed (man-db brings it; scripts/bootstrap installs it)")
     page = tmp_path / "luks-tpm.8"
     page.write_text(manpage)
-    result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and not result.stderr, result.stderr
 
 
 # --- bash completion -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def completion(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -166,8 +170,14 @@ def _complete(script: Path, line: str, cwd: Path | None = None) -> list[str]:
         _luks_tpm luks-tpm "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD - 1]}"
         printf '%s\\n' "${COMPREPLY[@]}"
         """)
-    result = subprocess.run(["bash", "-c", driver, "complete", str(script), line], capture_output=True, text=True,
-                            check=True, cwd=cwd, env={"PATH": os.environ["PATH"]})
+    result = subprocess.run(
+        ["bash", "-c", driver, "complete", str(script), line],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=cwd,
+        env={"PATH": os.environ["PATH"]},
+    )
     return [word for word in result.stdout.splitlines() if word]
 
 
@@ -204,12 +214,12 @@ def test_completion_offers_devices_for_device_arguments(completion: Path, tmp_pa
 def test_completion_script_passes_shellcheck(completion: Path) -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (scripts/bootstrap installs it)")
-    result = subprocess.run(["shellcheck", "-s", "bash", str(completion)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(["shellcheck", "-s", "bash", str(completion)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
 
 
 # --- the package ---------------------------------------------------------------------------------------
+
 
 def _needs(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
@@ -246,9 +256,14 @@ def test_package_holds_make_install_and_a_runtime_of_its_own(deb: Path, tmp_path
     subprocess.run(["make", "-s", "-C", str(REPO), "install", f"DESTDIR={tmp_path}", "PREFIX=/usr"], check=True)
     installed = {"/" + p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if not p.is_dir()}
     assert installed and installed <= contents, f"make install files not in the package: {installed - contents}"
-    for path in ("/usr/sbin/luks-tpm", "/usr/share/man/man8/luks-tpm.8.gz",
-                 "/usr/share/bash-completion/completions/luks-tpm", "/usr/share/doc/luks-tpm/copyright",
-                 f"{RUNTIME}/luks_tpm/__main__.py", "/usr/share/doc/luks-tpm/changelog.gz"):
+    for path in (
+        "/usr/sbin/luks-tpm",
+        "/usr/share/man/man8/luks-tpm.8.gz",
+        "/usr/share/bash-completion/completions/luks-tpm",
+        "/usr/share/doc/luks-tpm/copyright",
+        f"{RUNTIME}/luks_tpm/__main__.py",
+        "/usr/share/doc/luks-tpm/changelog.gz",
+    ):
         assert path in contents, path
     # byte-code is made by postinst (py3compile), as in any Debian Python package
     assert not [p for p in contents if p.endswith(".pyc")]
@@ -261,8 +276,16 @@ def test_package_holds_make_install_and_a_runtime_of_its_own(deb: Path, tmp_path
 
 def test_package_declares_its_debian_dependencies_and_the_initramfs_trigger(deb: Path, tmp_path: Path) -> None:
     depends = {re.sub(r"\s*\(.*\)", "", d.strip()) for d in _field(deb, "Depends").split(",")}
-    for package in ("python3", "libtss2-esys-3.0.2-0", "libtss2-tcti-device0", "libtss2-tctildr0",
-                    "libcryptsetup12", "libkeyutils1", "keyutils", "libc6"):
+    for package in (
+        "python3",
+        "libtss2-esys-3.0.2-0",
+        "libtss2-tcti-device0",
+        "libtss2-tctildr0",
+        "libcryptsetup12",
+        "libkeyutils1",
+        "keyutils",
+        "libc6",
+    ):
         assert package in depends, f"Depends lacks {package}: {depends}"
     subprocess.run(["dpkg-deb", "-e", str(deb), str(tmp_path / "control")], check=True)
     triggers = (tmp_path / "control" / "triggers").read_text()
@@ -299,13 +322,19 @@ exit 0
 
 def _apt(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", *args], capture_output=True,
-                          text=True, check=False, env=env)
+    return subprocess.run(
+        ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
 
 
 def _installed(package: str) -> bool:
-    result = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", package], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Status}", package], capture_output=True, text=True, check=False
+    )
     return result.returncode == 0 and "installed" in result.stdout.split()
 
 
@@ -333,15 +362,19 @@ def _probe(tmp_path: Path, record: Path) -> Path:
     postinst.write_text(PROBE_POSTINST.format(record=record))
     postinst.chmod(0o755)
     deb = tmp_path / "probe.deb"
-    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True,
-                   capture_output=True)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True, capture_output=True)
     return deb
 
 
 def _run_installed(*args: str, tcti: str) -> Any:
     """The installed command from /, with nothing at all in its environment."""
-    result = subprocess.run(["env", "-i", "/usr/sbin/luks-tpm", "--tcti", tcti, "--json", *args],
-                            capture_output=True, text=True, check=False, cwd="/")
+    result = subprocess.run(
+        ["env", "-i", "/usr/sbin/luks-tpm", "--tcti", tcti, "--json", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
     assert result.returncode == 0, f"luks-tpm {' '.join(args)}: exit {result.returncode}\n{result.stderr}"
     return json.loads(result.stdout)
 
@@ -360,23 +393,42 @@ def test_install_run_purge(deb: Path, machine_lock: None, swtpm: Swtpm, tmp_path
         compiled = Path(RUNTIME, "luks_tpm", "__pycache__", f"cli.{tag}.pyc")
         assert compiled.is_file(), "postinst did not byte-compile the runtime"
 
-        version = subprocess.run(["env", "-i", "/usr/sbin/luks-tpm", "--version"], capture_output=True, text=True,
-                                 check=True, cwd="/").stdout
+        version = subprocess.run(
+            ["env", "-i", "/usr/sbin/luks-tpm", "--version"], capture_output=True, text=True, check=True, cwd="/"
+        ).stdout
         assert version.strip().endswith(_field(deb, "Version").strip())
         image, passphrase = tmp_path / "disk.img", tmp_path / "passphrase"
         passphrase.write_bytes(b"package test passphrase")
         with open(image, "wb") as handle:
             handle.truncate(32 << 20)
-        _run_installed("format", str(image), "--passphrase-file", str(passphrase), "--pbkdf", "pbkdf2",
-                       "--pbkdf-force-iterations", "1000", tcti=swtpm.tcti)
+        _run_installed(
+            "format",
+            str(image),
+            "--passphrase-file",
+            str(passphrase),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            tcti=swtpm.tcti,
+        )
         status = _run_installed("status", str(image), tcti=swtpm.tcti)
         assert status["volumes"][0]["tokens"][0]["unlocks"] is True, status
 
-        page = subprocess.run(["man", "-P", "cat", "luks-tpm"], capture_output=True, text=True, check=False,
-                              env={**os.environ, "MANWIDTH": "100"})
+        page = subprocess.run(
+            ["man", "-P", "cat", "luks-tpm"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "MANWIDTH": "100"},
+        )
         assert page.returncode == 0 and "EXIT STATUS" in page.stdout and "x-luks-tpm" in page.stdout, page.stderr
-        completes = subprocess.run(["bash", "-c", "source /usr/share/bash-completion/completions/luks-tpm && "
-                                    "complete -p luks-tpm"], capture_output=True, text=True, check=False)
+        completes = subprocess.run(
+            ["bash", "-c", "source /usr/share/bash-completion/completions/luks-tpm && complete -p luks-tpm"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert "_luks_tpm" in completes.stdout, completes.stderr
         # Byte-code dpkg does not know about (an interpreter run without -B): the purge must take it too.
         subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", "-o", "2", f"{RUNTIME}/luks_tpm"], check=True)

@@ -32,8 +32,11 @@ NOT_A_VOLUME = {2, 3}
 
 def _error_lines(stderr: str, stdout: str = "") -> list[str]:
     """The error's words: lines on stderr, or with --json the error object on stdout."""
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("Usage:", "Try '"))
-             and not line.startswith("luks-tpm: hint:")]
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not line.startswith(("Usage:", "Try '")) and not line.startswith("luks-tpm: hint:")
+    ]
     try:
         error = json.loads(stdout).get("error") if stdout.strip() else None
     except ValueError:
@@ -43,8 +46,17 @@ def _error_lines(stderr: str, stdout: str = "") -> list[str]:
 
 def commands(path: Path, passphrase: Path) -> dict[str, list[str | Path]]:
     return {
-        "format": ["format", path, "--passphrase-file", passphrase, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
-                   "1000", "--yes"],
+        "format": [
+            "format",
+            path,
+            "--passphrase-file",
+            passphrase,
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--yes",
+        ],
         "enroll": ["enroll", path, "--mode", "derived", "--unlock-key-file", passphrase],
         "load-key": ["load-key", path, "--table"],
         "status": ["status", path],
@@ -53,9 +65,16 @@ def commands(path: Path, passphrase: Path) -> dict[str, list[str | Path]]:
     }
 
 
-def _check_refused(kind: str, path: Path, passphrase: Path, cli: ForkedCli, tcti: str,
-                   allowed: set[int] = NOT_A_VOLUME, words: tuple[str, ...] = (),
-                   skip: tuple[str, ...] = ()) -> list[str]:
+def _check_refused(
+    kind: str,
+    path: Path,
+    passphrase: Path,
+    cli: ForkedCli,
+    tcti: str,
+    allowed: set[int] = NOT_A_VOLUME,
+    words: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+) -> list[str]:
     failures = []
     chosen = {name: argv for name, argv in commands(path, passphrase).items() if name not in skip}
     # refused paths never get as far as the TPM, so the commands may run side by side
@@ -65,8 +84,10 @@ def _check_refused(kind: str, path: Path, passphrase: Path, cli: ForkedCli, tcti
         if result.returncode == TIMEOUT:
             failures.append(f"{kind}: {name} hung (killed after {TIMEOUT_S} s)")
         elif result.returncode not in allowed:
-            failures.append(f"{kind}: {name}: exit {result.returncode} (allowed {sorted(allowed)}): "
-                            f"{(lines or [result.stdout.strip()])[-1][:200]}")
+            failures.append(
+                f"{kind}: {name}: exit {result.returncode} (allowed {sorted(allowed)}): "
+                f"{(lines or [result.stdout.strip()])[-1][:200]}"
+            )
         elif "Traceback" in result.stderr or not lines:
             failures.append(f"{kind}: {name}: no clear error line: {result.stderr!r:.200}")
         elif words and not any(w in lines[-1].lower() for w in words):
@@ -89,8 +110,18 @@ def passphrase(tmp_path: Path) -> Path:
 
 def _works_everywhere(path: Path, passphrase: Path, cli: ForkedCli, tcti: str, data_device: str) -> None:
     """format, enroll, load-key --table, status, reseal (refused: no sealed token), remove on a real volume."""
-    formatted = cli.json("format", path, "--passphrase-file", passphrase, "--pbkdf", "pbkdf2",
-                         "--pbkdf-force-iterations", "1000", "--yes", tcti=tcti)
+    formatted = cli.json(
+        "format",
+        path,
+        "--passphrase-file",
+        passphrase,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--yes",
+        tcti=tcti,
+    )
     assert formatted["recovery_keyslot"] is not None
     enrolled = cli.json("enroll", path, "--mode", "sealed", "--unlock-key-file", passphrase, tcti=tcti)["token"]
     loaded = cli.json("load-key", path, "--table", tcti=tcti)
@@ -115,8 +146,9 @@ def test_regular_image_and_a_symlink_to_it(tmp_path: Path, tpm: Swtpm, passphras
 @contextlib.contextmanager
 def loop_device(image: Path) -> Iterator[Path]:
     try:
-        made = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                              check=False, timeout=30)
+        made = subprocess.run(
+            ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as error:
         pytest.skip(f"losetup cannot attach a loop device here: {error}")
     if made.returncode != 0:
@@ -138,8 +170,9 @@ def test_luks2_on_a_loop_block_device(tmp_path: Path, tpm: Swtpm, passphrase: Pa
         _works_everywhere(device, passphrase, cli, tpm.tcti, str(device))
 
 
-def test_fifo_socket_char_devices_directory_dangling_link(tmp_path: Path, tpm: Swtpm, passphrase: Path,
-                                                         cli: ForkedCli) -> None:
+def test_fifo_socket_char_devices_directory_dangling_link(
+    tmp_path: Path, tpm: Swtpm, passphrase: Path, cli: ForkedCli
+) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     sock_path = tmp_path / "socket"
@@ -148,8 +181,14 @@ def test_fifo_socket_char_devices_directory_dangling_link(tmp_path: Path, tpm: S
     listener.listen(1)
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "nowhere")
-    kinds = {"FIFO": fifo, "socket": sock_path, "/dev/null": Path("/dev/null"), "/dev/zero": Path("/dev/zero"),
-             "directory": tmp_path, "dangling symlink": dangling}
+    kinds = {
+        "FIFO": fifo,
+        "socket": sock_path,
+        "/dev/null": Path("/dev/null"),
+        "/dev/zero": Path("/dev/zero"),
+        "directory": tmp_path,
+        "dangling symlink": dangling,
+    }
     failures: list[str] = []
     try:
         for kind, path in kinds.items():
@@ -160,14 +199,22 @@ def test_fifo_socket_char_devices_directory_dangling_link(tmp_path: Path, tpm: S
     assert not failures, f"{len(kinds)} kinds x 6 commands, {len(failures)} failed:\n" + "\n".join(failures)
 
 
-def test_detached_header_is_refused_or_supported(tmp_path: Path, tpm: Swtpm, passphrase: Path,
-                                                cli: ForkedCli) -> None:
+def test_detached_header_is_refused_or_supported(tmp_path: Path, tpm: Swtpm, passphrase: Path, cli: ForkedCli) -> None:
     # a detached header (cryptsetup --header) holding a real derived token: the key of a luks-tpm format
     formatted = tmp_path / "formatted.img"
     with open(formatted, "wb") as handle:
         handle.truncate(32 << 20)
-    made = cli.json("format", formatted, "--passphrase-file", passphrase, "--pbkdf", "pbkdf2",
-                    "--pbkdf-force-iterations", "1000", tcti=tpm.tcti)
+    made = cli.json(
+        "format",
+        formatted,
+        "--passphrase-file",
+        passphrase,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        tcti=tpm.tcti,
+    )
     token = volumes.token_text(formatted, made["token"])
     key_file = tmp_path / "key"
     volumes.dump_volume_key(formatted, passphrase, key_file)
@@ -185,8 +232,10 @@ def test_detached_header_is_refused_or_supported(tmp_path: Path, tpm: Swtpm, pas
     failures = []
     table = cli.run("--json", "load-key", header, "--table", tcti=tpm.tcti, expect=None, timeout=TIMEOUT_S)
     if table.returncode == 0 and f" {header} " in table.stdout:
-        failures.append(f"load-key --table on the detached header printed a dm table over the header file: "
-                        f"{table.stdout.strip()[:300]}")
+        failures.append(
+            f"load-key --table on the detached header printed a dm table over the header file: "
+            f"{table.stdout.strip()[:300]}"
+        )
     for name, argv in commands(header, passphrase).items():
         if name == "format":
             continue  # formatting over it is what --yes asks for
@@ -195,9 +244,19 @@ def test_detached_header_is_refused_or_supported(tmp_path: Path, tpm: Swtpm, pas
         if result.returncode in {TIMEOUT, 1} or "Traceback" in result.stderr:
             failures.append(f"detached header: {name}: exit {result.returncode}: {result.stderr[-200:]!r}")
         elif result.returncode != 0 and not any("detached" in line.lower() for line in lines):
-            failures.append(f"detached header: {name}: exit {result.returncode} without saying it is a detached "
-                            f"header: {(lines or ['(nothing)'])[-1][:200]}")
+            failures.append(
+                f"detached header: {name}: exit {result.returncode} without saying it is a detached "
+                f"header: {(lines or ['(nothing)'])[-1][:200]}"
+            )
     # the data file without its header is not a LUKS volume
-    failures += _check_refused("data of a detached header", data, passphrase, cli, tpm.tcti,
-                               allowed={2, 3}, words=("luks", "header"), skip=("format",))
+    failures += _check_refused(
+        "data of a detached header",
+        data,
+        passphrase,
+        cli,
+        tpm.tcti,
+        allowed={2, 3},
+        words=("luks", "header"),
+        skip=("format",),
+    )
     assert not failures, "\n".join(failures)

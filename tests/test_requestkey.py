@@ -61,8 +61,10 @@ class Upcall:
         self.prefix = f"t{secrets.token_hex(6)}"
         self.path = REQUEST_KEY_D / f"luks-tpm-test-{self.prefix}.conf"
         # The kernel's helper runs with PATH=/sbin:/bin:/usr/sbin:/usr/bin in /: absolute paths only.
-        self.command = (f"/usr/bin/env PYTHONPATH={REPO} LUKS_TPM_NEGATE_TIMEOUT={NEGATE_SECONDS} {environment} "
-                        f"{sys.executable} -m luks_tpm --tcti {tcti} request-key %k %t %d %c %S")
+        self.command = (
+            f"/usr/bin/env PYTHONPATH={REPO} LUKS_TPM_NEGATE_TIMEOUT={NEGATE_SECONDS} {environment} "
+            f"{sys.executable} -m luks_tpm --tcti {tcti} request-key %k %t %d %c %S"
+        )
         self.volumes: list[str] = []
         self._write()
 
@@ -116,8 +118,13 @@ class Refused(Exception):
 
 def request(key_type: str, description: str, callout: str) -> int:
     """`keyctl request2` in the test's session keyring: the new key's serial, or Refused(stderr)."""
-    result = subprocess.run(["keyctl", "request2", key_type, description, callout, "@s"], capture_output=True,
-                            text=True, check=False, timeout=60)  # a hang guard, not a measurement
+    result = subprocess.run(
+        ["keyctl", "request2", key_type, description, callout, "@s"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )  # a hang guard, not a measurement
     if result.returncode:
         raise Refused(result.stderr.strip())
     return int(result.stdout)
@@ -160,8 +167,11 @@ def expected_app_key(tcti: str, uid: int, name: str, length: int) -> bytes:
     message = b"luks-tpm/app/v1\x00" + str(uid).encode() + b"\x00" + name.encode()
     with Tpm(tcti) as tpm:
         srk, _ = tpm_srk.current_srk(tpm)
-        with (tpm_keys.salted_session(tpm, srk) as session, tpm_keys.derived_primary(tpm) as primary,
-              tpm_keys.hmac(tpm, primary, message, session) as secret):
+        with (
+            tpm_keys.salted_session(tpm, srk) as session,
+            tpm_keys.derived_primary(tpm) as primary,
+            tpm_keys.hmac(tpm, primary, message, session) as secret,
+        ):
             prk = bytes(secret.view())
     info = b"luks-tpm application key\x00" + str(uid).encode() + b"\x00" + name.encode() + length.to_bytes(2, "big")
     return HKDFExpand(hashes.SHA256(), length, info).derive(prk)
@@ -174,8 +184,9 @@ def logon_key_line(serial: int) -> str:
 # ---- volume keys ---------------------------------------------------------------------------------------
 
 
-def test_volume_key_lands_as_an_unreadable_logon_key(swtpm: Swtpm, upcall: Upcall, tmp_path: Path,
-                                                     passphrase_file: Path) -> None:
+def test_volume_key_lands_as_an_unreadable_logon_key(
+    swtpm: Swtpm, upcall: Upcall, tmp_path: Path, passphrase_file: Path
+) -> None:
     image = tmp_path / "volume.img"
     uuid = format_derived(image, swtpm.tcti, passphrase_file)["uuid"]
     upcall.serve_volume(uuid)
@@ -192,14 +203,14 @@ def test_volume_key_lands_as_an_unreadable_logon_key(swtpm: Swtpm, upcall: Upcal
     assert file_digest(image) == header
 
 
-def test_volume_found_by_uuid_among_block_devices(swtpm: Swtpm, upcall: Upcall, tmp_path: Path,
-                                                  passphrase_file: Path) -> None:
+def test_volume_found_by_uuid_among_block_devices(
+    swtpm: Swtpm, upcall: Upcall, tmp_path: Path, passphrase_file: Path
+) -> None:
     image = tmp_path / "volume.img"
     uuid = format_derived(image, swtpm.tcti, passphrase_file)["uuid"]
     upcall.serve_volume(uuid)
     assert ENOKEY_TEXT in refused("logon", f"cryptsetup:{uuid}-d0", "-")  # no block device has it yet
-    attached = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                              check=False)
+    attached = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False)
     if attached.returncode:
         pytest.skip(f"cannot attach a loop device: {attached.stderr.strip()}")
     try:
@@ -210,8 +221,9 @@ def test_volume_found_by_uuid_among_block_devices(swtpm: Swtpm, upcall: Upcall, 
         subprocess.run(["losetup", "--detach", attached.stdout.strip()], check=True)
 
 
-def test_volume_requests_that_cannot_be_answered_are_negated(swtpm: Swtpm, upcall: Upcall, tmp_path: Path,
-                                                             passphrase_file: Path) -> None:
+def test_volume_requests_that_cannot_be_answered_are_negated(
+    swtpm: Swtpm, upcall: Upcall, tmp_path: Path, passphrase_file: Path
+) -> None:
     image = tmp_path / "volume.img"
     uuid = format_derived(image, swtpm.tcti, passphrase_file)["uuid"]
     other = make_luks_image(tmp_path / "other.img", uuid=str(uuid_module.uuid4()))  # no luks-tpm token
@@ -235,9 +247,9 @@ def test_volume_requests_that_cannot_be_answered_are_negated(swtpm: Swtpm, upcal
     other.passphrase.close()
 
 
-def test_cleared_tpm_fails_fast_and_a_retry_after_the_fix_works(fresh_swtpm: Swtpm,
-                                                                 upcalls: Callable[..., Upcall],
-                                                                 tmp_path: Path) -> None:
+def test_cleared_tpm_fails_fast_and_a_retry_after_the_fix_works(
+    fresh_swtpm: Swtpm, upcalls: Callable[..., Upcall], tmp_path: Path
+) -> None:
     upcall = upcalls(fresh_swtpm.tcti)
     passphrase = tmp_path / "passphrase"
     passphrase.write_bytes(TEST_PASSPHRASE)
@@ -262,8 +274,9 @@ def test_cleared_tpm_fails_fast_and_a_retry_after_the_fix_works(fresh_swtpm: Swt
     assert keyring.describe(serial).type == "logon"
 
 
-def test_a_tpm_that_never_answers_fails_the_request(upcalls: Callable[..., Upcall], tmp_path: Path,
-                                                    syslog_socket: socket.socket) -> None:
+def test_a_tpm_that_never_answers_fails_the_request(
+    upcalls: Callable[..., Upcall], tmp_path: Path, syslog_socket: socket.socket
+) -> None:
     """The TSS waits for an answer forever; the handler's deadline negates the key instead."""
     listeners = []
     for path in (tmp_path / "silent.sock", tmp_path / "silent.sock.ctrl"):
@@ -312,9 +325,24 @@ def test_app_key_for_an_unprivileged_process(swtpm: Swtpm, upcall: Upcall) -> No
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to run as another user")
     script = f'id=$(keyctl request2 user {upcall.app("myservice")} 32 @s) && keyctl pipe "$id" | sha256sum'
-    result = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                             "keyctl", "session", "-", "sh", "-c", script],
-                            capture_output=True, text=True, check=False, timeout=60)
+    result = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "keyctl",
+            "session",
+            "-",
+            "sh",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     if "No such file or directory" in result.stderr:
         # ENOENT is the kernel's own failure to start /sbin/request-key (the handler only ever negates):
         # some kernels (seen on a 6.18 microVM kernel) start it only for requesters whose euid is 0.
@@ -415,10 +443,12 @@ def test_without_the_authority_nothing_happens() -> None:
 
 
 def test_the_handler_imports_no_click() -> None:
-    code = ("import json, sys\nfrom luks_tpm.__main__ import main\n"
-            "try:\n    main(['--tcti=none', 'request-key', '1', 'user', 'luks-tpm:app:x', '32', '0'])\n"
-            "except SystemExit as end:\n"
-            "    print(json.dumps([end.code, sorted(sys.modules)]))")
+    code = (
+        "import json, sys\nfrom luks_tpm.__main__ import main\n"
+        "try:\n    main(['--tcti=none', 'request-key', '1', 'user', 'luks-tpm:app:x', '32', '0'])\n"
+        "except SystemExit as end:\n"
+        "    print(json.dumps([end.code, sorted(sys.modules)]))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     exit_code, modules = json.loads(result.stdout)
     assert exit_code == 7
@@ -431,13 +461,27 @@ def test_the_handler_imports_no_click() -> None:
 def test_make_install_puts_the_conf_in_place(tmp_path: Path) -> None:
     if shutil.which("make") is None:
         pytest.skip("needs make")
-    subprocess.run(["make", "-s", "-C", str(REPO), "install", f"DESTDIR={tmp_path}", "LUKS_TPM=/opt/bin/luks-tpm",
-                    "TCTI=swtpm:path=/run/tpm.sock"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(REPO),
+            "install",
+            f"DESTDIR={tmp_path}",
+            "LUKS_TPM=/opt/bin/luks-tpm",
+            "TCTI=swtpm:path=/run/tpm.sock",
+        ],
+        check=True,
+        capture_output=True,
+    )
     conf = tmp_path / "etc/request-key.d/luks-tpm.conf"
     lines = [line.split() for line in conf.read_text().splitlines() if line and not line.startswith("#")]
     command = ["/opt/bin/luks-tpm", "--tcti", "swtpm:path=/run/tpm.sock", "request-key", "%k", "%t", "%d", "%c", "%S"]
-    assert lines == [["create", "logon", "cryptsetup:*", "*", *command],
-                     ["create", "user", "luks-tpm:app:*", "*", *command]]
+    assert lines == [
+        ["create", "logon", "cryptsetup:*", "*", *command],
+        ["create", "user", "luks-tpm:app:*", "*", *command],
+    ]
     assert conf.stat().st_mode & 0o777 == 0o644
     subprocess.run(["make", "-s", "-C", str(REPO), "uninstall", f"DESTDIR={tmp_path}"], check=True, capture_output=True)
     assert not conf.exists()

@@ -60,8 +60,9 @@ def enroll_sealed(image: Path, tcti: str, passphrase_file: Path, *extra: str | P
 
 
 def enroll_derived(image: Path, tcti: str, passphrase_file: Path) -> int:
-    token_id: int = luks_tpm_json("enroll", image, "--mode", "derived", "--unlock-key-file", passphrase_file,
-                                  tcti=tcti)["token"]
+    token_id: int = luks_tpm_json(
+        "enroll", image, "--mode", "derived", "--unlock-key-file", passphrase_file, tcti=tcti
+    )["token"]
     return token_id
 
 
@@ -132,8 +133,9 @@ def loaded_token(image: Path, tcti: str, *args: str | Path) -> int:
 
 
 def kill_keyslot(image: Path, slot: int) -> None:
-    subprocess.run(["cryptsetup", "luksKillSlot", "--batch-mode", str(image), str(slot)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["cryptsetup", "luksKillSlot", "--batch-mode", str(image), str(slot)], check=True, capture_output=True
+    )
     with cryptsetup.open_device(image) as device:
         assert device.keyslots() == []
 
@@ -142,7 +144,8 @@ def kill_keyslot(image: Path, slot: int) -> None:
 
 
 def test_pcr_change_is_named_and_reseal_with_recovery_key_restores(
-        luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int) -> None:
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     old_id = enroll_sealed(image, tcti, passphrase_file)
     token = token_json(image, old_id)
@@ -174,8 +177,9 @@ def test_pcr_change_is_named_and_reseal_with_recovery_key_restores(
     assert status_token(image, tcti, new_id)["pcrs_matching"] == [7]
 
 
-def test_reseal_with_wrong_unlock_key_changes_nothing(luks_volume: LuksImage, fresh_swtpm: Swtpm,
-                                                      passphrase_file: Path, tmp_path: Path) -> None:
+def test_reseal_with_wrong_unlock_key_changes_nothing(
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, tmp_path: Path
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     token_id = enroll_sealed(image, tcti, passphrase_file)
     extend(fresh_swtpm, 7, b"update")
@@ -192,8 +196,9 @@ def test_reseal_with_wrong_unlock_key_changes_nothing(luks_volume: LuksImage, fr
 # ---- 2. sealing ahead of a planned change ---------------------------------------------------------------
 
 
-def test_reseal_and_enroll_to_predicted_pcr_values(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
-                                                   private_session_keyring: int) -> None:
+def test_reseal_and_enroll_to_predicted_pcr_values(
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     first = enroll_sealed(image, tcti, passphrase_file)
 
@@ -215,8 +220,17 @@ def test_reseal_and_enroll_to_predicted_pcr_values(luks_volume: LuksImage, fresh
 
     # enroll ahead of an update: not test-unsealed, works after the extend
     predicted = predicted_after_extend(tcti, 7, b"bootloader 3.1")
-    enrolled = luks_tpm_json("enroll", image, "--mode", "sealed", "--pcr-value", f"7={predicted.hex()}",
-                             "--unlock-key-file", passphrase_file, tcti=tcti)
+    enrolled = luks_tpm_json(
+        "enroll",
+        image,
+        "--mode",
+        "sealed",
+        "--pcr-value",
+        f"7={predicted.hex()}",
+        "--unlock-key-file",
+        passphrase_file,
+        tcti=tcti,
+    )
     third = enrolled["token"]
     assert enrolled["verified"] is False and enrolled["pcrs"] == [7]
     assert token_json(image, third)["pcr_values"] == {"7": predicted.hex()}
@@ -229,20 +243,29 @@ def test_reseal_and_enroll_to_predicted_pcr_values(luks_volume: LuksImage, fresh
     assert_one_line_error(load_key(image, tcti, "--token-id", str(second), expect=5), "PCR 7")
 
 
-def test_reseal_keeps_the_token_pcrs_bank_and_pin(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
-                                                  pin_file: Path, private_session_keyring: int) -> None:
+def test_reseal_keeps_the_token_pcrs_bank_and_pin(
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, pin_file: Path, private_session_keyring: int
+) -> None:
     """`reseal --pcr-value 7=...` replaces one expected value: it must not drop PCR 11 or the PIN."""
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file, pcrs="7,11")
     predicted = predicted_after_extend(tcti, 7, b"shim 16")
     before = file_digest(image)
     # without the PIN on a non-terminal: refused, not silently resealed without a PIN
-    result = luks_tpm("reseal", image, "--pcr-value", f"7={predicted.hex()}", "--unlock-key-file", passphrase_file,
-                      tcti=tcti, expect=5, stdin=b"")
+    result = luks_tpm(
+        "reseal",
+        image,
+        "--pcr-value",
+        f"7={predicted.hex()}",
+        "--unlock-key-file",
+        passphrase_file,
+        tcti=tcti,
+        expect=5,
+        stdin=b"",
+    )
     assert "PIN" in result.stderr.splitlines()[-1] or "PIN" in result.stderr.splitlines()[-2]
     assert file_digest(image) == before
-    resealed = luks_tpm_json("reseal", image, "--pcr-value", f"7={predicted.hex()}", "--pin-file", pin_file,
-                             tcti=tcti)
+    resealed = luks_tpm_json("reseal", image, "--pcr-value", f"7={predicted.hex()}", "--pin-file", pin_file, tcti=tcti)
     token = token_json(image, resealed["token"])
     assert token["pcrs"] == [7, 11] and token["pin"] is True and token["pcr_bank"] == "sha256"
     assert token["pcr_values"]["7"] == predicted.hex()
@@ -255,9 +278,14 @@ def test_reseal_keeps_the_token_pcrs_bank_and_pin(luks_volume: LuksImage, fresh_
 # ---- 3. PIN, dictionary-attack protection, noDA ----------------------------------------------------------
 
 
-def test_pin_right_wrong_missing_and_noda_attributes(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path,
-                                                     pin_file: Path, wrong_pin_file: Path,
-                                                     private_session_keyring: int) -> None:
+def test_pin_right_wrong_missing_and_noda_attributes(
+    luks_volume: LuksImage,
+    swtpm: Swtpm,
+    passphrase_file: Path,
+    pin_file: Path,
+    wrong_pin_file: Path,
+    private_session_keyring: int,
+) -> None:
     image, tcti = luks_volume.path, swtpm.tcti
     with_pin = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)
     without_pin = enroll_sealed(image, tcti, passphrase_file)
@@ -285,10 +313,14 @@ def test_pin_right_wrong_missing_and_noda_attributes(luks_volume: LuksImage, swt
     assert file_digest(image) == before
 
 
-def test_da_lockout_by_pin_token_leaves_no_pin_token_working(luks_volume: LuksImage, fresh_swtpm: Swtpm,
-                                                             passphrase_file: Path, pin_file: Path,
-                                                             wrong_pin_file: Path,
-                                                             private_session_keyring: int) -> None:
+def test_da_lockout_by_pin_token_leaves_no_pin_token_working(
+    luks_volume: LuksImage,
+    fresh_swtpm: Swtpm,
+    passphrase_file: Path,
+    pin_file: Path,
+    wrong_pin_file: Path,
+    private_session_keyring: int,
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     with_pin = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)
     without_pin = enroll_sealed(image, tcti, passphrase_file)
@@ -328,8 +360,9 @@ def test_da_lockout_by_pin_token_leaves_no_pin_token_working(luks_volume: LuksIm
 # ---- 4. another TPM, a cleared owner hierarchy -----------------------------------------------------------
 
 
-def test_sealed_token_on_a_different_tpm(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path, pin_file: Path,
-                                         tmp_path: Path) -> None:
+def test_sealed_token_on_a_different_tpm(
+    luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path, pin_file: Path, tmp_path: Path
+) -> None:
     image = luks_volume.path
     enroll_sealed(image, swtpm.tcti, passphrase_file)
     with_pin = enroll_sealed(image, swtpm.tcti, passphrase_file, "--pin-file", pin_file)
@@ -353,8 +386,9 @@ def test_sealed_token_on_a_different_tpm(luks_volume: LuksImage, swtpm: Swtpm, p
         other.stop()
 
 
-def test_sealed_token_after_owner_clear(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
-                                        pin_file: Path) -> None:
+def test_sealed_token_after_owner_clear(
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, pin_file: Path
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     token_id = enroll_sealed(image, tcti, passphrase_file)
     with_pin = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)
@@ -373,8 +407,9 @@ def test_sealed_token_after_owner_clear(luks_volume: LuksImage, fresh_swtpm: Swt
 # ---- 5. several tokens --------------------------------------------------------------------------------
 
 
-def test_derived_and_sealed_tokens_on_one_volume(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
-                                                 private_session_keyring: int) -> None:
+def test_derived_and_sealed_tokens_on_one_volume(
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, private_session_keyring: int
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     sealed = enroll_sealed(image, tcti, passphrase_file)
     derived = enroll_derived(image, tcti, passphrase_file)
@@ -400,9 +435,15 @@ def test_derived_and_sealed_tokens_on_one_volume(luks_volume: LuksImage, fresh_s
     assert file_digest(image) == before
 
 
-def test_several_sealed_volumes_share_one_policy_session(luks_volume: LuksImage, fresh_swtpm: Swtpm,
-                                                          passphrase_file: Path, pin_file: Path, wrong_pin_file: Path,
-                                                          tmp_path: Path, private_session_keyring: int) -> None:
+def test_several_sealed_volumes_share_one_policy_session(
+    luks_volume: LuksImage,
+    fresh_swtpm: Swtpm,
+    passphrase_file: Path,
+    pin_file: Path,
+    wrong_pin_file: Path,
+    tmp_path: Path,
+    private_session_keyring: int,
+) -> None:
     """`load-key A B C`: one salted policy session for all, PCR 7 read once, every Unseal response encrypted.
     A successful Unseal leaves the session's policy reset by the TPM itself; only after a failed one (a
     wrong PIN) is PolicyRestart needed, and the next volume still unlocks."""
@@ -422,8 +463,18 @@ def test_several_sealed_volumes_share_one_policy_session(luks_volume: LuksImage,
         assert counts == {"StartAuthSession": 1, "PCR_Read": 1, "Unseal": 2, "PolicyRestart": 0}, sequence
 
         proxy.reset()
-        result = luks_tpm("--json", "load-key", first, with_pin, last, "--pin-file", wrong_pin_file, tcti=proxy_tcti,
-                          stdin=b"", expect=5)
+        result = luks_tpm(
+            "--json",
+            "load-key",
+            first,
+            with_pin,
+            last,
+            "--pin-file",
+            wrong_pin_file,
+            tcti=proxy_tcti,
+            stdin=b"",
+            expect=5,
+        )
         volumes = json.loads(result.stdout)["volumes"]
         assert "serial" in volumes[0] and "serial" in volumes[2], volumes
         assert "wrong PIN" in volumes[1]["error"]["message"], volumes
@@ -500,12 +551,14 @@ def test_remove_refuses_last_sealed_token_on_keyslotless_image(tmp_path: Path, s
     ],
     ids=["pcr-out-of-range", "pcr-not-a-number", "value-not-hex", "value-wrong-size", "unknown-bank"],
 )
-def test_enroll_usage_errors_change_nothing(luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path,
-                                            options: list[str]) -> None:
+def test_enroll_usage_errors_change_nothing(
+    luks_volume: LuksImage, swtpm: Swtpm, passphrase_file: Path, options: list[str]
+) -> None:
     image = luks_volume.path
     before = file_digest(image)
-    result = luks_tpm("enroll", image, "--mode", "sealed", "--unlock-key-file", passphrase_file, *options,
-                      tcti=swtpm.tcti, expect=2)
+    result = luks_tpm(
+        "enroll", image, "--mode", "sealed", "--unlock-key-file", passphrase_file, *options, tcti=swtpm.tcti, expect=2
+    )
     assert "Traceback" not in result.stderr
     assert file_digest(image) == before
 
@@ -513,8 +566,9 @@ def test_enroll_usage_errors_change_nothing(luks_volume: LuksImage, swtpm: Swtpm
 # ---- 8. status, for people ------------------------------------------------------------------------------
 
 
-def test_status_shows_bank_pcrs_matching_and_pin(luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path,
-                                                 pin_file: Path) -> None:
+def test_status_shows_bank_pcrs_matching_and_pin(
+    luks_volume: LuksImage, fresh_swtpm: Swtpm, passphrase_file: Path, pin_file: Path
+) -> None:
     image, tcti = luks_volume.path, fresh_swtpm.tcti
     plain = enroll_sealed(image, tcti, passphrase_file, pcrs="7,11")
     pinned = enroll_sealed(image, tcti, passphrase_file, "--pin-file", pin_file)

@@ -22,9 +22,9 @@ def recovery_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_unlock_uses_this_tpms_token_and_status_marks_the_others(tmp_path: Path, swtpm: Swtpm,
-                                                                 second_swtpm: Swtpm, recovery_file: Path,
-                                                                 private_session_keyring: int) -> None:
+def test_unlock_uses_this_tpms_token_and_status_marks_the_others(
+    tmp_path: Path, swtpm: Swtpm, second_swtpm: Swtpm, recovery_file: Path, private_session_keyring: int
+) -> None:
     here, elsewhere = second_swtpm, swtpm
     image, elsewhere_only = tmp_path / "moves.img", tmp_path / "elsewhere-only.img"
     format_derived(image, elsewhere.tcti, recovery_file)  # token 0: the other machine's, derived
@@ -38,8 +38,11 @@ def test_unlock_uses_this_tpms_token_and_status_marks_the_others(tmp_path: Path,
         names = proxy.command_names()
     assert loaded["token"] == 2
     # The other TPM's tokens were never tried: no EK made to name them, none of their objects loaded.
-    primaries = [struct.unpack_from(">I", command, HEADER.size)[0] for command, _ in exchanges
-                 if HEADER.unpack_from(command)[2] == TPM_CC_CREATE_PRIMARY]
+    primaries = [
+        struct.unpack_from(">I", command, HEADER.size)[0]
+        for command, _ in exchanges
+        if HEADER.unpack_from(command)[2] == TPM_CC_CREATE_PRIMARY
+    ]
     assert TPM_RH_ENDORSEMENT not in primaries, names
     assert "Load" not in names and "Unseal" not in names and names.count("HMAC") == 1, names
 

@@ -28,14 +28,33 @@ HEADER = struct.Struct(">HII")
 
 # TPM_CC values (TPM 2.0 Part 2, table 12) for the commands luks-tpm sends, to name them in messages.
 COMMAND_NAMES = {
-    0x0000011F: "NV_UndefineSpaceSpecial", 0x00000120: "EvictControl", 0x00000126: "Clear",
-    0x00000131: "CreatePrimary", 0x00000143: "SelfTest", 0x00000145: "Shutdown", 0x0000017F: "PolicyPCR",
-    0x00000153: "Create", 0x00000155: "HMAC", 0x00000157: "Load", 0x0000015E: "Unseal", 0x00000151: "PolicySecret",
-    0x00000161: "ContextLoad", 0x00000162: "ContextSave", 0x00000165: "FlushContext", 0x0000016B: "PolicyAuthValue",
-    0x00000173: "ReadPublic", 0x00000176: "StartAuthSession", 0x0000017A: "GetCapability",
-    0x0000017B: "GetRandom", 0x0000017E: "PCR_Read", 0x00000182: "PCR_Extend", 0x00000189: "PolicyGetDigest",
-    0x0000018C: "PolicyPassword", 0x00000180: "PolicyRestart",
-    0x00000191: "CreateLoaded", 0x00000144: "Startup",
+    0x0000011F: "NV_UndefineSpaceSpecial",
+    0x00000120: "EvictControl",
+    0x00000126: "Clear",
+    0x00000131: "CreatePrimary",
+    0x00000143: "SelfTest",
+    0x00000145: "Shutdown",
+    0x0000017F: "PolicyPCR",
+    0x00000153: "Create",
+    0x00000155: "HMAC",
+    0x00000157: "Load",
+    0x0000015E: "Unseal",
+    0x00000151: "PolicySecret",
+    0x00000161: "ContextLoad",
+    0x00000162: "ContextSave",
+    0x00000165: "FlushContext",
+    0x0000016B: "PolicyAuthValue",
+    0x00000173: "ReadPublic",
+    0x00000176: "StartAuthSession",
+    0x0000017A: "GetCapability",
+    0x0000017B: "GetRandom",
+    0x0000017E: "PCR_Read",
+    0x00000182: "PCR_Extend",
+    0x00000189: "PolicyGetDigest",
+    0x0000018C: "PolicyPassword",
+    0x00000180: "PolicyRestart",
+    0x00000191: "CreateLoaded",
+    0x00000144: "Startup",
 }
 
 TPM_CC_START_AUTH_SESSION = 0x176
@@ -171,8 +190,7 @@ class TpmProxy:
         self.start()
         return self, self.tcti
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
     def _accept(self) -> None:
@@ -195,8 +213,12 @@ class TpmProxy:
             with self._lock:
                 self.connections.append(connection)
                 self._open.append(connection)
-            thread = threading.Thread(target=self._pump, args=(client, upstream, connection),
-                                      name=f"tpm-proxy-{len(self.connections)}", daemon=True)
+            thread = threading.Thread(
+                target=self._pump,
+                args=(client, upstream, connection),
+                name=f"tpm-proxy-{len(self.connections)}",
+                daemon=True,
+            )
             thread.start()
             self._threads.append(thread)
 

@@ -18,10 +18,10 @@ from luks_tpm import cryptsetup
 PASSPHRASE = b"hostile test passphrase"
 
 
-def run(*command: str | Path, stdin: bytes | None = None, check: bool = True,
-        timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(c) for c in command], input=stdin, capture_output=True, check=check,
-                          timeout=timeout)
+def run(
+    *command: str | Path, stdin: bytes | None = None, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(c) for c in command], input=stdin, capture_output=True, check=check, timeout=timeout)
 
 
 def passphrase_file(directory: Path, content: bytes = PASSPHRASE) -> Path:
@@ -30,17 +30,38 @@ def passphrase_file(directory: Path, content: bytes = PASSPHRASE) -> Path:
     return path
 
 
-def luks_format(image: Path, passphrase: Path, *, size: int = 4 << 20, uuid: str | None = None,
-                volume_key_file: Path | None = None, metadata: str = "128k", keyslots: str = "1m",
-                header: Path | None = None) -> Path:
+def luks_format(
+    image: Path,
+    passphrase: Path,
+    *,
+    size: int = 4 << 20,
+    uuid: str | None = None,
+    volume_key_file: Path | None = None,
+    metadata: str = "128k",
+    keyslots: str = "1m",
+    header: Path | None = None,
+) -> Path:
     """A LUKS2 volume with one passphrase keyslot (0). `volume_key_file` chooses the key (512 bits)."""
     if not image.exists() or image.stat().st_size < size:
         with open(image, "ab") as handle:
             handle.truncate(size)
     command: list[str | Path] = [
-        "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--luks2-metadata-size", metadata,
-        "--luks2-keyslots-size", keyslots, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-        "--key-file", passphrase]
+        "cryptsetup",
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--luks2-metadata-size",
+        metadata,
+        "--luks2-keyslots-size",
+        keyslots,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        passphrase,
+    ]
     if uuid:
         command += ["--uuid", uuid]
     if volume_key_file:
@@ -58,8 +79,17 @@ def copy_image(source: Path, target: Path) -> Path:
 
 def dump_volume_key(image: Path, passphrase: Path, key_file: Path) -> bytes:
     """The real volume key (for comparisons only; test data, never the product's)."""
-    run("cryptsetup", "luksDump", "--dump-volume-key", "--volume-key-file", key_file, "-q", "--key-file",
-        passphrase, image)
+    run(
+        "cryptsetup",
+        "luksDump",
+        "--dump-volume-key",
+        "--volume-key-file",
+        key_file,
+        "-q",
+        "--key-file",
+        passphrase,
+        image,
+    )
     return key_file.read_bytes()
 
 

@@ -142,8 +142,12 @@ def _on_log(level: int, message: bytes | None, _usrptr: int | None) -> None:
 
 
 def _missing(soname: str) -> Exception:
-    return LuksTpmError(f"cannot load {soname}", hint="install libcryptsetup12 (cryptsetup 2.4 or later)",
-                        code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
+    return LuksTpmError(
+        f"cannot load {soname}",
+        hint="install libcryptsetup12 (cryptsetup 2.4 or later)",
+        code=ExitCode.UNSUPPORTED,
+        cause=Cause.UNSUPPORTED,
+    )
 
 
 _log_callback = _LOG_CALLBACK(_on_log)  # referenced for the life of the process: libcryptsetup keeps it
@@ -247,5 +251,3 @@ class Pbkdf:
             parallel_threads=(self.parallel_threads or default.parallel_threads) if argon else 0,
             flags=_PBKDF_NO_BENCHMARK if self.iterations is not None else 0,
         )
-
-

@@ -58,8 +58,17 @@ class Device:
 
     # header creation and keyslots
 
-    def format_luks2(self, *, cipher: str, cipher_mode: str, uuid: str, volume_key: Secret,
-                     sector_size: int = 512, pbkdf: Pbkdf | None = None, label: str | None = None) -> None:
+    def format_luks2(
+        self,
+        *,
+        cipher: str,
+        cipher_mode: str,
+        uuid: str,
+        volume_key: Secret,
+        sector_size: int = 512,
+        pbkdf: Pbkdf | None = None,
+        label: str | None = None,
+    ) -> None:
         """Write a new LUKS2 header using `volume_key`; adds no keyslot."""
         pbkdf_struct = pbkdf._struct() if pbkdf is not None else None
         params = _ParamsLuks2(
@@ -67,8 +76,17 @@ class Device:
             sector_size=sector_size,
             label=label.encode() if label is not None else None,
         )
-        _call("crypt_format", self._cd, _LUKS2, cipher.encode(), cipher_mode.encode(), uuid.encode(),
-              _buffer(volume_key), len(volume_key), ctypes.byref(params))
+        _call(
+            "crypt_format",
+            self._cd,
+            _LUKS2,
+            cipher.encode(),
+            cipher_mode.encode(),
+            uuid.encode(),
+            _buffer(volume_key),
+            len(volume_key),
+            ctypes.byref(params),
+        )
 
     def set_pbkdf(self, pbkdf: Pbkdf) -> None:
         """PBKDF for the keyslots added after this call."""
@@ -84,15 +102,23 @@ class Device:
             raise
         return True
 
-    def volume_key_get(self, passphrase: Secret, *, keyslot: int = ANY_SLOT,
-                       key_size: int | None = None) -> tuple[int, Secret]:
+    def volume_key_get(
+        self, passphrase: Secret, *, keyslot: int = ANY_SLOT, key_size: int | None = None
+    ) -> tuple[int, Secret]:
         """Unlock a keyslot with `passphrase`: (keyslot used, volume key). Wrong passphrase: EPERM."""
         capacity = key_size or self.volume_key_size or 512
         key = Secret(capacity)
         size = _size(capacity)
         try:
-            slot = _call("crypt_volume_key_get", self._cd, keyslot, key.as_ctypes(), ctypes.byref(size),
-                         _buffer(passphrase), len(passphrase))
+            slot = _call(
+                "crypt_volume_key_get",
+                self._cd,
+                keyslot,
+                key.as_ctypes(),
+                ctypes.byref(size),
+                _buffer(passphrase),
+                len(passphrase),
+            )
             if size.value != capacity:
                 exact = Secret.copy_of(key.view()[: size.value])
                 key.close()
@@ -104,14 +130,24 @@ class Device:
 
     def keyslot_add_by_volume_key(self, key: Secret, passphrase: Secret, *, keyslot: int = ANY_SLOT) -> int:
         """Add a passphrase keyslot for the volume key `key`; returns its id."""
-        return _call("crypt_keyslot_add_by_volume_key", self._cd, keyslot, _buffer(key), len(key),
-                     _buffer(passphrase), len(passphrase))
+        return _call(
+            "crypt_keyslot_add_by_volume_key",
+            self._cd,
+            keyslot,
+            _buffer(key),
+            len(key),
+            _buffer(passphrase),
+            len(passphrase),
+        )
 
     def keyslots(self) -> list[int]:
         """Ids of the keyslots that open the volume (ACTIVE or ACTIVE_LAST; unbound ones are not listed)."""
         count = _call("crypt_keyslot_max", _LUKS2)
-        return [slot for slot in range(count)
-                if _fn("crypt_keyslot_status")(self._cd, slot) in (_SLOT_ACTIVE, _SLOT_ACTIVE_LAST)]
+        return [
+            slot
+            for slot in range(count)
+            if _fn("crypt_keyslot_status")(self._cd, slot) in (_SLOT_ACTIVE, _SLOT_ACTIVE_LAST)
+        ]
 
     def keyslots_in_header(self) -> list[int]:
         """Every keyslot the header holds, whatever its state (unbound and reencryption keyslots too)."""
@@ -210,7 +246,11 @@ class Device:
 
     def activate_by_volume_key(self, name: str | None, key: Secret, flags: int = 0) -> None:
         """Create /dev/mapper/`name`; with `name` None only check that `key` is right."""
-        _call("crypt_activate_by_volume_key", self._cd, name.encode() if name is not None else None,
-              _buffer(key), len(key), flags)
-
-
+        _call(
+            "crypt_activate_by_volume_key",
+            self._cd,
+            name.encode() if name is not None else None,
+            _buffer(key),
+            len(key),
+            flags,
+        )

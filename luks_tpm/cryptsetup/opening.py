@@ -74,15 +74,30 @@ def _check_path(name: str) -> None:
         kind = "a dangling symbolic link" if os.path.islink(name) else "no such file or device"
         die(f"{name}: {kind}", hint="check the device path", cause=Cause.DEVICE)
     except PermissionError:
-        die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
-            cause=Cause.DEVICE)
+        die(
+            f"{name}: permission denied",
+            hint="run as root, or as a user allowed to read and write it",
+            cause=Cause.DEVICE,
+        )
     except OSError as error:
         die(f"{name}: cannot open: {error.strerror}", cause=Cause.DEVICE)
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode) else \
-            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
-        die(f"{name}: {kind}, not a block device or disk image file", hint="give the LUKS2 device or image",
-            cause=Cause.DEVICE)
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a character device"
+            if stat.S_ISCHR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        die(
+            f"{name}: {kind}, not a block device or disk image file",
+            hint="give the LUKS2 device or image",
+            cause=Cause.DEVICE,
+        )
 
 
 @contextmanager
@@ -93,8 +108,12 @@ def _header_lock(name: str) -> Iterator[None]:
     try:
         fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
     except OSError as error:
-        die(f"{name}: read-only or not writable ({error.strerror}); luks-tpm needs to write its token into the "
-            "LUKS header", hint="run as root, or make the device or image writable", cause=Cause.DEVICE)
+        die(
+            f"{name}: read-only or not writable ({error.strerror}); luks-tpm needs to write its token into the "
+            "LUKS header",
+            hint="run as root, or make the device or image writable",
+            cause=Cause.DEVICE,
+        )
     try:
         request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
         fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, request)
@@ -104,8 +123,9 @@ def _header_lock(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def open_device(path: str | os.PathLike[str], *, load: bool = True, write: bool = False,
-                allow_detached: bool = False) -> Iterator[Device]:
+def open_device(
+    path: str | os.PathLike[str], *, load: bool = True, write: bool = False, allow_detached: bool = False
+) -> Iterator[Device]:
     """crypt_init (+ crypt_load of a LUKS2 header when `load`); always crypt_free. With `write`, the
     device must be writable and the header stays locked against other luks-tpm writers meanwhile.
     A detached header (data on another device) is refused unless `allow_detached` (tests write tokens
@@ -141,13 +161,19 @@ def _raise_open_error(name: str, error: CryptsetupError) -> NoReturn:
         with open(name, "rb"):
             pass
     except PermissionError:
-        die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
-            cause=Cause.DEVICE)
+        die(
+            f"{name}: permission denied",
+            hint="run as root, or as a user allowed to read and write it",
+            cause=Cause.DEVICE,
+        )
     except OSError as os_error:
         die(f"{name}: cannot open: {os_error.strerror}", cause=Cause.DEVICE)
     if error.errno in (errno.EACCES, errno.EPERM):
-        die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
-            cause=Cause.DEVICE)
+        die(
+            f"{name}: permission denied",
+            hint="run as root, or as a user allowed to read and write it",
+            cause=Cause.DEVICE,
+        )
     die(f"{name}: cannot open: {error}", cause=Cause.DEVICE)
 
 
@@ -157,27 +183,46 @@ def _load(device: Device, allow_detached: bool) -> None:
         _call("crypt_load", device._cd, None, None)  # any LUKS version, so LUKS1 can be named as such
     except CryptsetupError as error:
         if error.errno in (errno.EACCES, errno.EPERM):
-            die(f"{name}: permission denied", hint="run as root, or as a user allowed to read and write it",
-                cause=Cause.DEVICE)
+            die(
+                f"{name}: permission denied",
+                hint="run as root, or as a user allowed to read and write it",
+                cause=Cause.DEVICE,
+            )
         facts = header_facts(name)
         if facts is not None and facts.version == 1:
-            die(f"{name}: damaged LUKS1 header; luks-tpm needs LUKS2", code=ExitCode.UNSUPPORTED,
-                cause=Cause.UNSUPPORTED)
+            die(
+                f"{name}: damaged LUKS1 header; luks-tpm needs LUKS2",
+                code=ExitCode.UNSUPPORTED,
+                cause=Cause.UNSUPPORTED,
+            )
         if facts is not None and error.errno in (errno.EINVAL, errno.EIO):
-            die(f"{name}: the LUKS2 metadata is corrupt or truncated",
-                hint=f"`cryptsetup repair {name}` may recover it (back up the first 16 MiB first)", cause=Cause.DEVICE)
+            die(
+                f"{name}: the LUKS2 metadata is corrupt or truncated",
+                hint=f"`cryptsetup repair {name}` may recover it (back up the first 16 MiB first)",
+                cause=Cause.DEVICE,
+            )
         if error.errno == errno.EINVAL:
-            die(f"{name}: not a LUKS device", hint="is this the right device? `cryptsetup isLuks` checks",
-                cause=Cause.DEVICE)
+            die(
+                f"{name}: not a LUKS device",
+                hint="is this the right device? `cryptsetup isLuks` checks",
+                cause=Cause.DEVICE,
+            )
         die(f"{name}: cannot read the LUKS header: {error}", cause=Cause.DEVICE)
     kind = device.type
     if kind == "LUKS1":
-        die(f"{name}: LUKS1 header; luks-tpm needs LUKS2",
+        die(
+            f"{name}: LUKS1 header; luks-tpm needs LUKS2",
             hint=f"convert it with `cryptsetup convert --type luks2 {name}` (back up the header first)",
-            code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
+            code=ExitCode.UNSUPPORTED,
+            cause=Cause.UNSUPPORTED,
+        )
     if kind != "LUKS2":
         die(f"{name}: unsupported device type {kind}", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
     if not allow_detached and device.is_detached_header():
-        die(f"{name} is a detached LUKS2 header (its data segment starts inside the header area, so the data "
+        die(
+            f"{name} is a detached LUKS2 header (its data segment starts inside the header area, so the data "
             "lives on another device); luks-tpm does not support detached headers",
-            hint="keep the header on the data device", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED)
+            hint="keep the header on the data device",
+            code=ExitCode.UNSUPPORTED,
+            cause=Cause.UNSUPPORTED,
+        )

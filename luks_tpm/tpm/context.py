@@ -43,26 +43,46 @@ _TPM_LAYER, _MU_LAYER, _TCTI_LAYER = 0x000000, 0x090000, 0x0A0000
 _ESYS_RC_BAD_VALUE = 0x07000B  # ESYS could not unmarshal or check something it was given
 
 
-_LOCKOUT_HINT = ("wait for the lockout to lift (`luks-tpm doctor` shows when) or reset it with the lockout "
-                 "authorization (`tpm2_dictionarylockout --clear-lockout`)")
+_LOCKOUT_HINT = (
+    "wait for the lockout to lift (`luks-tpm doctor` shows when) or reset it with the lockout "
+    "authorization (`tpm2_dictionarylockout --clear-lockout`)"
+)
 # TPM return code -> (cause, message before "(doing)", hint, exit code). One table for every command.
 # A key (code, subject) is the meaning of that code when the command is authorized by `subject` (e.g.
 # LOCKOUT: a wrong lockout authorization, not a wrong PIN); it wins over the plain code's entry.
 _RC_TABLE: dict[int | tuple[int, str], tuple[Cause, str, str | None, ExitCode]] = {
-    int(TPM2_RC.LOCKOUT): (Cause.LOCKED_OUT, "the TPM is in dictionary-attack lockout", _LOCKOUT_HINT,
-                           ExitCode.LOCKED_OUT),
+    int(TPM2_RC.LOCKOUT): (
+        Cause.LOCKED_OUT,
+        "the TPM is in dictionary-attack lockout",
+        _LOCKOUT_HINT,
+        ExitCode.LOCKED_OUT,
+    ),
     int(TPM2_RC.AUTH_FAIL): (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
     int(TPM2_RC.BAD_AUTH): (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
-    int(TPM2_RC.POLICY_FAIL): (Cause.POLICY, "the TPM policy is not satisfied",
-                               "PCR values differ from those the key was bound to; `luks-tpm status` names them",
-                               ExitCode.UNLOCK_FAILED),
-    int(TPM2_RC.PCR_CHANGED): (Cause.POLICY, "PCR values changed while the policy was checked",
-                               "try again", ExitCode.UNLOCK_FAILED),
-    int(TPM2_RC.HIERARCHY): (Cause.HIERARCHY_DISABLED, "the TPM owner hierarchy is disabled",
-                             "enable it in the firmware's TPM settings", ExitCode.TPM_UNAVAILABLE),
-    int(TPM2_RC.INTEGRITY): (Cause.SRK_CHANGED, "the TPM rejected the sealed object: it was made by another "
-                             "TPM or before the owner hierarchy was cleared",
-                             "unlock with the recovery key and re-enroll", ExitCode.UNLOCK_FAILED),
+    int(TPM2_RC.POLICY_FAIL): (
+        Cause.POLICY,
+        "the TPM policy is not satisfied",
+        "PCR values differ from those the key was bound to; `luks-tpm status` names them",
+        ExitCode.UNLOCK_FAILED,
+    ),
+    int(TPM2_RC.PCR_CHANGED): (
+        Cause.POLICY,
+        "PCR values changed while the policy was checked",
+        "try again",
+        ExitCode.UNLOCK_FAILED,
+    ),
+    int(TPM2_RC.HIERARCHY): (
+        Cause.HIERARCHY_DISABLED,
+        "the TPM owner hierarchy is disabled",
+        "enable it in the firmware's TPM settings",
+        ExitCode.TPM_UNAVAILABLE,
+    ),
+    int(TPM2_RC.INTEGRITY): (
+        Cause.SRK_CHANGED,
+        "the TPM rejected the sealed object: it was made by another TPM or before the owner hierarchy was cleared",
+        "unlock with the recovery key and re-enroll",
+        ExitCode.UNLOCK_FAILED,
+    ),
 }
 for _same in (TPM2_RC.KEY, TPM2_RC.BINDING):
     _RC_TABLE[int(_same)] = _RC_TABLE[int(TPM2_RC.INTEGRITY)]
@@ -70,21 +90,35 @@ for _same in (TPM2_RC.KEY, TPM2_RC.BINDING):
 # TPM2_Clear authorized with the lockout hierarchy (luks-tpm wipe). Only the platform hierarchy can
 # CLEAR disableClear again (the lockout hierarchy may only set it; TPM 2.0 Part 3, TPM2_ClearControl).
 LOCKOUT = "lockout"
-_CLEAR_DISABLED_HINT = ("only the platform can re-enable it: use the firmware's \"clear TPM\" option (TCG "
-                        "physical presence), or `tpm2_clearcontrol -C p c` where the platform hierarchy is "
-                        "still open (in the firmware, or on a software TPM)")
-_RC_TABLE.update({
-    int(TPM2_RC.DISABLED): (Cause.CLEAR_DISABLED, "TPM2_Clear is disabled on this TPM (disableClear is set)",
-                            _CLEAR_DISABLED_HINT, ExitCode.TPM_UNAVAILABLE),
-    (int(TPM2_RC.AUTH_FAIL), LOCKOUT): (
-        Cause.WRONG_AUTH, "the TPM refused the lockout authorization",
-        "give the right one with --lockout-auth-file (exact bytes); after a wrong try the TPM accepts none "
-        "until its lockout recovery time has passed", ExitCode.REFUSED),
-    (int(TPM2_RC.LOCKOUT), LOCKOUT): (
-        Cause.LOCKED_OUT, "the TPM accepts no lockout authorization now, after an earlier wrong one",
-        "wait until the TPM's lockout recovery time has passed (a time of 0 means until the next reboot), "
-        "or clear the TPM from the firmware's TPM settings", ExitCode.LOCKED_OUT),
-})
+_CLEAR_DISABLED_HINT = (
+    'only the platform can re-enable it: use the firmware\'s "clear TPM" option (TCG '
+    "physical presence), or `tpm2_clearcontrol -C p c` where the platform hierarchy is "
+    "still open (in the firmware, or on a software TPM)"
+)
+_RC_TABLE.update(
+    {
+        int(TPM2_RC.DISABLED): (
+            Cause.CLEAR_DISABLED,
+            "TPM2_Clear is disabled on this TPM (disableClear is set)",
+            _CLEAR_DISABLED_HINT,
+            ExitCode.TPM_UNAVAILABLE,
+        ),
+        (int(TPM2_RC.AUTH_FAIL), LOCKOUT): (
+            Cause.WRONG_AUTH,
+            "the TPM refused the lockout authorization",
+            "give the right one with --lockout-auth-file (exact bytes); after a wrong try the TPM accepts none "
+            "until its lockout recovery time has passed",
+            ExitCode.REFUSED,
+        ),
+        (int(TPM2_RC.LOCKOUT), LOCKOUT): (
+            Cause.LOCKED_OUT,
+            "the TPM accepts no lockout authorization now, after an earlier wrong one",
+            "wait until the TPM's lockout recovery time has passed (a time of 0 means until the next reboot), "
+            "or clear the TPM from the firmware's TPM settings",
+            ExitCode.LOCKED_OUT,
+        ),
+    }
+)
 _RC_TABLE[(int(TPM2_RC.BAD_AUTH), LOCKOUT)] = _RC_TABLE[(int(TPM2_RC.AUTH_FAIL), LOCKOUT)]
 
 
@@ -111,20 +145,40 @@ def translate(error: TSS2_Exception, doing: str, subject: str | None = None) -> 
         return known
     layer = rc & _LAYER_MASK
     if layer == _TCTI_LAYER:
-        return TpmError(f"lost the connection to the TPM ({doing}): {error}", code=ExitCode.TPM_UNAVAILABLE,
-                        cause=Cause.NO_TPM, rc=rc)
+        return TpmError(
+            f"lost the connection to the TPM ({doing}): {error}",
+            code=ExitCode.TPM_UNAVAILABLE,
+            cause=Cause.NO_TPM,
+            rc=rc,
+        )
     if layer == _MU_LAYER or rc == _ESYS_RC_BAD_VALUE:  # our input did not marshal: a damaged token
-        return TpmError(f"malformed TPM data ({doing}): {error}", code=ExitCode.DEVICE, cause=Cause.CORRUPT_TOKEN,
-                        rc=rc)
+        return TpmError(
+            f"malformed TPM data ({doing}): {error}", code=ExitCode.DEVICE, cause=Cause.CORRUPT_TOKEN, rc=rc
+        )
     if layer == _TPM_LAYER and base in _MALFORMED:  # the TPM refused the structure itself
-        return TpmError(f"the TPM rejected malformed data ({doing}): {error}", code=ExitCode.DEVICE,
-                        cause=Cause.CORRUPT_TOKEN, rc=rc)
+        return TpmError(
+            f"the TPM rejected malformed data ({doing}): {error}",
+            code=ExitCode.DEVICE,
+            cause=Cause.CORRUPT_TOKEN,
+            rc=rc,
+        )
     return TpmError(f"the TPM failed {doing}: {error}", code=ExitCode.TPM_UNAVAILABLE, cause=Cause.TPM_FAILED, rc=rc)
 
 
-_MALFORMED = {int(code) for code in (TPM2_RC.SIZE, TPM2_RC.VALUE, TPM2_RC.TYPE, TPM2_RC.ATTRIBUTES,
-                                     TPM2_RC.SCHEME, TPM2_RC.KDF, TPM2_RC.SYMMETRIC, TPM2_RC.HASH,
-                                     TPM2_RC.INSUFFICIENT)}
+_MALFORMED = {
+    int(code)
+    for code in (
+        TPM2_RC.SIZE,
+        TPM2_RC.VALUE,
+        TPM2_RC.TYPE,
+        TPM2_RC.ATTRIBUTES,
+        TPM2_RC.SCHEME,
+        TPM2_RC.KDF,
+        TPM2_RC.SYMMETRIC,
+        TPM2_RC.HASH,
+        TPM2_RC.INSUFFICIENT,
+    )
+}
 
 
 @contextmanager
@@ -197,8 +251,9 @@ def fill_tpm2b(target: Any, secret: Secret, what: str) -> None:
     """Copy a secret into a TPM2B's C buffer (zeroed by the caller when done)."""
     cdata = target
     if len(secret) > len(cdata.buffer):
-        raise LuksTpmError(f"the {what} is too long: at most {len(cdata.buffer)} bytes", code=ExitCode.USAGE,
-                           cause=Cause.USAGE)
+        raise LuksTpmError(
+            f"the {what} is too long: at most {len(cdata.buffer)} bytes", code=ExitCode.USAGE, cause=Cause.USAGE
+        )
     ffi.memmove(cdata.buffer, secret.as_ctypes(), len(secret))
     cdata.size = len(secret)
 
@@ -233,20 +288,22 @@ class Tpm:
                 f"no TPM reachable through TCTI '{tcti}' ({error})",
                 hint="point luks-tpm at a TPM with --tcti or LUKS_TPM_TCTI (e.g. device:/dev/tpmrm0, "
                 "swtpm:path=/run/swtpm.sock); `luks-tpm doctor` checks",
-                code=ExitCode.TPM_UNAVAILABLE, cause=Cause.NO_TPM, rc=int(error.error),
+                code=ExitCode.TPM_UNAVAILABLE,
+                cause=Cause.NO_TPM,
+                rc=int(error.error),
             ) from None
         except (RuntimeError, OSError) as error:  # TCTI module missing or unloadable
             raise TpmError(
                 f"cannot load TCTI '{tcti}': {error}",
                 hint="install the TSS TCTI library (libtss2-tcti-device0, libtss2-tcti-swtpm0) or fix --tcti",
-                code=ExitCode.TPM_UNAVAILABLE, cause=Cause.NO_TPM,
+                code=ExitCode.TPM_UNAVAILABLE,
+                cause=Cause.NO_TPM,
             ) from None
 
     def __enter__(self) -> Tpm:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:
@@ -293,13 +350,17 @@ class Tpm:
         salted = salt_key is not None
         with tpm_errors("starting a session"):
             session = self.esapi.start_auth_session(
-                salt_key if salted else ESYS_TR.NONE, ESYS_TR.NONE, kind, symmetric if salted else "null",
+                salt_key if salted else ESYS_TR.NONE,
+                ESYS_TR.NONE,
+                kind,
+                symmetric if salted else "null",
                 TPM2_ALG.SHA256,
             )
         self.track(session)
         if salted:
             self.esapi.trsess_set_attributes(
-                session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT | TPMA_SESSION.DECRYPT)
+                session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT | TPMA_SESSION.DECRYPT
+            )
         try:
             yield session
         finally:

@@ -81,8 +81,9 @@ def hmac(tpm: Tpm, primary: Any, message: bytes, session: Any, *, last_use: bool
     salted HMAC session, or a salted policy session with the primary's policy already applied.
 
     `last_use`: the session serves no further command, so the TPM ends it (one FlushContext fewer)."""
-    return _take_result(tpm, session, last_use, "computing the derived key", tpm.esapi.hmac, primary, message,
-                        TPM2_ALG.SHA256)
+    return _take_result(
+        tpm, session, last_use, "computing the derived key", tpm.esapi.hmac, primary, message, TPM2_ALG.SHA256
+    )
 
 
 def seal(tpm: Tpm, key: Secret, srk: Any, policy_digest: bytes, pin: Secret | None) -> SealedBlob:
@@ -90,14 +91,16 @@ def seal(tpm: Tpm, key: Secret, srk: Any, policy_digest: bytes, pin: Secret | No
     inner = c_data(sensitive).sensitive
     try:
         if len(key) > len(inner.data.buffer):
-            raise LuksTpmError("the volume key is too large to seal", code=ExitCode.UNSUPPORTED,
-                               cause=Cause.UNSUPPORTED)
+            raise LuksTpmError(
+                "the volume key is too large to seal", code=ExitCode.UNSUPPORTED, cause=Cause.UNSUPPORTED
+            )
         fill_tpm2b(inner.data, key, "volume key")
         if pin is not None:
             fill_tpm2b(inner.userAuth, pin, "PIN")
         with salted_session(tpm, srk) as session, tpm_errors("sealing the volume key"):
             private, public, *_ = tpm.esapi.create(
-                srk, sensitive, sealed_object_template(policy_digest, pin=pin is not None), session1=session)
+                srk, sensitive, sealed_object_template(policy_digest, pin=pin is not None), session1=session
+            )
     finally:
         zero_c(inner)
     return SealedBlob(public.marshal(), private.marshal())
@@ -130,9 +133,13 @@ def load_sealed(tpm: Tpm, blob: SealedBlob, srk: Any) -> Any:
     except TpmError as error:
         if error.cause is not Cause.SRK_CHANGED:
             raise
-        raise TpmError("the TPM rejects the sealed object under the very SRK it was made with: the token's blob is "
-                       "damaged", hint="remove the token and re-enroll with the recovery key", code=ExitCode.DEVICE,
-                       cause=Cause.CORRUPT_TOKEN, rc=error.rc) from None
+        raise TpmError(
+            "the TPM rejects the sealed object under the very SRK it was made with: the token's blob is damaged",
+            hint="remove the token and re-enroll with the recovery key",
+            code=ExitCode.DEVICE,
+            cause=Cause.CORRUPT_TOKEN,
+            rc=error.rc,
+        ) from None
 
 
 def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: Any, *, last_use: bool) -> Secret:

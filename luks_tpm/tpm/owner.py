@@ -32,14 +32,26 @@ _ENDORSEMENT_RANGE = range(0x81010000, 0x81020000)  # TCG handle registry: endor
 NV_FIRST = 0x01000000
 _CLEARING = "clearing the TPM owner hierarchy"
 
-_KINDS = {int(TPM2_ALG.RSA): "RSA key", int(TPM2_ALG.ECC): "ECC key", int(TPM2_ALG.KEYEDHASH): "keyed-hash object",
-          int(TPM2_ALG.SYMCIPHER): "symmetric key"}
+_KINDS = {
+    int(TPM2_ALG.RSA): "RSA key",
+    int(TPM2_ALG.ECC): "ECC key",
+    int(TPM2_ALG.KEYEDHASH): "keyed-hash object",
+    int(TPM2_ALG.SYMCIPHER): "symmetric key",
+}
 _NV_TYPES = {0: "ordinary", 1: "counter", 2: "bits", 4: "extend", 8: "pin-fail", 9: "pin-pass"}
 # Attributes worth naming to an operator deciding whether someone else's data lives there.
-_NV_FLAGS = {"written": TPMA_NV.WRITTEN, "owner-write": TPMA_NV.OWNERWRITE, "auth-write": TPMA_NV.AUTHWRITE,
-             "policy-write": TPMA_NV.POLICYWRITE, "owner-read": TPMA_NV.OWNERREAD, "auth-read": TPMA_NV.AUTHREAD,
-             "policy-read": TPMA_NV.POLICYREAD, "no-da": TPMA_NV.NO_DA, "policy-delete": TPMA_NV.POLICY_DELETE,
-             "platform-create": TPMA_NV.PLATFORMCREATE}
+_NV_FLAGS = {
+    "written": TPMA_NV.WRITTEN,
+    "owner-write": TPMA_NV.OWNERWRITE,
+    "auth-write": TPMA_NV.AUTHWRITE,
+    "policy-write": TPMA_NV.POLICYWRITE,
+    "owner-read": TPMA_NV.OWNERREAD,
+    "auth-read": TPMA_NV.AUTHREAD,
+    "policy-read": TPMA_NV.POLICYREAD,
+    "no-da": TPMA_NV.NO_DA,
+    "policy-delete": TPMA_NV.POLICY_DELETE,
+    "platform-create": TPMA_NV.PLATFORMCREATE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +87,11 @@ class NvIndex:
 def clear_state(tpm: Tpm) -> ClearState:
     props = tpm.properties(TPM2_PT.PERMANENT, 0x13)
     permanent = props.get(int(TPM2_PT.PERMANENT), 0)
-    return ClearState(disable_clear=bool(permanent & TPMA_PERMANENT.DISABLECLEAR),
-                      lockout_auth_set=bool(permanent & TPMA_PERMANENT.LOCKOUTAUTHSET),
-                      lockout_recovery=props.get(int(TPM2_PT.LOCKOUT_RECOVERY), 0))
+    return ClearState(
+        disable_clear=bool(permanent & TPMA_PERMANENT.DISABLECLEAR),
+        lockout_auth_set=bool(permanent & TPMA_PERMANENT.LOCKOUTAUTHSET),
+        lockout_recovery=props.get(int(TPM2_PT.LOCKOUT_RECOVERY), 0),
+    )
 
 
 def clear_refusal(state: ClearState, *, auth_given: bool) -> LuksTpmError | None:
@@ -90,7 +104,10 @@ def clear_refusal(state: ClearState, *, auth_given: bool) -> LuksTpmError | None
         return LuksTpmError(
             "the TPM has a lockout authorization, and none was given (clearing needs it)",
             hint="give it with --lockout-auth-file FILE (exact bytes); a wrong one blocks it for "
-            f"{_recovery_words(state.lockout_recovery)}", code=ExitCode.USAGE, cause=Cause.USAGE)
+            f"{_recovery_words(state.lockout_recovery)}",
+            code=ExitCode.USAGE,
+            cause=Cause.USAGE,
+        )
     return None
 
 
@@ -174,6 +191,9 @@ def _with_recovery(error: TpmError, state: ClearState) -> TpmError:
     if error.cause not in (Cause.WRONG_AUTH, Cause.LOCKED_OUT):
         return error
     recovery = _recovery_words(state.lockout_recovery)
-    detail = (f"; the TPM now refuses any lockout authorization for {recovery}" if error.cause is Cause.WRONG_AUTH
-              else f"; it does so for {recovery} after each wrong try")
+    detail = (
+        f"; the TPM now refuses any lockout authorization for {recovery}"
+        if error.cause is Cause.WRONG_AUTH
+        else f"; it does so for {recovery} after each wrong try"
+    )
     return TpmError(error.message + detail, hint=error.hint, code=error.code, cause=error.cause, rc=error.rc)

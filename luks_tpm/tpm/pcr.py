@@ -34,8 +34,12 @@ def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
             if sel.pcrSelect[index // 8] & (1 << (index % 8))
         ]
         if not got:
-            die(f"the TPM has no {bank} PCR bank", hint="choose another with --pcr-bank", code=ExitCode.UNSUPPORTED,
-                cause=Cause.UNSUPPORTED)
+            die(
+                f"the TPM has no {bank} PCR bank",
+                hint="choose another with --pcr-bank",
+                code=ExitCode.UNSUPPORTED,
+                cause=Cause.UNSUPPORTED,
+            )
         for index, digest in zip(got, digests.digests[0 : digests.count], strict=True):
             values[index] = bytes(digest)
         remaining = [index for index in remaining if index not in values]

@@ -121,9 +121,12 @@ def persist_srk(tpm: Tpm) -> Parent:
         tpm.srks[SRK_PERSISTENT_HANDLE] = found
         return found[1]
     if _at_handle(tpm, SRK_PERSISTENT_HANDLE) is not None:
-        die(f"{SRK_PERSISTENT_HANDLE:#x} already holds a key that is not the standard SRK",
-            hint="leave it, or evict it with `tpm2_evictcontrol` if nothing uses it", code=ExitCode.REFUSED,
-            cause=Cause.REFUSED)
+        die(
+            f"{SRK_PERSISTENT_HANDLE:#x} already holds a key that is not the standard SRK",
+            hint="leave it, or evict it with `tpm2_evictcontrol` if nothing uses it",
+            code=ExitCode.REFUSED,
+            cause=Cause.REFUSED,
+        )
     esys, _ = _transient_srk(tpm)
     with tpm_errors("persisting the storage root key"):
         tpm.esapi.evict_control(ESYS_TR.OWNER, esys, SRK_PERSISTENT_HANDLE)
@@ -156,8 +159,10 @@ def srk_for(tpm: Tpm, expected: Parent, endorsement: bytes | None) -> Any:
     esys, transient = _transient_srk(tpm)
     if transient.name == expected.name:
         if expected.handle is not None:
-            warning = (f"the persistent SRK at {expected.handle:#x} is missing; the binding still works with a "
-                       "re-created SRK (slower); `luks-tpm persist-srk` restores it")
+            warning = (
+                f"the persistent SRK at {expected.handle:#x} is missing; the binding still works with a "
+                "re-created SRK (slower); `luks-tpm persist-srk` restores it"
+            )
             if warning not in tpm.warnings:
                 tpm.warnings.append(warning)
         return esys
@@ -187,18 +192,26 @@ def is_this_tpm(tpm: Tpm, expected: Parent, *, create: bool) -> bool:
 def _srk_mismatch(tpm: Tpm, endorsement: bytes | None) -> TpmError:
     current = endorsement_name(tpm) if endorsement is not None else None
     if current is not None and current == endorsement:
-        return TpmError("the TPM owner hierarchy was cleared since this binding was made, which destroyed its key",
-                        hint="unlock with the recovery key and re-enroll", code=ExitCode.UNLOCK_FAILED,
-                        cause=Cause.CLEARED)
+        return TpmError(
+            "the TPM owner hierarchy was cleared since this binding was made, which destroyed its key",
+            hint="unlock with the recovery key and re-enroll",
+            code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.CLEARED,
+        )
     if current is not None:
-        return TpmError("this is a different TPM from the one this binding was made with", hint="use it on that "
-                        "machine, or unlock with "
-                        "the recovery key and enroll this TPM too", code=ExitCode.UNLOCK_FAILED,
-                        cause=Cause.OTHER_TPM)
-    return TpmError("the TPM's storage root key differs from the one this binding was made with: the owner "
-                    "hierarchy was cleared, or this is a different TPM",
-                    hint="the TPM cannot recover this key any more; unlock with the recovery key and re-enroll",
-                    code=ExitCode.UNLOCK_FAILED, cause=Cause.SRK_CHANGED)
+        return TpmError(
+            "this is a different TPM from the one this binding was made with",
+            hint="use it on that machine, or unlock with the recovery key and enroll this TPM too",
+            code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.OTHER_TPM,
+        )
+    return TpmError(
+        "the TPM's storage root key differs from the one this binding was made with: the owner "
+        "hierarchy was cleared, or this is a different TPM",
+        hint="the TPM cannot recover this key any more; unlock with the recovery key and re-enroll",
+        code=ExitCode.UNLOCK_FAILED,
+        cause=Cause.SRK_CHANGED,
+    )
 
 
 def endorsement_name(tpm: Tpm) -> bytes | None:

@@ -58,8 +58,10 @@ SCENARIOS = {
     # a shell in the initramfs before anything is unlocked (initramfs-tools break=, which needs an empty
     # panic= to give a shell; dracut rd.break=): the fence goes up before the shell's prompt, luks_tpm=0
     # (no unlock pass) or not
-    "emergency": Scenario(append=("break=premount", "rd.break=pre-trigger", "panic=", "luks_tpm=0"),
-                          until=r"^\(initramfs\) |^pre-trigger:/# "),
+    "emergency": Scenario(
+        append=("break=premount", "rd.break=pre-trigger", "panic=", "luks_tpm=0"),
+        until=r"^\(initramfs\) |^pre-trigger:/# ",
+    ),
     # the root-swap attack: the root disk is the attacker's (same UUID, their passphrase), the real data
     # volumes are attached; the attacker's init tries to recover their keys from the TPM
     "root-swap": Scenario(mksystem=("--root-swap",)),

@@ -178,8 +178,11 @@ def test_root_swap_attacker_cannot_recover_fenced_keys(boot: Boot) -> None:
 
 
 @vm_cases("root-swap")
-@pytest.mark.xfail(strict=True, reason="the unlock pass opens every marked volume before the root is known to "
-                   "be genuine; the attacker's root gets the data volumes the TPM opened (README: the fence)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the unlock pass opens every marked volume before the root is known to "
+    "be genuine; the attacker's root gets the data volumes the TPM opened (README: the fence)",
+)
 def test_root_swap_attacker_gets_no_volume_the_tpm_opened(boot: Boot) -> None:
     boot.expect(r"^LUKSTPM: root filesystem reached", "the attacker's root was not reached")
     boot.reject(r"^LUKSTPM-ATTACK-(READ|OPEN) ", "volumes opened by the TPM handed to the attacker's root")
