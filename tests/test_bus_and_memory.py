@@ -69,7 +69,8 @@ def _leaks(secret: bytes, traffic: bytes) -> list[int]:
 def _plain_hmac(tcti: str, uuid: str, salt: bytes) -> bytes:
     """The PRK, computed the way luks-tpm does but with a password session: no response encryption."""
     with Tpm(tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:
-        return bytes(secret_from_tpm2b(tpm.esys.hmac(primary, derive.hmac_message(uuid, salt), esys.PASSWORD)).view())
+        with secret_from_tpm2b(tpm.esys.hmac(primary, derive.hmac_message(uuid, salt), esys.PASSWORD)) as prk:
+            return bytes(prk.view())
 
 
 def _plain_unseal(tcti: str, token: Token) -> bytes:
@@ -81,7 +82,8 @@ def _plain_unseal(tcti: str, token: Token) -> bytes:
         with tpm.session(esys.lib.TPM2_SE_POLICY) as session:  # unsalted: no parameter encryption
             assert not tpm.esys.trsess_get_attributes(session) & TPMA_SESSION_ENCRYPT
             tpm_pcr.apply_policy(tpm, session, token.pcr_policy(), trial=False)
-            return bytes(secret_from_tpm2b(tpm.esys.unseal(sealed, session)).view())
+            with secret_from_tpm2b(tpm.esys.unseal(sealed, session)) as key:
+                return bytes(key.view())
 
 
 def _assert_bus_protected(proxy: TpmProxy, code: int) -> list[str]:

@@ -373,7 +373,8 @@ def test_app_key_crosses_the_bus_encrypted(swtpm: Swtpm, upcalls: Callable[..., 
         traffic = proxy.traffic
     message = b"luks-tpm/app/v1\x000\x00" + f"{upcall.prefix}bus".encode()
     with Tpm(swtpm.tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:  # in clear, not through the proxy
-        prk = bytes(secret_from_tpm2b(tpm.esys.hmac(primary, message, esys.PASSWORD)).view())
+        with secret_from_tpm2b(tpm.esys.hmac(primary, message, esys.PASSWORD)) as secret:
+            prk = bytes(secret.view())
     for secret in (prk, key):
         assert not [i for i in range(len(secret) - 15) if secret[i : i + 16] in traffic], "crossed the bus in clear"
 
