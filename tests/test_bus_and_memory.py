@@ -68,9 +68,12 @@ def _leaks(secret: bytes, traffic: bytes) -> list[int]:
 
 def _plain_hmac(tcti: str, uuid: str, salt: bytes) -> bytes:
     """The PRK, computed the way luks-tpm does but with a password session: no response encryption."""
-    with Tpm(tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:
-        with secret_from_tpm2b(tpm.esys.hmac(primary, derive.hmac_message(uuid, salt), esys.PASSWORD)) as prk:
-            return bytes(prk.view())
+    with (
+        Tpm(tcti) as tpm,
+        tpm_keys.derived_primary(tpm) as primary,
+        secret_from_tpm2b(tpm.esys.hmac(primary, derive.hmac_message(uuid, salt), esys.PASSWORD)) as prk,
+    ):
+        return bytes(prk.view())
 
 
 def _plain_unseal(tcti: str, token: Token) -> bytes:

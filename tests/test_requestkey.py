@@ -372,9 +372,12 @@ def test_app_key_crosses_the_bus_encrypted(swtpm: Swtpm, upcalls: Callable[..., 
         assert hmacs == 1, proxy.command_names()
         traffic = proxy.traffic
     message = b"luks-tpm/app/v1\x000\x00" + f"{upcall.prefix}bus".encode()
-    with Tpm(swtpm.tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:  # in clear, not through the proxy
-        with secret_from_tpm2b(tpm.esys.hmac(primary, message, esys.PASSWORD)) as secret:
-            prk = bytes(secret.view())
+    with (
+        Tpm(swtpm.tcti) as tpm,
+        tpm_keys.derived_primary(tpm) as primary,  # in clear, not through the proxy
+        secret_from_tpm2b(tpm.esys.hmac(primary, message, esys.PASSWORD)) as result,
+    ):
+        prk = bytes(result.view())
     for secret in (prk, key):
         assert not [i for i in range(len(secret) - 15) if secret[i : i + 16] in traffic], "crossed the bus in clear"
 
