@@ -11,6 +11,7 @@ import ctypes
 import enum
 import os
 from collections.abc import Callable
+from errno import EIO
 from typing import Any
 
 Signatures = dict[str, tuple[Any, list[Any]]]  # name -> (restype, argtypes)
@@ -30,6 +31,7 @@ class CLibraryError(OSError):
 class Convention(enum.Enum):
     NEGATIVE_ERRNO = "negative"  # returns -errno (libcryptsetup)
     MINUS_ONE = "minus-one"  # returns -1 and sets errno (libc, libkeyutils)
+    ONE_IS_SUCCESS = "one"  # returns 1 on success, anything else on failure, no errno (libcrypto)
 
 
 class CLibrary:
@@ -84,4 +86,6 @@ class CLibrary:
             raise self._error(-result, name)
         if self._convention is Convention.MINUS_ONE and result == -1:
             raise self._error(ctypes.get_errno(), name)
+        if self._convention is Convention.ONE_IS_SUCCESS and result != 1:
+            raise self._error(EIO, name)  # the reason is on libcrypto's error queue, not in errno
         return result
