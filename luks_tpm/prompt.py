@@ -11,7 +11,7 @@ import os
 import secrets
 import sys
 import termios
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import ExitCode, die
@@ -22,6 +22,20 @@ MAX_KEY_FILE = 8192 * 1024  # cryptsetup's own limit for key files
 MAX_PIN = 32  # a sealed object's authValue is at most its nameAlg's digest size (SHA-256)
 _MODHEX = b"cbdefghijklnrtuv"  # unambiguous on any keyboard layout, as systemd's recovery keys
 RECOVERY_KEY_BYTES = 32
+
+
+def pin_source(path: Path | None) -> Callable[[int], Secret | None]:
+    """PINs for tokens that have one: from `path` (--pin-file), else asked on the terminal, else none
+    (an unattended unlock then skips those tokens)."""
+
+    def pins(token_id: int) -> Secret | None:
+        if path is not None:
+            return read_file(path, what="PIN", option="--pin-file", limit=MAX_PIN)
+        if sys.stdin.isatty():
+            return ask(f"PIN for token {token_id}: ", limit=MAX_PIN)
+        return None
+
+    return pins
 
 
 def read_file(path: Path, *, what: str, option: str, limit: int = MAX_KEY_FILE) -> Secret:
