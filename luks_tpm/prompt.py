@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sys
 import termios
 from collections.abc import Callable, Iterator
@@ -120,6 +119,8 @@ def _read_line(fd: int, prompt: str) -> Secret:
 
 def generate_recovery_key() -> Secret:
     """256 random bits as 8 dash-separated groups of 8 modhex characters."""
+    import secrets  # here: it loads `random`, which an unlock (that may ask for a PIN) does not need
+
     raw = bytearray(secrets.token_bytes(RECOVERY_KEY_BYTES))
     key = Secret(RECOVERY_KEY_BYTES * 2 + RECOVERY_KEY_BYTES // 4 - 1)
     view, position = key.view(), 0
