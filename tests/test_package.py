@@ -271,9 +271,8 @@ def test_package_holds_make_install_and_a_runtime_of_its_own(deb: Path, tmp_path
     assert f"{RUNTIME}/click/__init__.py" in contents
     assert [p for p in contents if re.fullmatch(rf"{RUNTIME}/_cffi_backend\..*so", p)], "cffi's backend"
     # tpm2-pytss's compiled ESYS binding alone: its Python layer would pull in cryptography (tpm/esys.py)
-    assert [p for p in contents if p.startswith(f"{RUNTIME}/tpm2_pytss/")] == [
-        p for p in contents if re.fullmatch(rf"{RUNTIME}/tpm2_pytss/_libtpm2_pytss\..*so", p)
-    ] != []
+    binding = [p for p in contents if re.fullmatch(rf"{RUNTIME}/tpm2_pytss/_libtpm2_pytss\..*so", p)]
+    assert binding and [p for p in contents if p.startswith(f"{RUNTIME}/tpm2_pytss/")] == binding
     assert not [p for p in contents if p.startswith((f"{RUNTIME}/cryptography", f"{RUNTIME}/cffi/"))]
     sources = {f"{RUNTIME}/{p.relative_to(REPO).as_posix()}" for p in (REPO / "luks_tpm").rglob("*.py")}
     assert sources <= contents, f"modules missing from the package: {sorted(sources - contents)}"
