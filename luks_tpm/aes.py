@@ -17,22 +17,12 @@ from types import TracebackType
 from typing import Self
 
 from .clib import CLibrary, CLibraryError, Convention
-from .errors import Cause, ExitCode, LuksTpmError
 from .secret import Secret
 
 BLOCK_SIZE = 16
 
 _p = ctypes.c_void_p
 _int = ctypes.c_int
-
-
-def _missing(soname: str) -> Exception:
-    return LuksTpmError(
-        f"cannot load {soname}",
-        hint="install libssl3 (OpenSSL 3's libcrypto)",
-        code=ExitCode.UNSUPPORTED,
-        cause=Cause.UNSUPPORTED,
-    )
 
 
 _crypto = CLibrary(
@@ -51,7 +41,7 @@ _crypto = CLibrary(
         "ERR_clear_error": (None, []),
     },
     convention=Convention.ONE_IS_SUCCESS,
-    missing=_missing,
+    install_hint="install libssl3 (OpenSSL 3's libcrypto)",
 )
 
 _CIPHERS = {16: "EVP_aes_128_ecb", 24: "EVP_aes_192_ecb", 32: "EVP_aes_256_ecb"}

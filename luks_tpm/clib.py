@@ -14,6 +14,8 @@ from collections.abc import Callable
 from errno import EIO
 from typing import Any
 
+from .errors import Cause, ExitCode, LuksTpmError
+
 Signatures = dict[str, tuple[Any, list[Any]]]  # name -> (restype, argtypes)
 
 
@@ -42,13 +44,13 @@ class CLibrary:
         *,
         convention: Convention,
         error: type[CLibraryError] = CLibraryError,
-        missing: Callable[[str], Exception] | None = None,
+        install_hint: str | None = None,
     ) -> None:
         self.soname = soname
         self._signatures = signatures
         self._convention = convention
         self._error = error
-        self._missing = missing
+        self._install_hint = install_hint  # what to install when the library is missing: a user error then
         self._library: ctypes.CDLL | None = None
         self._functions: dict[str, Callable[..., Any]] = {}
 
@@ -57,9 +59,14 @@ class CLibrary:
             try:
                 self._library = ctypes.CDLL(self.soname, use_errno=True)
             except OSError as error:
-                if self._missing is not None:
-                    raise self._missing(self.soname) from None
-                raise error
+                if self._install_hint is None:
+                    raise error
+                raise LuksTpmError(
+                    f"cannot load {self.soname}",
+                    hint=self._install_hint,
+                    code=ExitCode.UNSUPPORTED,
+                    cause=Cause.UNSUPPORTED,
+                ) from None
         return self._library
 
     def has(self, name: str) -> bool:
