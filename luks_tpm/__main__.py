@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import Cause, ExitCode, LuksTpmError
 
 if TYPE_CHECKING:
     from .cli import Globals
+    from .output import Report
 
 
-def _error(options: Globals, error: dict[str, Any]) -> NoReturn:
+def _error(options: Globals | None, error: dict[str, Any]) -> NoReturn:
     """Report an error (output.error_data's shape) as --json asked, or as one line plus a hint, and exit."""
     from .output import error_json
 
-    if options.json:
+    if options is not None and options.json:
         print(error_json(error))
     else:
         print(f"luks-tpm: {error['message']}", file=sys.stderr)
@@ -30,12 +32,26 @@ def _plain_error(message: str, hint: str | None, code: int, cause: str | None) -
     return {"message": message, "hint": hint, "code": code, "cause": cause}
 
 
+def _bug(options: Globals | None, error: Exception) -> NoReturn:
+    """A bug: say so, and show where only when asked."""
+    verbose = options is not None and options.verbose
+    if verbose:
+        traceback.print_exc()
+    hint = "please report it, with the traceback above" if verbose else "rerun with -v and report it"
+    _error(options, _plain_error(f"internal error ({type(error).__name__})", hint, ExitCode.BUG, None))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if _is_request_key(args):  # a kernel upcall: no click, nothing slow (see requestkey.py)
         from .requestkey import main as request_key
 
         sys.exit(request_key(args))
+    from .boot import boot_command
+
+    boot = boot_command(args)
+    if boot is not None:  # the boot scripts' own two command lines (see boot.py)
+        _run_boot(boot)
     import click
 
     from . import cli
@@ -62,11 +78,27 @@ def main(argv: list[str] | None = None) -> None:
         if options.json:
             _error(options, _plain_error("interrupted", None, 130, None))
         sys.exit(130)
-    except Exception as error:  # a bug: say so, and show where only when asked
-        if options.verbose:
-            traceback.print_exc()
-        hint = "please report it, with the traceback above" if options.verbose else "rerun with -v and report it"
-        _error(options, _plain_error(f"internal error ({type(error).__name__})", hint, ExitCode.BUG, None))
+    except Exception as error:
+        _bug(options, error)
+
+
+def _run_boot(command: Callable[[], Report]) -> NoReturn:
+    """A boot command under the same boundary as the CLI's (no --json, no -v on those lines)."""
+    from .output import configure_logging, error_data
+    from .secret import make_undumpable
+
+    make_undumpable()
+    configure_logging(0)
+    try:
+        report = command()
+    except LuksTpmError as error:
+        _error(None, error_data(error))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:
+        _bug(None, error)
+    report.emit(False)
+    sys.exit(report.exit_code)
 
 
 def _is_request_key(args: list[str]) -> bool:

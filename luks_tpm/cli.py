@@ -8,7 +8,6 @@ boundary (`__main__`) also reads.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 import stat
@@ -24,7 +23,7 @@ from . import __version__
 from .cryptsetup import Pbkdf
 from .errors import Cause, ExitCode, die
 from .model import PCR_COUNT, Bank, Mode
-from .output import Report
+from .output import Report, configure_logging
 from .secret import Secret
 from .settings import Activation, Enrollment, FormatSettings, Recovery, tcti_from_environment
 
@@ -108,16 +107,7 @@ def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def apply_verbosity(options: Globals) -> None:
-    """Logging for -v/-vv, once the command line is parsed; -vv also turns on libcryptsetup's debug log."""
-    logging.basicConfig(
-        level=logging.DEBUG if options.verbose > 1 else logging.INFO if options.verbose else logging.WARNING,
-        format="luks-tpm: %(name)s: %(message)s",
-        force=True,
-    )
-    if options.verbose > 1:
-        from . import cryptsetup
-
-        cryptsetup.set_debug(True)
+    configure_logging(options.verbose)
 
 
 def json_requested(command: click.Command, ctx: click.Context, args: list[str]) -> bool:
@@ -251,16 +241,9 @@ def _passphrase_source(path: Path | None, prompt: str, option: str, twice: bool 
 
 
 def _pin_source(path: Path | None) -> Callable[[int], Secret | None]:
-    def pins(token_id: int) -> Secret | None:
-        from .prompt import ask  # only for a token with a PIN: not on an unattended unlock
+    from .prompt import pin_source  # only for a token with a PIN: not on an unattended unlock
 
-        if path is not None:
-            return _read(path, "PIN", "--pin-file", _MAX_PIN)
-        if sys.stdin.isatty():
-            return ask(f"PIN for token {token_id}: ", limit=_MAX_PIN)
-        return None
-
-    return pins
+    return pin_source(path)
 
 
 def _new_pin_source(path: Path | None, *, required: bool, option: str) -> Callable[[], Secret | None]:

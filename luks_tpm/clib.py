@@ -11,7 +11,10 @@ import ctypes
 import enum
 import os
 from collections.abc import Callable
+from errno import EIO
 from typing import Any
+
+from .errors import Cause, ExitCode, LuksTpmError
 
 Signatures = dict[str, tuple[Any, list[Any]]]  # name -> (restype, argtypes)
 
@@ -30,6 +33,7 @@ class CLibraryError(OSError):
 class Convention(enum.Enum):
     NEGATIVE_ERRNO = "negative"  # returns -errno (libcryptsetup)
     MINUS_ONE = "minus-one"  # returns -1 and sets errno (libc, libkeyutils)
+    ONE_IS_SUCCESS = "one"  # returns 1 on success, anything else on failure, no errno (libcrypto)
 
 
 class CLibrary:
@@ -40,13 +44,13 @@ class CLibrary:
         *,
         convention: Convention,
         error: type[CLibraryError] = CLibraryError,
-        missing: Callable[[str], Exception] | None = None,
+        install_hint: str | None = None,
     ) -> None:
         self.soname = soname
         self._signatures = signatures
         self._convention = convention
         self._error = error
-        self._missing = missing
+        self._install_hint = install_hint  # what to install when the library is missing: a user error then
         self._library: ctypes.CDLL | None = None
         self._functions: dict[str, Callable[..., Any]] = {}
 
@@ -55,9 +59,14 @@ class CLibrary:
             try:
                 self._library = ctypes.CDLL(self.soname, use_errno=True)
             except OSError as error:
-                if self._missing is not None:
-                    raise self._missing(self.soname) from None
-                raise error
+                if self._install_hint is None:
+                    raise error
+                raise LuksTpmError(
+                    f"cannot load {self.soname}",
+                    hint=self._install_hint,
+                    code=ExitCode.UNSUPPORTED,
+                    cause=Cause.UNSUPPORTED,
+                ) from None
         return self._library
 
     def has(self, name: str) -> bool:
@@ -84,4 +93,6 @@ class CLibrary:
             raise self._error(-result, name)
         if self._convention is Convention.MINUS_ONE and result == -1:
             raise self._error(ctypes.get_errno(), name)
+        if self._convention is Convention.ONE_IS_SUCCESS and result != 1:
+            raise self._error(EIO, name)  # the reason is on libcrypto's error queue, not in errno
         return result

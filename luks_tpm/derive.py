@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import Any
 
+from .aes import BlockCipher
 from .secret import Secret, scrub_bytes
 
 KEK_SIZE = 32
@@ -76,53 +76,30 @@ def app_expand(prk: Secret, uid: int, name: str, length: int) -> Secret:
     return hkdf_expand(prk, info, length)
 
 
-class _KeyWrap:
-    """RFC 3394 over AES-ECB single blocks; the working registers are Secrets."""
-
-    def __init__(self, kek: Secret, *, encrypt: bool) -> None:
-        # Only wrapped tokens need AES: a plain derived unlock does not load it.
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-        cipher = Cipher(algorithms.AES(kek.view()), modes.ECB())  # noqa: S305 (AES-KW is built on single blocks)
-        self._context: Any = cipher.encryptor() if encrypt else cipher.decryptor()
-        self.block_in = Secret(16)  # A | R[i]
-        self._block_out = Secret(16 + 15)  # update_into wants room for one block more than it writes
-
-    def step(self) -> memoryview:
-        self._context.update_into(self.block_in.view(), self._block_out.view())
-        return self._block_out.view()[:16]
-
-    def close(self) -> None:
-        self.block_in.close()
-        self._block_out.close()
-
-
 def _xor_counter(register: memoryview, t: int) -> None:
     for index, byte in enumerate(t.to_bytes(8, "big")):
         register[index] ^= byte
 
 
 def wrap(kek: Secret, key: Secret) -> bytes:
-    """AES key wrap (RFC 3394) of `key` under `kek`; the result is not secret."""
+    """AES key wrap (RFC 3394) of `key` under `kek`; the result is not secret.
+
+    A never leaves the first half of the block buffer: each step is B = AES(A | R[i]), then A is the
+    first half of B (xor t) and R[i] the second, so only R[i] is copied in and out."""
     if len(key) % 8 or len(key) < 16:
         raise ValueError("AES key wrap needs a key of a multiple of 8 bytes, at least 16")
     n = len(key) // 8
-    kw = _KeyWrap(kek, encrypt=True)
-    try:
-        with Secret(len(key)) as r:
-            r.view()[:] = key.view()
-            a = bytearray(_KW_IV)
-            for j in range(6):
-                for i in range(n):
-                    kw.block_in.view()[:8] = a
-                    kw.block_in.view()[8:] = r.view()[8 * i : 8 * i + 8]
-                    out = kw.step()
-                    a[:] = out[:8]
-                    _xor_counter(memoryview(a), n * j + i + 1)
-                    r.view()[8 * i : 8 * i + 8] = out[8:]
-            return bytes(a) + bytes(r.view())
-    finally:
-        kw.close()
+    with BlockCipher(kek, encrypt=True) as aes, Secret(16) as block, Secret(len(key)) as r:
+        b, registers = block.view(), r.view()
+        registers[:] = key.view()
+        b[:8] = _KW_IV
+        for j in range(6):
+            for i in range(n):
+                b[8:] = registers[8 * i : 8 * i + 8]
+                aes.apply(block)
+                _xor_counter(b[:8], n * j + i + 1)
+                registers[8 * i : 8 * i + 8] = b[8:]
+        return bytes(b[:8]) + bytes(registers)
 
 
 def unwrap(kek: Secret, wrapped: bytes) -> Secret | None:
@@ -131,21 +108,22 @@ def unwrap(kek: Secret, wrapped: bytes) -> Secret | None:
         return None
     n = len(wrapped) // 8 - 1
     r = Secret(8 * n)
-    r.view()[:] = wrapped[8:]
-    a = bytearray(wrapped[:8])
-    kw = _KeyWrap(kek, encrypt=False)
     try:
-        for j in reversed(range(6)):
-            for i in reversed(range(n)):
-                _xor_counter(memoryview(a), n * j + i + 1)
-                kw.block_in.view()[:8] = a
-                kw.block_in.view()[8:] = r.view()[8 * i : 8 * i + 8]
-                out = kw.step()
-                a[:] = out[:8]
-                r.view()[8 * i : 8 * i + 8] = out[8:]
-    finally:
-        kw.close()
-    if not hmac.compare_digest(a, _KW_IV):
+        with BlockCipher(kek, encrypt=False) as aes, Secret(16) as block:
+            b, registers = block.view(), r.view()
+            registers[:] = wrapped[8:]
+            b[:8] = wrapped[:8]
+            for j in reversed(range(6)):
+                for i in reversed(range(n)):
+                    _xor_counter(b[:8], n * j + i + 1)
+                    b[8:] = registers[8 * i : 8 * i + 8]
+                    aes.apply(block)
+                    registers[8 * i : 8 * i + 8] = b[8:]
+            intact = hmac.compare_digest(b[:8], _KW_IV)
+    except BaseException:
+        r.close()
+        raise
+    if not intact:
         r.close()
         return None
     return r

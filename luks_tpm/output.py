@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 from .errors import ExitCode, LuksTpmError, UnlockFailed
 from .secret import Secret
+
+
+def configure_logging(verbose: int) -> None:
+    """Logging for -v/-vv, once the command line is parsed; -vv also turns on libcryptsetup's debug log."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="luks-tpm: %(name)s: %(message)s",
+        force=True,
+    )
+    if verbose > 1:
+        from . import cryptsetup
+
+        cryptsetup.set_debug(True)
+
 
 JSON_VERSION = 1  # docs/json.md: bumped when a field changes meaning or goes away
 _MARKER = "@@LUKS-TPM-RECOVERY-KEY@@"

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sys
 import termios
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import ExitCode, die
@@ -22,6 +21,20 @@ MAX_KEY_FILE = 8192 * 1024  # cryptsetup's own limit for key files
 MAX_PIN = 32  # a sealed object's authValue is at most its nameAlg's digest size (SHA-256)
 _MODHEX = b"cbdefghijklnrtuv"  # unambiguous on any keyboard layout, as systemd's recovery keys
 RECOVERY_KEY_BYTES = 32
+
+
+def pin_source(path: Path | None) -> Callable[[int], Secret | None]:
+    """PINs for tokens that have one: from `path` (--pin-file), else asked on the terminal, else none
+    (an unattended unlock then skips those tokens)."""
+
+    def pins(token_id: int) -> Secret | None:
+        if path is not None:
+            return read_file(path, what="PIN", option="--pin-file", limit=MAX_PIN)
+        if sys.stdin.isatty():
+            return ask(f"PIN for token {token_id}: ", limit=MAX_PIN)
+        return None
+
+    return pins
 
 
 def read_file(path: Path, *, what: str, option: str, limit: int = MAX_KEY_FILE) -> Secret:
@@ -106,6 +119,8 @@ def _read_line(fd: int, prompt: str) -> Secret:
 
 def generate_recovery_key() -> Secret:
     """256 random bits as 8 dash-separated groups of 8 modhex characters."""
+    import secrets  # here: it loads `random`, which an unlock (that may ask for a PIN) does not need
+
     raw = bytearray(secrets.token_bytes(RECOVERY_KEY_BYTES))
     key = Secret(RECOVERY_KEY_BYTES * 2 + RECOVERY_KEY_BYTES // 4 - 1)
     view, position = key.view(), 0

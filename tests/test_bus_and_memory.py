@@ -18,15 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_SESSION
-from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC, TPML_PCR_SELECTION
 
 from luks_tpm import cryptsetup, derive
 from luks_tpm.model import DerivedToken, SealedToken, Token, parse
 from luks_tpm.secret import Secret
-from luks_tpm.tpm import Tpm
+from luks_tpm.tpm import Tpm, esys
 from luks_tpm.tpm import keys as tpm_keys
+from luks_tpm.tpm import pcr as tpm_pcr
 from luks_tpm.tpm import srk as tpm_srk
+from luks_tpm.tpm.context import secret_from_tpm2b
 from luks_tpm.unlock import KeyRecovery
 
 from .fixtures_luks import LuksImage
@@ -68,8 +68,12 @@ def _leaks(secret: bytes, traffic: bytes) -> list[int]:
 
 def _plain_hmac(tcti: str, uuid: str, salt: bytes) -> bytes:
     """The PRK, computed the way luks-tpm does but with a password session: no response encryption."""
-    with Tpm(tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:
-        return bytes(tpm.esapi.hmac(primary, derive.hmac_message(uuid, salt), TPM2_ALG.SHA256))
+    with (
+        Tpm(tcti) as tpm,
+        tpm_keys.derived_primary(tpm) as primary,
+        secret_from_tpm2b(tpm.esys.hmac(primary, derive.hmac_message(uuid, salt), esys.PASSWORD)) as prk,
+    ):
+        return bytes(prk.view())
 
 
 def _plain_unseal(tcti: str, token: Token) -> bytes:
@@ -77,17 +81,12 @@ def _plain_unseal(tcti: str, token: Token) -> bytes:
     assert isinstance(token, SealedToken)
     with Tpm(tcti) as tpm:
         parent = tpm_srk.srk_for(tpm, token.parent, None)
-        public, _ = TPM2B_PUBLIC.unmarshal(token.blob.public)
-        private, _ = TPM2B_PRIVATE.unmarshal(token.blob.private)
-        sealed = tpm.track(tpm.esapi.load(parent, private, public))
-        session = tpm.track(
-            tpm.esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, "null", TPM2_ALG.SHA256)
-        )
-        tpm.esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION)
-        assert not int(tpm.esapi.trsess_get_attributes(session)) & TPMA_SESSION_ENCRYPT
-        selection = TPML_PCR_SELECTION.parse(f"{token.pcr_bank}:{','.join(map(str, token.pcrs))}")
-        tpm.esapi.policy_pcr(session, b"", selection)
-        return bytes(tpm.esapi.unseal(sealed, session1=session))
+        sealed = tpm_keys.load_sealed(tpm, token.blob, parent)
+        with tpm.session(esys.lib.TPM2_SE_POLICY) as session:  # unsalted: no parameter encryption
+            assert not tpm.esys.trsess_get_attributes(session) & TPMA_SESSION_ENCRYPT
+            tpm_pcr.apply_policy(tpm, session, token.pcr_policy(), trial=False)
+            with secret_from_tpm2b(tpm.esys.unseal(sealed, session)) as key:
+                return bytes(key.view())
 
 
 def _assert_bus_protected(proxy: TpmProxy, code: int) -> list[str]:
@@ -179,9 +178,9 @@ def test_key_recovery_session_is_salted_and_encrypts_responses(swtpm: Swtpm, pro
     with Tpm(proxy.tcti) as tpm, KeyRecovery(tpm, many_volumes=True) as recovery:
         srk, _ = tpm_srk.current_srk(tpm)
         session, _ = recovery._session(srk, policy=False)
-        attributes = int(tpm.esapi.trsess_get_attributes(session))
-        assert attributes & TPMA_SESSION.ENCRYPT, f"{attributes:#x}"
-        assert attributes & TPMA_SESSION.CONTINUESESSION, "the session is meant for reuse across volumes"
+        attributes = tpm.esys.trsess_get_attributes(session)
+        assert attributes & TPMA_SESSION_ENCRYPT, f"{attributes:#x}"
+        assert attributes & esys.lib.TPMA_SESSION_CONTINUESESSION, "the session is meant for reuse across volumes"
         starts = [
             parse_start_auth_session(command)
             for command, _ in proxy.exchanges

@@ -27,13 +27,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-from tpm2_pytss.constants import TPM2_ALG
 
 from luks_tpm import keyring
 from luks_tpm.doctor import request_key_check
-from luks_tpm.tpm import Tpm
+from luks_tpm.tpm import Tpm, esys
 from luks_tpm.tpm import keys as tpm_keys
 from luks_tpm.tpm import srk as tpm_srk
+from luks_tpm.tpm.context import secret_from_tpm2b
 
 from .fixtures_luks import TEST_PASSPHRASE, file_digest, make_luks_image
 from .fixtures_tpm import Swtpm
@@ -372,8 +372,12 @@ def test_app_key_crosses_the_bus_encrypted(swtpm: Swtpm, upcalls: Callable[..., 
         assert hmacs == 1, proxy.command_names()
         traffic = proxy.traffic
     message = b"luks-tpm/app/v1\x000\x00" + f"{upcall.prefix}bus".encode()
-    with Tpm(swtpm.tcti) as tpm, tpm_keys.derived_primary(tpm) as primary:  # in clear, not through the proxy
-        prk = bytes(tpm.esapi.hmac(primary, message, TPM2_ALG.SHA256))
+    with (
+        Tpm(swtpm.tcti) as tpm,
+        tpm_keys.derived_primary(tpm) as primary,  # in clear, not through the proxy
+        secret_from_tpm2b(tpm.esys.hmac(primary, message, esys.PASSWORD)) as result,
+    ):
+        prk = bytes(result.view())
     for secret in (prk, key):
         assert not [i for i in range(len(secret) - 15) if secret[i : i + 16] in traffic], "crossed the bus in clear"
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ..clib import CLibrary, CLibraryError, Convention
-from ..errors import Cause, ExitCode, LuksTpmError
 
 log = logging.getLogger("luks_tpm.cryptsetup")
 SONAME = "libcryptsetup.so.12"
@@ -141,17 +140,14 @@ def _on_log(level: int, message: bytes | None, _usrptr: int | None) -> None:
     log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", text)
 
 
-def _missing(soname: str) -> Exception:
-    return LuksTpmError(
-        f"cannot load {soname}",
-        hint="install libcryptsetup12 (cryptsetup 2.4 or later)",
-        code=ExitCode.UNSUPPORTED,
-        cause=Cause.UNSUPPORTED,
-    )
-
-
 _log_callback = _LOG_CALLBACK(_on_log)  # referenced for the life of the process: libcryptsetup keeps it
-_c = CLibrary(SONAME, _SIGNATURES, convention=Convention.NEGATIVE_ERRNO, error=CryptsetupError, missing=_missing)
+_c = CLibrary(
+    SONAME,
+    _SIGNATURES,
+    convention=Convention.NEGATIVE_ERRNO,
+    error=CryptsetupError,
+    install_hint="install libcryptsetup12 (cryptsetup 2.4 or later)",
+)
 _log_routed = False
 
 

@@ -3,8 +3,7 @@
 A `Tpm` remembers every transient object and session it creates and flushes them on every exit path:
 without a resource manager (swtpm on a socket, or /dev/tpm0) leaked handles exhaust the TPM after
 three. Sessions that carry key material are salted with the SRK and encrypt response parameters
-(AES-128-CFB). Where tpm2-pytss has no public API for what key hygiene needs (the C buffers behind
-its objects, the ESYS context), the access is in `_c_data` and `_esys_context` alone.
+(AES-128-CFB). The TPM is reached through ESYS directly (see esys.py for why not tpm2-pytss's classes).
 """
 
 from __future__ import annotations
@@ -20,19 +19,14 @@ from typing import Any
 
 # The TSS's own logging prints command and response buffers at debug/trace level, and ESYS's crypto
 # trace prints decrypted parameters: the volume key. Force it off whatever the environment says; it
-# is read when the TSS first logs, so this must happen before tpm2-pytss is imported.
+# is read when the TSS first logs, so this must happen before the TSS is loaded.
 USER_TSS2_LOG = os.environ.get("TSS2_LOG")
 os.environ["TSS2_LOG"] = "all+NONE"
-
-from tpm2_pytss import ESAPI  # noqa: E402
-from tpm2_pytss._libtpm2_pytss import ffi, lib  # noqa: E402
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_RC, TPM2_SE, TPMA_SESSION  # noqa: E402
-from tpm2_pytss.TSS2_Exception import TSS2_Exception  # noqa: E402
-from tpm2_pytss.types import TPMT_SYM_DEF  # noqa: E402
 
 from ..errors import Cause, ExitCode, LuksTpmError  # noqa: E402
 from ..model import Parent  # noqa: E402
 from ..secret import Secret, wipe  # noqa: E402
+from .esys import NONE, Esys, TssError, ffi, lib  # noqa: E402
 
 log = logging.getLogger(__name__)
 if USER_TSS2_LOG not in (None, "", "all+NONE"):
@@ -51,41 +45,41 @@ _LOCKOUT_HINT = (
 # A key (code, subject) is the meaning of that code when the command is authorized by `subject` (e.g.
 # LOCKOUT: a wrong lockout authorization, not a wrong PIN); it wins over the plain code's entry.
 _RC_TABLE: dict[int | tuple[int, str], tuple[Cause, str, str | None, ExitCode]] = {
-    int(TPM2_RC.LOCKOUT): (
+    lib.TPM2_RC_LOCKOUT: (
         Cause.LOCKED_OUT,
         "the TPM is in dictionary-attack lockout",
         _LOCKOUT_HINT,
         ExitCode.LOCKED_OUT,
     ),
-    int(TPM2_RC.AUTH_FAIL): (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
-    int(TPM2_RC.BAD_AUTH): (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
-    int(TPM2_RC.POLICY_FAIL): (
+    lib.TPM2_RC_AUTH_FAIL: (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
+    lib.TPM2_RC_BAD_AUTH: (Cause.WRONG_PIN, "wrong PIN", None, ExitCode.UNLOCK_FAILED),
+    lib.TPM2_RC_POLICY_FAIL: (
         Cause.POLICY,
         "the TPM policy is not satisfied",
         "PCR values differ from those the key was bound to; `luks-tpm status` names them",
         ExitCode.UNLOCK_FAILED,
     ),
-    int(TPM2_RC.PCR_CHANGED): (
+    lib.TPM2_RC_PCR_CHANGED: (
         Cause.POLICY,
         "PCR values changed while the policy was checked",
         "try again",
         ExitCode.UNLOCK_FAILED,
     ),
-    int(TPM2_RC.HIERARCHY): (
+    lib.TPM2_RC_HIERARCHY: (
         Cause.HIERARCHY_DISABLED,
         "the TPM owner hierarchy is disabled",
         "enable it in the firmware's TPM settings",
         ExitCode.TPM_UNAVAILABLE,
     ),
-    int(TPM2_RC.INTEGRITY): (
+    lib.TPM2_RC_INTEGRITY: (
         Cause.SRK_CHANGED,
         "the TPM rejected the sealed object: it was made by another TPM or before the owner hierarchy was cleared",
         "unlock with the recovery key and re-enroll",
         ExitCode.UNLOCK_FAILED,
     ),
 }
-for _same in (TPM2_RC.KEY, TPM2_RC.BINDING):
-    _RC_TABLE[int(_same)] = _RC_TABLE[int(TPM2_RC.INTEGRITY)]
+for _same in (lib.TPM2_RC_KEY, lib.TPM2_RC_BINDING):
+    _RC_TABLE[_same] = _RC_TABLE[lib.TPM2_RC_INTEGRITY]
 
 # TPM2_Clear authorized with the lockout hierarchy (luks-tpm wipe). Only the platform hierarchy can
 # CLEAR disableClear again (the lockout hierarchy may only set it; TPM 2.0 Part 3, TPM2_ClearControl).
@@ -97,20 +91,20 @@ _CLEAR_DISABLED_HINT = (
 )
 _RC_TABLE.update(
     {
-        int(TPM2_RC.DISABLED): (
+        lib.TPM2_RC_DISABLED: (
             Cause.CLEAR_DISABLED,
             "TPM2_Clear is disabled on this TPM (disableClear is set)",
             _CLEAR_DISABLED_HINT,
             ExitCode.TPM_UNAVAILABLE,
         ),
-        (int(TPM2_RC.AUTH_FAIL), LOCKOUT): (
+        (lib.TPM2_RC_AUTH_FAIL, LOCKOUT): (
             Cause.WRONG_AUTH,
             "the TPM refused the lockout authorization",
             "give the right one with --lockout-auth-file (exact bytes); after a wrong try the TPM accepts none "
             "until its lockout recovery time has passed",
             ExitCode.REFUSED,
         ),
-        (int(TPM2_RC.LOCKOUT), LOCKOUT): (
+        (lib.TPM2_RC_LOCKOUT, LOCKOUT): (
             Cause.LOCKED_OUT,
             "the TPM accepts no lockout authorization now, after an earlier wrong one",
             "wait until the TPM's lockout recovery time has passed (a time of 0 means until the next reboot), "
@@ -119,7 +113,7 @@ _RC_TABLE.update(
         ),
     }
 )
-_RC_TABLE[(int(TPM2_RC.BAD_AUTH), LOCKOUT)] = _RC_TABLE[(int(TPM2_RC.AUTH_FAIL), LOCKOUT)]
+_RC_TABLE[(lib.TPM2_RC_BAD_AUTH, LOCKOUT)] = _RC_TABLE[(lib.TPM2_RC_AUTH_FAIL, LOCKOUT)]
 
 
 class TpmError(LuksTpmError):
@@ -138,8 +132,8 @@ def known_error(rc: int, doing: str, subject: str | None = None) -> TpmError | N
     return TpmError(f"{message} ({doing})", hint=hint, code=code, cause=cause, rc=rc)
 
 
-def translate(error: TSS2_Exception, doing: str, subject: str | None = None) -> TpmError:
-    rc, base = int(error.rc), int(error.error)  # error: without the handle/parameter/session number
+def translate(error: TssError, doing: str, subject: str | None = None) -> TpmError:
+    rc, base = error.rc, error.error  # error: without the handle/parameter/session number
     known = known_error(rc, doing, subject) if rc & _LAYER_MASK == _TPM_LAYER else None
     if known is not None:
         return known
@@ -166,18 +160,15 @@ def translate(error: TSS2_Exception, doing: str, subject: str | None = None) -> 
 
 
 _MALFORMED = {
-    int(code)
-    for code in (
-        TPM2_RC.SIZE,
-        TPM2_RC.VALUE,
-        TPM2_RC.TYPE,
-        TPM2_RC.ATTRIBUTES,
-        TPM2_RC.SCHEME,
-        TPM2_RC.KDF,
-        TPM2_RC.SYMMETRIC,
-        TPM2_RC.HASH,
-        TPM2_RC.INSUFFICIENT,
-    )
+    lib.TPM2_RC_SIZE,
+    lib.TPM2_RC_VALUE,
+    lib.TPM2_RC_TYPE,
+    lib.TPM2_RC_ATTRIBUTES,
+    lib.TPM2_RC_SCHEME,
+    lib.TPM2_RC_KDF,
+    lib.TPM2_RC_SYMMETRIC,
+    lib.TPM2_RC_HASH,
+    lib.TPM2_RC_INSUFFICIENT,
 }
 
 
@@ -185,29 +176,11 @@ _MALFORMED = {
 def tpm_errors(doing: str, subject: str | None = None) -> Iterator[None]:
     try:
         yield
-    except TSS2_Exception as error:
+    except TssError as error:
         raise translate(error, doing, subject) from None
 
 
-# ---- the only places that reach into tpm2-pytss internals -----------------------------------------
-# Checked against tpm2-pytss 2.1-3.0: TPM2B types keep their cffi struct in `_cdata` and ESAPI keeps
-# its ESYS_CONTEXT * in `_ctx`. Both are needed to zero key material in C memory; if they move, fail
-# loudly rather than silently leaving keys behind.
-
-
-def c_data(value: Any) -> Any:
-    """The cffi struct behind a tpm2-pytss TPM2B/TPMS object."""
-    try:
-        return value._cdata
-    except AttributeError:  # pragma: no cover - only on an incompatible tpm2-pytss
-        raise RuntimeError("tpm2-pytss no longer exposes _cdata; luks-tpm cannot zero TPM buffers") from None
-
-
-def _esys_context(esapi: ESAPI) -> Any:
-    try:
-        return esapi._ctx
-    except AttributeError:  # pragma: no cover - only on an incompatible tpm2-pytss
-        raise RuntimeError("tpm2-pytss no longer exposes ESAPI._ctx; luks-tpm cannot zero TPM buffers") from None
+# ---- key material in C memory ----------------------------------------------------------------------
 
 
 @functools.cache
@@ -220,7 +193,7 @@ def _rp_buffer_function() -> Any:
     return function
 
 
-def wipe_response_buffer(esapi: ESAPI) -> None:
+def wipe_response_buffer(esys: Esys) -> None:
     """Zero the SAPI response buffer of an ESYS context.
 
     ESYS decrypts a response parameter (the HMAC result, the unsealed data) in place in the SAPI
@@ -228,7 +201,7 @@ def wipe_response_buffer(esapi: ESAPI) -> None:
     short one (FlushContext: 10 bytes) does not, and until Esys_Finalize frees it without zeroing.
     """
     sys_context = ffi.new("TSS2_SYS_CONTEXT **")
-    if lib.Esys_GetSysContext(_esys_context(esapi), sys_context) != 0:
+    if lib.Esys_GetSysContext(esys.context, sys_context) != 0:
         raise RuntimeError("Esys_GetSysContext failed: cannot zero the TPM response buffer")
     used, buffer = ctypes.c_size_t(), ctypes.c_void_p()
     address = int(ffi.cast("uintptr_t", sys_context[0]))
@@ -239,12 +212,12 @@ def wipe_response_buffer(esapi: ESAPI) -> None:
 
 
 def secret_from_tpm2b(value: Any) -> Secret:
-    """Copy a TPM2B returned by ESYS into a Secret and zero the ESYS allocation before it is freed."""
-    cdata = c_data(value)
+    """Copy a TPM2B that ESYS allocated into a Secret, then zero and free the allocation."""
     try:
-        return Secret.copy_of(ffi.buffer(cdata.buffer, cdata.size))
+        return Secret.copy_of(ffi.buffer(value.buffer, value.size))
     finally:
-        ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
+        ffi.memmove(value.buffer, bytes(len(value.buffer)), len(value.buffer))
+        lib.Esys_Free(value)
 
 
 def fill_tpm2b(target: Any, secret: Secret, what: str) -> None:
@@ -282,22 +255,16 @@ class Tpm:
         self.endorsement: bytes | None = None  # the EK name, once computed (see srk.endorsement_name)
         self.endorsement_checked = False
         try:
-            self.esapi = ESAPI(tcti)
-        except TSS2_Exception as error:
+            self.esys = Esys(tcti)
+        except TssError as error:
             raise TpmError(
                 f"no TPM reachable through TCTI '{tcti}' ({error})",
                 hint="point luks-tpm at a TPM with --tcti or LUKS_TPM_TCTI (e.g. device:/dev/tpmrm0, "
-                "swtpm:path=/run/swtpm.sock); `luks-tpm doctor` checks",
+                "swtpm:path=/run/swtpm.sock), and check that its TCTI library (libtss2-tcti-device0, "
+                "libtss2-tcti-swtpm0) is installed; `luks-tpm doctor` checks",
                 code=ExitCode.TPM_UNAVAILABLE,
                 cause=Cause.NO_TPM,
-                rc=int(error.error),
-            ) from None
-        except (RuntimeError, OSError) as error:  # TCTI module missing or unloadable
-            raise TpmError(
-                f"cannot load TCTI '{tcti}': {error}",
-                hint="install the TSS TCTI library (libtss2-tcti-device0, libtss2-tcti-swtpm0) or fix --tcti",
-                code=ExitCode.TPM_UNAVAILABLE,
-                cause=Cause.NO_TPM,
+                rc=error.error,
             ) from None
 
     def __enter__(self) -> Tpm:
@@ -310,11 +277,11 @@ class Tpm:
         while self._flush:
             handle = self._flush.pop()
             try:
-                self.esapi.flush_context(handle)
-            except TSS2_Exception as error:
+                self.esys.flush_context(handle)
+            except TssError as error:
                 log.debug("flushing %#x failed: %s", int(handle), error)
         self.srks.clear()
-        self.esapi.close()
+        self.esys.close()
 
     def track(self, handle: Any) -> Any:
         """Remember a transient handle so that close() flushes it."""
@@ -324,7 +291,7 @@ class Tpm:
     def flush(self, handle: Any) -> None:
         self._flush.remove(handle)
         with tpm_errors("flushing a transient object"):
-            self.esapi.flush_context(handle)
+            self.esys.flush_context(handle)
 
     def release(self, handle: Any) -> None:
         """Flush a handle now if it is still loaded (a session the TPM did not end because its command
@@ -344,22 +311,19 @@ class Tpm:
     @contextmanager
     def session(self, kind: Any, *, salt_key: Any = None) -> Iterator[Any]:
         """A session; with `salt_key` (an SRK handle) salted, encrypting commands and responses."""
-        symmetric = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
-        symmetric.keyBits.aes = 128
-        symmetric.mode.aes = TPM2_ALG.CFB
         salted = salt_key is not None
+        symmetric = ffi.new("TPMT_SYM_DEF *")
+        symmetric.algorithm = lib.TPM2_ALG_AES if salted else lib.TPM2_ALG_NULL
+        if salted:
+            symmetric.keyBits.aes = 128
+            symmetric.mode.aes = lib.TPM2_ALG_CFB
         with tpm_errors("starting a session"):
-            session = self.esapi.start_auth_session(
-                salt_key if salted else ESYS_TR.NONE,
-                ESYS_TR.NONE,
-                kind,
-                symmetric if salted else "null",
-                TPM2_ALG.SHA256,
-            )
+            session = self.esys.start_auth_session(salt_key if salted else NONE, kind, symmetric)
         self.track(session)
         if salted:
-            self.esapi.trsess_set_attributes(
-                session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT | TPMA_SESSION.DECRYPT
+            self.esys.trsess_set_attributes(
+                session,
+                lib.TPMA_SESSION_CONTINUESESSION | lib.TPMA_SESSION_ENCRYPT | lib.TPMA_SESSION_DECRYPT,
             )
         try:
             yield session
@@ -369,25 +333,26 @@ class Tpm:
 
     @contextmanager
     def trial_session(self) -> Iterator[Any]:
-        with self.session(TPM2_SE.TRIAL) as session:
+        with self.session(lib.TPM2_SE_TRIAL) as session:
             yield session
 
     def last_use(self, session: Any) -> None:
         """Clear continueSession for the session's next command: on success the TPM ends the session
         itself, which saves a FlushContext (on failure the session stays and is flushed as usual)."""
-        self.esapi.trsess_set_attributes(session, 0, TPMA_SESSION.CONTINUESESSION)
+        self.esys.trsess_set_attributes(session, 0, lib.TPMA_SESSION_CONTINUESESSION)
 
     def ended_by_tpm(self, session: Any) -> None:
         """Forget a session the TPM ended (continueSession was clear): free ESYS's record, no command."""
         self._flush.remove(session)
-        self.esapi.tr_close(session)
+        self.esys.tr_close(session)
 
     def properties(self, first: int, count: int) -> dict[int, int]:
         with tpm_errors("reading TPM properties"):
-            _, data = self.esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, int(first), count)
-        return {int(p.property): int(p.value) for p in data.data.tpmProperties}
+            data = self.esys.get_capability(lib.TPM2_CAP_TPM_PROPERTIES, first, count)
+        found = data.data.tpmProperties
+        return {int(p.property): int(p.value) for p in found.tpmProperty[0 : found.count]}
 
     def handles(self, first: int, count: int = 64) -> list[int]:
         with tpm_errors("listing TPM handles"):
-            _, data = self.esapi.get_capability(TPM2_CAP.HANDLES, first, count)
+            data = self.esys.get_capability(lib.TPM2_CAP_HANDLES, first, count)
         return [int(h) for h in data.data.handles.handle[0 : data.data.handles.count]]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from tpm2_pytss.constants import TPM2_PT, TPMA_PERMANENT
-
 from .context import Tpm
+from .esys import lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,20 +24,20 @@ class LockoutState:
 
 
 def lockout_state(tpm: Tpm) -> LockoutState:
-    props = tpm.properties(TPM2_PT.PERMANENT, 0x12)
+    props = tpm.properties(lib.TPM2_PT_PERMANENT, 0x12)
     return LockoutState(
-        in_lockout=bool(props.get(int(TPM2_PT.PERMANENT), 0) & TPMA_PERMANENT.INLOCKOUT),
-        failures=props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0),
-        max_failures=props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0),
-        recovery_seconds=props.get(int(TPM2_PT.LOCKOUT_INTERVAL), 0),
-        lockout_seconds=props.get(int(TPM2_PT.LOCKOUT_RECOVERY), 0),
+        in_lockout=bool(props.get(lib.TPM2_PT_PERMANENT, 0) & lib.TPMA_PERMANENT_INLOCKOUT),
+        failures=props.get(lib.TPM2_PT_LOCKOUT_COUNTER, 0),
+        max_failures=props.get(lib.TPM2_PT_MAX_AUTH_FAIL, 0),
+        recovery_seconds=props.get(lib.TPM2_PT_LOCKOUT_INTERVAL, 0),
+        lockout_seconds=props.get(lib.TPM2_PT_LOCKOUT_RECOVERY, 0),
     )
 
 
 def identity(tpm: Tpm) -> dict[str, str]:
     # TPM2_PT_MANUFACTURER, VENDOR_STRING_1..4, FIRMWARE_VERSION_1..2 (Part 2, table 23);
-    # tpm2-pytss names only some of them.
-    props = tpm.properties(TPM2_PT.MANUFACTURER, 8)
+    # the TSS names only some of them.
+    props = tpm.properties(lib.TPM2_PT_MANUFACTURER, 8)
 
     def text(*keys: int) -> str:
         raw = b"".join(props.get(k, 0).to_bytes(4, "big") for k in keys)

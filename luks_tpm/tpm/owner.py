@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_PT, TPM2_RC, TPMA_NV, TPMA_PERMANENT
-from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.types import TPM2B_AUTH
-
 from ..errors import Cause, ExitCode, LuksTpmError
 from ..secret import Secret
-from .context import LOCKOUT, Tpm, TpmError, c_data, fill_tpm2b, known_error, tpm_errors, translate, zero_c
+from .context import LOCKOUT, Tpm, TpmError, fill_tpm2b, known_error, tpm_errors, translate, zero_c
+from .esys import TssError, ffi, lib
 from .srk import is_standard_srk
 
 PERSISTENT_FIRST = 0x81000000
@@ -33,24 +30,24 @@ NV_FIRST = 0x01000000
 _CLEARING = "clearing the TPM owner hierarchy"
 
 _KINDS = {
-    int(TPM2_ALG.RSA): "RSA key",
-    int(TPM2_ALG.ECC): "ECC key",
-    int(TPM2_ALG.KEYEDHASH): "keyed-hash object",
-    int(TPM2_ALG.SYMCIPHER): "symmetric key",
+    lib.TPM2_ALG_RSA: "RSA key",
+    lib.TPM2_ALG_ECC: "ECC key",
+    lib.TPM2_ALG_KEYEDHASH: "keyed-hash object",
+    lib.TPM2_ALG_SYMCIPHER: "symmetric key",
 }
 _NV_TYPES = {0: "ordinary", 1: "counter", 2: "bits", 4: "extend", 8: "pin-fail", 9: "pin-pass"}
 # Attributes worth naming to an operator deciding whether someone else's data lives there.
 _NV_FLAGS = {
-    "written": TPMA_NV.WRITTEN,
-    "owner-write": TPMA_NV.OWNERWRITE,
-    "auth-write": TPMA_NV.AUTHWRITE,
-    "policy-write": TPMA_NV.POLICYWRITE,
-    "owner-read": TPMA_NV.OWNERREAD,
-    "auth-read": TPMA_NV.AUTHREAD,
-    "policy-read": TPMA_NV.POLICYREAD,
-    "no-da": TPMA_NV.NO_DA,
-    "policy-delete": TPMA_NV.POLICY_DELETE,
-    "platform-create": TPMA_NV.PLATFORMCREATE,
+    "written": lib.TPMA_NV_WRITTEN,
+    "owner-write": lib.TPMA_NV_OWNERWRITE,
+    "auth-write": lib.TPMA_NV_AUTHWRITE,
+    "policy-write": lib.TPMA_NV_POLICYWRITE,
+    "owner-read": lib.TPMA_NV_OWNERREAD,
+    "auth-read": lib.TPMA_NV_AUTHREAD,
+    "policy-read": lib.TPMA_NV_POLICYREAD,
+    "no-da": lib.TPMA_NV_NO_DA,
+    "policy-delete": lib.TPMA_NV_POLICY_DELETE,
+    "platform-create": lib.TPMA_NV_PLATFORMCREATE,
 }
 
 
@@ -85,19 +82,19 @@ class NvIndex:
 
 
 def clear_state(tpm: Tpm) -> ClearState:
-    props = tpm.properties(TPM2_PT.PERMANENT, 0x13)
-    permanent = props.get(int(TPM2_PT.PERMANENT), 0)
+    props = tpm.properties(lib.TPM2_PT_PERMANENT, 0x13)
+    permanent = props.get(lib.TPM2_PT_PERMANENT, 0)
     return ClearState(
-        disable_clear=bool(permanent & TPMA_PERMANENT.DISABLECLEAR),
-        lockout_auth_set=bool(permanent & TPMA_PERMANENT.LOCKOUTAUTHSET),
-        lockout_recovery=props.get(int(TPM2_PT.LOCKOUT_RECOVERY), 0),
+        disable_clear=bool(permanent & lib.TPMA_PERMANENT_DISABLECLEAR),
+        lockout_auth_set=bool(permanent & lib.TPMA_PERMANENT_LOCKOUTAUTHSET),
+        lockout_recovery=props.get(lib.TPM2_PT_LOCKOUT_RECOVERY, 0),
     )
 
 
 def clear_refusal(state: ClearState, *, auth_given: bool) -> LuksTpmError | None:
     """Why TPM2_Clear cannot work now, known without trying (a wrong try blocks the lockout authorization)."""
     if state.disable_clear:
-        known = known_error(int(TPM2_RC.DISABLED), _CLEARING, LOCKOUT)
+        known = known_error(lib.TPM2_RC_DISABLED, _CLEARING, LOCKOUT)
         assert known is not None
         return known
     if state.lockout_auth_set and not auth_given:
@@ -130,18 +127,18 @@ def _handles(tpm: Tpm, first: int, last: int) -> list[int]:
 def _read_public(tpm: Tpm, handle: int) -> PersistentObject:
     cached = tpm.srks.get(handle)  # ESYS hands out that same object again: it must not be closed here
     with tpm_errors(f"reading the persistent object at {handle:#x}"):
-        esys = cached[0] if cached is not None else tpm.esapi.tr_from_tpmpublic(handle)
+        esys = cached[0] if cached is not None else tpm.esys.tr_from_tpmpublic(handle)
         try:
-            public, name, _ = tpm.esapi.read_public(esys)
+            public, name = tpm.esys.read_public(esys), tpm.esys.tr_get_name(esys)
         finally:
             if cached is None:
-                tpm.esapi.tr_close(esys)
+                tpm.esys.tr_close(esys)
     role = None
     if is_standard_srk(public):
         role = "the standard SRK (luks-tpm, systemd-cryptenroll and tpm2-tools use it)"
     elif handle in _ENDORSEMENT_RANGE:
         role = "an endorsement key (re-created the same after a clear)"
-    return PersistentObject(handle, bytes(name), _KINDS.get(int(public.publicArea.type), "object"), role)
+    return PersistentObject(handle, name, _KINDS.get(int(public.publicArea.type), "object"), role)
 
 
 def persistent_objects(tpm: Tpm) -> tuple[list[PersistentObject], list[int]]:
@@ -153,16 +150,16 @@ def persistent_objects(tpm: Tpm) -> tuple[list[PersistentObject], list[int]]:
 
 def _nv_public(tpm: Tpm, index: int) -> NvIndex:
     with tpm_errors(f"reading NV index {index:#x}"):
-        esys = tpm.esapi.tr_from_tpmpublic(index)
+        esys = tpm.esys.tr_from_tpmpublic(index)
         try:
-            public, name = tpm.esapi.nv_read_public(esys)
+            public, name = tpm.esys.nv_read_public(esys), tpm.esys.tr_get_name(esys)
         finally:
-            tpm.esapi.tr_close(esys)
+            tpm.esys.tr_close(esys)
     area = public.nvPublic
     attributes = int(area.attributes)
-    kind = (attributes & int(TPMA_NV.TPM2_NT_MASK)) >> int(TPMA_NV.TPM2_NT_SHIFT)
+    kind = (attributes & lib.TPMA_NV_TPM2_NT_MASK) >> lib.TPMA_NV_TPM2_NT_SHIFT
     flags = tuple(word for word, bit in _NV_FLAGS.items() if attributes & int(bit))
-    return NvIndex(index, bytes(name), int(area.dataSize), _NV_TYPES.get(kind, f"type {kind}"), flags)
+    return NvIndex(index, name, int(area.dataSize), _NV_TYPES.get(kind, f"type {kind}"), flags)
 
 
 def nv_indices(tpm: Tpm) -> tuple[list[NvIndex], list[NvIndex]]:
@@ -173,18 +170,18 @@ def nv_indices(tpm: Tpm) -> tuple[list[NvIndex], list[NvIndex]]:
 
 def clear(tpm: Tpm, lockout_auth: Secret | None, state: ClearState) -> None:
     """TPM2_Clear, authorized by the lockout hierarchy. The authorization is zeroed in ESYS afterwards."""
-    value = TPM2B_AUTH()
+    value = ffi.new("TPM2B_AUTH *")
     try:
         if lockout_auth is not None:
-            fill_tpm2b(c_data(value), lockout_auth, "lockout authorization")
-        tpm.esapi.tr_set_auth(ESYS_TR.LOCKOUT, value)
+            fill_tpm2b(value, lockout_auth, "lockout authorization")
+        tpm.esys.tr_set_auth(lib.ESYS_TR_RH_LOCKOUT, value)
         try:
-            tpm.esapi.clear(ESYS_TR.LOCKOUT)
-        except TSS2_Exception as error:
+            tpm.esys.clear(lib.ESYS_TR_RH_LOCKOUT)
+        except TssError as error:
             raise _with_recovery(translate(error, _CLEARING, LOCKOUT), state) from None
     finally:
-        zero_c(c_data(value))
-        tpm.esapi.tr_set_auth(ESYS_TR.LOCKOUT, TPM2B_AUTH())  # ESYS keeps its own copy: overwrite it
+        zero_c(value)
+        tpm.esys.tr_set_auth(lib.ESYS_TR_RH_LOCKOUT, ffi.new("TPM2B_AUTH *"))  # ESYS keeps its own copy: overwrite it
 
 
 def _with_recovery(error: TpmError, state: ClearState) -> TpmError:

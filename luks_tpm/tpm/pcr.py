@@ -9,16 +9,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tpm2_pytss.constants import ESYS_TR, TPM2_CAP
-from tpm2_pytss.types import TPML_DIGEST_VALUES, TPML_PCR_SELECTION, TPMT_HA
-
 from ..errors import Cause, ExitCode, die
 from ..model import FENCE_BANK, FENCE_DOWN, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
 from .context import Tpm, tpm_errors
+from .esys import ffi, lib
+
+_SELECT_BYTES = 3  # PCRs 0-23, the size every PC client TPM takes (and what policy digests hash)
 
 
-def _selection(bank: Bank, pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
-    return TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}")
+def _selection(bank: Bank, pcrs: Sequence[int]) -> Any:
+    """A TPML_PCR_SELECTION of one bank."""
+    selection = ffi.new("TPML_PCR_SELECTION *")
+    selection.count = 1
+    entry = selection.pcrSelections[0]
+    entry.hash, entry.sizeofSelect = bank.algorithm, _SELECT_BYTES
+    for index in pcrs:
+        entry.pcrSelect[index // 8] |= 1 << (index % 8)
+    return selection
 
 
 def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
@@ -26,7 +33,7 @@ def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
     remaining = sorted(set(pcrs))
     while remaining:  # PCR_Read returns at most 8 values per call
         with tpm_errors("reading PCRs"):
-            _, returned, digests = tpm.esapi.pcr_read(_selection(bank, remaining))
+            returned, digests = tpm.esys.pcr_read(_selection(bank, remaining))
         got = [
             index
             for sel in returned.pcrSelections[0 : returned.count]
@@ -41,7 +48,7 @@ def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
                 cause=Cause.UNSUPPORTED,
             )
         for index, digest in zip(got, digests.digests[0 : digests.count], strict=True):
-            values[index] = bytes(digest)
+            values[index] = bytes(ffi.buffer(digest.buffer, digest.size))
         remaining = [index for index in remaining if index not in values]
     return values
 
@@ -49,7 +56,7 @@ def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
 def pcr_banks(tpm: Tpm) -> list[Bank]:
     """Banks with at least one PCR allocated."""
     with tpm_errors("reading the PCR banks"):
-        _, data = tpm.esapi.get_capability(TPM2_CAP.PCRS, 0, 16)
+        data = tpm.esys.get_capability(lib.TPM2_CAP_PCRS, 0, 16)
     by_algorithm = {bank.algorithm: bank for bank in Bank}
     return [
         by_algorithm[int(selection.hash)]
@@ -64,14 +71,14 @@ def apply_policy(tpm: Tpm, session: Any, policy: PcrPolicy, *, trial: bool) -> N
     parts = ([policy] if policy.pcrs else []) + ([FENCE_DOWN] if policy.fence else [])
     with tpm_errors("applying the PCR policy"):
         for part in parts:
-            tpm.esapi.policy_pcr(session, part.pcr_digest if trial else b"", _selection(part.bank, part.pcrs))
+            tpm.esys.policy_pcr(session, part.pcr_digest if trial else b"", _selection(part.bank, part.pcrs))
         if policy.pin:
-            tpm.esapi.policy_auth_value(session)
+            tpm.esys.policy_auth_value(session)
 
 
 def restart_policy(tpm: Tpm, session: Any) -> None:
     with tpm_errors("restarting the policy session"):
-        tpm.esapi.policy_restart(session)
+        tpm.esys.policy_restart(session)
 
 
 def policy_digest(tpm: Tpm, policy: PcrPolicy) -> bytes:
@@ -79,7 +86,7 @@ def policy_digest(tpm: Tpm, policy: PcrPolicy) -> bytes:
     with tpm.trial_session() as session:
         apply_policy(tpm, session, policy, trial=True)
         with tpm_errors("computing the policy digest"):
-            return bytes(tpm.esapi.policy_get_digest(session))
+            return tpm.esys.policy_get_digest(session)
 
 
 def fence_is_up(tpm: Tpm) -> bool:
@@ -89,12 +96,13 @@ def fence_is_up(tpm: Tpm) -> bool:
 def raise_fence(tpm: Tpm) -> list[Bank]:
     """Extend PCR 15 in every allocated bank with the bank's hash of FENCE_MESSAGE; the banks extended."""
     banks = pcr_banks(tpm)
-    values = []
-    for bank in banks:
-        value = TPMT_HA(hashAlg=bank.algorithm)
-        setattr(value.digest, bank.value, bank.hash(FENCE_MESSAGE))  # the union member is named after the hash
-        values.append(value)
-    digests = TPML_DIGEST_VALUES(values)
+    digests = ffi.new("TPML_DIGEST_VALUES *")
+    digests.count = len(banks)
+    for index, bank in enumerate(banks):
+        value = digests.digests[index]
+        value.hashAlg = bank.algorithm
+        digest = bank.hash(FENCE_MESSAGE)
+        ffi.memmove(value.digest.sha512, digest, len(digest))  # the union's members share one buffer
     with tpm_errors("extending PCR 15"):
-        tpm.esapi.pcr_extend(getattr(ESYS_TR, f"PCR{FENCE_PCR}"), digests)
+        tpm.esys.pcr_extend(lib.ESYS_TR_PCR0 + FENCE_PCR, digests)
     return banks

@@ -11,36 +11,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPMA_OBJECT
-from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.types import TPM2B_PUBLIC
-from tpm2_pytss.utils import NoSuchIndex, create_ek_template
-
 from ..errors import Cause, ExitCode, die
 from ..model import Parent
+from . import templates
 from .context import Tpm, TpmError, tpm_errors, translate
+from .esys import TssError, lib
 
 log = logging.getLogger(__name__)
 
 SRK_PERSISTENT_HANDLE = 0x81000001
 
-_SRK_ATTRIBUTES = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.NODA
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.DECRYPT
-)
 
-
-def srk_template() -> TPM2B_PUBLIC:
-    """The standard ECC P-256 storage root key (TCG provisioning template)."""
-    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", nameAlg=TPM2_ALG.SHA256, objectAttributes=_SRK_ATTRIBUTES)
-
-
-def _same_key_shape(public: TPM2B_PUBLIC, template: TPM2B_PUBLIC) -> bool:
+def _same_key_shape(public: Any, template: Any) -> bool:
     """True when `public` was made from `template` (all but the unique field, which the TPM fills in)."""
     a, b = public.publicArea, template.publicArea
     return bool(
@@ -53,9 +35,9 @@ def _same_key_shape(public: TPM2B_PUBLIC, template: TPM2B_PUBLIC) -> bool:
     )
 
 
-def is_standard_srk(public: TPM2B_PUBLIC) -> bool:
-    """Whether a key has the standard SRK's shape (whoever made it, luks-tpm or another tool)."""
-    return _same_key_shape(public, srk_template())
+def is_standard_srk(public: Any) -> bool:
+    """Whether a key (a TPM2B_PUBLIC) has the standard SRK's shape (whoever made it, luks-tpm or another tool)."""
+    return _same_key_shape(public, templates.srk())
 
 
 def _at_handle(tpm: Tpm, handle: int) -> tuple[Any, bytes] | None:
@@ -63,12 +45,12 @@ def _at_handle(tpm: Tpm, handle: int) -> tuple[Any, bytes] | None:
     handle already in `tpm.srks`: ESYS hands out the same object again, and closing it would close that."""
     assert handle not in tpm.srks
     try:
-        esys = tpm.esapi.tr_from_tpmpublic(handle)
-    except TSS2_Exception as error:
-        if int(error.error) == int(TPM2_RC.HANDLE):
+        esys = tpm.esys.tr_from_tpmpublic(handle)
+    except TssError as error:
+        if error.error == lib.TPM2_RC_HANDLE:
             return None
         raise translate(error, f"reading the key at {handle:#x}") from None
-    return esys, bytes(tpm.esapi.tr_get_name(esys))
+    return esys, tpm.esys.tr_get_name(esys)
 
 
 def _persistent_srk(tpm: Tpm, handle: int) -> tuple[Any, Parent] | None:
@@ -77,10 +59,10 @@ def _persistent_srk(tpm: Tpm, handle: int) -> tuple[Any, Parent] | None:
     if found is None:
         return None
     esys, name = found
-    public, _, _ = tpm.esapi.read_public(esys)
-    if not _same_key_shape(public, srk_template()):
+    public = tpm.esys.read_public(esys)
+    if not is_standard_srk(public):
         log.debug("persistent handle %#x does not hold the standard SRK; ignoring it", handle)
-        tpm.esapi.tr_close(esys)
+        tpm.esys.tr_close(esys)
         return None
     return esys, Parent(handle, name)
 
@@ -88,9 +70,8 @@ def _persistent_srk(tpm: Tpm, handle: int) -> tuple[Any, Parent] | None:
 def _transient_srk(tpm: Tpm) -> tuple[Any, Parent]:
     if None not in tpm.srks:
         with tpm_errors("creating the storage root key"):
-            esys, public, *_ = tpm.esapi.create_primary(None, srk_template(), ESYS_TR.OWNER)
-        tpm.track(esys)
-        tpm.srks[None] = (esys, Parent(None, bytes(public.get_name())))
+            esys = tpm.track(tpm.esys.create_primary(lib.ESYS_TR_RH_OWNER, templates.srk()))
+            tpm.srks[None] = (esys, Parent(None, tpm.esys.tr_get_name(esys)))
     return tpm.srks[None]
 
 
@@ -110,7 +91,7 @@ def persistent_handle_free(tpm: Tpm) -> bool:
         return False
     found = _at_handle(tpm, SRK_PERSISTENT_HANDLE)
     if found is not None:
-        tpm.esapi.tr_close(found[0])
+        tpm.esys.tr_close(found[0])
     return found is None
 
 
@@ -129,7 +110,8 @@ def persist_srk(tpm: Tpm) -> Parent:
         )
     esys, _ = _transient_srk(tpm)
     with tpm_errors("persisting the storage root key"):
-        tpm.esapi.evict_control(ESYS_TR.OWNER, esys, SRK_PERSISTENT_HANDLE)
+        persisted = tpm.esys.evict_control(lib.ESYS_TR_RH_OWNER, esys, SRK_PERSISTENT_HANDLE)
+    tpm.esys.tr_close(persisted)  # looked up again below, with its shape checked
     del tpm.srks[None]  # the persistent copy serves from now on: free the TPM's object slot
     tpm.flush(esys)
     found = _persistent_srk(tpm, SRK_PERSISTENT_HANDLE)
@@ -153,7 +135,7 @@ def srk_for(tpm: Tpm, expected: Parent, endorsement: bytes | None) -> Any:
             if found is not None and found[1] == expected.name:
                 cached = tpm.srks[expected.handle] = (found[0], expected)
             elif found is not None:
-                tpm.esapi.tr_close(found[0])
+                tpm.esys.tr_close(found[0])
         if cached is not None and cached[1].name == expected.name:
             return cached[0]
     esys, transient = _transient_srk(tpm)
@@ -181,7 +163,7 @@ def is_this_tpm(tpm: Tpm, expected: Parent, *, create: bool) -> bool:
                 tpm.srks[expected.handle] = (found[0], expected)
                 return True
             if found is not None:
-                tpm.esapi.tr_close(found[0])
+                tpm.esys.tr_close(found[0])
         elif cached[1].name == expected.name:
             return True
     if None not in tpm.srks and not create:
@@ -219,15 +201,11 @@ def endorsement_name(tpm: Tpm) -> bytes | None:
     if not tpm.endorsement_checked:
         tpm.endorsement_checked = True
 
-        def nv_read(index: int) -> bytes:
-            raise NoSuchIndex(index)
-
         try:
-            _, template = create_ek_template("EK-ECC256", nv_read)
             with tpm_errors("creating the endorsement key"):
-                esys, public, *_ = tpm.esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+                esys = tpm.esys.create_primary(lib.ESYS_TR_RH_ENDORSEMENT, templates.endorsement_key())
             with tpm.transient(esys):
-                tpm.endorsement = bytes(public.get_name())
+                tpm.endorsement = tpm.esys.tr_get_name(esys)
         except TpmError as error:
             log.debug("cannot create the EK: %s", error)
             tpm.endorsement = None
