@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from luks_tpm.model import FENCE_BANK, FENCE_PCR
 from luks_tpm.tpm import Tpm
+from luks_tpm.tpm.pcr import pcr_values
 
 
 class Swtpm:
@@ -131,9 +133,13 @@ def session_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
 
 @pytest.fixture
 def swtpm(session_swtpm: Swtpm) -> Iterator[Swtpm]:
-    """The shared swtpm; the test fails if it leaves objects or sessions loaded."""
+    """The shared swtpm; the test fails if it leaves objects or sessions loaded, or the fence raised (PCR 15
+    stays extended until the TPM restarts, and fenced tokens of later tests would not unlock)."""
     yield session_swtpm
     session_swtpm.assert_clean()
+    with Tpm(session_swtpm.tcti) as tpm:
+        fence = pcr_values(tpm, FENCE_BANK, [FENCE_PCR])[FENCE_PCR]
+    assert fence == bytes(FENCE_BANK.size), "the test raised the fence on the shared swtpm: use fresh_swtpm"
 
 
 @pytest.fixture
