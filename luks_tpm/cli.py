@@ -106,10 +106,6 @@ def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-def apply_verbosity(options: Globals) -> None:
-    configure_logging(options.verbose)
-
-
 def json_requested(command: click.Command, ctx: click.Context, args: list[str]) -> bool:
     """Whether --json stands on a command line that click could not parse.
 
@@ -150,7 +146,7 @@ class _JsonOnParseErrors(click.Command):
 
 class _Command(_JsonOnParseErrors):
     def invoke(self, ctx: click.Context) -> Any:
-        apply_verbosity(_globals())
+        configure_logging(_globals().verbose)
         try:
             return super().invoke(ctx)
         except click.UsageError as error:  # raised by the command's own checks: say which command's usage
@@ -241,7 +237,7 @@ def _passphrase_source(path: Path | None, prompt: str, option: str, twice: bool 
 
 
 def _pin_source(path: Path | None) -> Callable[[int], Secret | None]:
-    from .prompt import pin_source  # only for a token with a PIN: not on an unattended unlock
+    from .prompt import pin_source  # here: most commands never read a PIN
 
     return pin_source(path)
 
