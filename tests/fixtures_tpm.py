@@ -142,25 +142,24 @@ def swtpm(session_swtpm: Swtpm) -> Iterator[Swtpm]:
     assert fence == bytes(FENCE_BANK.size), "the test raised the fence on the shared swtpm: use fresh_swtpm"
 
 
-@pytest.fixture
-def fresh_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
-    """A TPM of its own, for tests that clear it, extend PCRs or exhaust the DA counter."""
-    swtpm = Swtpm(tmp_path / "swtpm")
+def _own_swtpm(state: Path) -> Iterator[Swtpm]:
+    """A swtpm for one test, checked for leaked handles and stopped at its end."""
+    swtpm = Swtpm(state)
     swtpm.start()
     yield swtpm
     try:
         swtpm.assert_clean()
     finally:
         swtpm.stop()
+
+
+@pytest.fixture
+def fresh_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
+    """A TPM of its own, for tests that clear it, extend PCRs or exhaust the DA counter."""
+    yield from _own_swtpm(tmp_path / "swtpm")
 
 
 @pytest.fixture
 def second_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
     """Another TPM (another machine's): its own seeds, its own EK, for volumes that carry tokens of both."""
-    swtpm = Swtpm(tmp_path / "second-swtpm")
-    swtpm.start()
-    yield swtpm
-    try:
-        swtpm.assert_clean()
-    finally:
-        swtpm.stop()
+    yield from _own_swtpm(tmp_path / "second-swtpm")

@@ -65,19 +65,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
+def format_command(path: Path, passphrase: Path) -> list[str | Path]:
+    """`format` with a recovery passphrase keyslot and a PBKDF cheap enough for tests."""
+    return ["format", path, "--passphrase-file", passphrase, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+
+
 def format_derived(path: Path, tcti: str, passphrase: Path) -> dict[str, Any]:
     """A new volume with a TPM-derived key and a recovery passphrase keyslot (fast PBKDF for tests)."""
     with open(path, "wb") as image:
         image.truncate(32 << 20)
-    result: dict[str, Any] = luks_tpm_json(
-        "format",
-        path,
-        "--passphrase-file",
-        passphrase,
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-        tcti=tcti,
-    )
+    result: dict[str, Any] = luks_tpm_json(*format_command(path, passphrase), tcti=tcti)
     return result

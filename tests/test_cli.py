@@ -17,7 +17,7 @@ from luks_tpm import cli
 
 from .fixtures_luks import file_digest
 from .fixtures_tpm import Swtpm
-from .helpers import REPO, assert_one_line_error, format_derived, luks_tpm, luks_tpm_json
+from .helpers import REPO, assert_one_line_error, format_command, format_derived, luks_tpm, luks_tpm_json
 from .json_schema import validate
 
 GLOBAL_OPTIONS = ("--tcti SPEC", "--json", "-v, --verbose", "--debug")
@@ -105,18 +105,7 @@ def test_batch_mode_is_yes(swtpm: Swtpm, derived_image: Path, passphrase: Path, 
     result = luks_tpm("format", derived_image, "--no-recovery", tcti=swtpm.tcti, expect=7, stdin=b"")
     assert_one_line_error(result, "already holds a LUKS header", "not asking: no terminal")
     assert file_digest(derived_image) == before
-    report = luks_tpm_json(
-        "format",
-        derived_image,
-        "--passphrase-file",
-        passphrase,
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-        spelling,
-        tcti=swtpm.tcti,
-    )
+    report = luks_tpm_json(*format_command(derived_image, passphrase), spelling, tcti=swtpm.tcti)
     validate("format", report)
     assert file_digest(derived_image) != before
 

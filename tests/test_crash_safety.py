@@ -32,7 +32,7 @@ import pytest
 from . import volumes
 from .fixtures_tpm import Swtpm
 from .forked_cli import ForkedCli
-from .helpers import REPO
+from .helpers import REPO, format_command
 
 SYSCALLS = ("write", "pwrite64", "fsync", "fdatasync")
 MAX_KILLS = 100  # per command and syscall; a command that writes more is itself a finding
@@ -234,16 +234,7 @@ def test_killed_format_never_leaves_a_tpm_only_volume(lanes: tuple[list[Lane], P
     kill_everywhere(
         "format",
         blank,
-        lambda image: [
-            "format",
-            image,
-            "--passphrase-file",
-            passphrase,
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
+        lambda image: format_command(image, passphrase),
         check,
         workers,
         tally,

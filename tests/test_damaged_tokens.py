@@ -53,6 +53,7 @@ from . import volumes
 from .fixtures_luks import file_digest
 from .fixtures_tpm import Swtpm
 from .forked_cli import ForkedCli
+from .helpers import format_command
 
 GOOD_ID = 31  # the good token's id: tried after every damaged one
 BATCH = 30  # damaged tokens per volume (ids 0..29)
@@ -119,17 +120,7 @@ def real(tmp_path_factory: pytest.TempPathFactory, cli: ForkedCli) -> Iterator[R
         formatted = work / "formatted.img"
         with open(formatted, "wb") as handle:
             handle.truncate(32 << 20)
-        made = cli.json(
-            "format",
-            formatted,
-            "--passphrase-file",
-            passphrase,
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            tcti=first.tcti,
-        )
+        made = cli.json(*format_command(formatted, passphrase), tcti=first.tcti)
         format_token = volumes.tokens(formatted)[made["token"]]
         # The same UUID and volume key on a small image with room for 32 tokens: the format token
         # derives the same key there.

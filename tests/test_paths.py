@@ -25,6 +25,7 @@ import pytest
 from . import volumes
 from .fixtures_tpm import Swtpm
 from .forked_cli import TIMEOUT, ForkedCli
+from .helpers import format_command
 
 TIMEOUT_S = 8  # every refusal here is immediate; a hang is a bug
 NOT_A_VOLUME = {2, 3}
@@ -46,17 +47,7 @@ def _error_lines(stderr: str, stdout: str = "") -> list[str]:
 
 def commands(path: Path, passphrase: Path) -> dict[str, list[str | Path]]:
     return {
-        "format": [
-            "format",
-            path,
-            "--passphrase-file",
-            passphrase,
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--yes",
-        ],
+        "format": [*format_command(path, passphrase), "--yes"],
         "enroll": ["enroll", path, "--mode", "derived", "--unlock-key-file", passphrase],
         "load-key": ["load-key", path, "--table"],
         "status": ["status", path],
@@ -110,18 +101,7 @@ def passphrase(tmp_path: Path) -> Path:
 
 def _works_everywhere(path: Path, passphrase: Path, cli: ForkedCli, tcti: str, data_device: str) -> None:
     """format, enroll, load-key --table, status, reseal (refused: no sealed token), remove on a real volume."""
-    formatted = cli.json(
-        "format",
-        path,
-        "--passphrase-file",
-        passphrase,
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-        "--yes",
-        tcti=tcti,
-    )
+    formatted = cli.json(*format_command(path, passphrase), "--yes", tcti=tcti)
     assert formatted["recovery_keyslot"] is not None
     enrolled = cli.json("enroll", path, "--mode", "sealed", "--unlock-key-file", passphrase, tcti=tcti)["token"]
     loaded = cli.json("load-key", path, "--table", tcti=tcti)
@@ -204,17 +184,7 @@ def test_detached_header_is_refused_or_supported(tmp_path: Path, tpm: Swtpm, pas
     formatted = tmp_path / "formatted.img"
     with open(formatted, "wb") as handle:
         handle.truncate(32 << 20)
-    made = cli.json(
-        "format",
-        formatted,
-        "--passphrase-file",
-        passphrase,
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-        tcti=tpm.tcti,
-    )
+    made = cli.json(*format_command(formatted, passphrase), tcti=tpm.tcti)
     token = volumes.token_text(formatted, made["token"])
     key_file = tmp_path / "key"
     volumes.dump_volume_key(formatted, passphrase, key_file)

@@ -21,7 +21,7 @@ from . import volumes
 from .fixtures_luks import LuksImage, file_digest
 from .fixtures_tpm import Swtpm
 from .forked_cli import ForkedCli
-from .helpers import assert_one_line_error, luks_tpm
+from .helpers import assert_one_line_error, format_command, luks_tpm
 
 # PCRs are read and extended with tpm2-tools, as an operator would: the tests do not lean on the
 # package's TPM layer.
@@ -92,17 +92,7 @@ def run_json(*args: str | Path, tcti: str) -> Any:
 def format_derived(image: Path, tcti: str, passphrase: Path) -> Any:
     with open(image, "wb") as handle:
         handle.truncate(32 << 20)
-    return run_json(
-        "format",
-        image,
-        "--passphrase-file",
-        passphrase,
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-        tcti=tcti,
-    )
+    return run_json(*format_command(image, passphrase), tcti=tcti)
 
 
 def volume_key(image: Path, passphrase: Path, tmp_path: Path) -> bytes:
