@@ -3,23 +3,22 @@ their exit code; bugs show a traceback only with -v. Logging goes to stderr; key
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
-import traceback
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import Cause, ExitCode, LuksTpmError
 
 if TYPE_CHECKING:
-    from .cli import Globals
-    from .output import Report
+    from .fastpath import FastCommand
 
 
-def _error(options: Globals | None, error: dict[str, Any]) -> NoReturn:
+def _error(as_json: bool, error: dict[str, Any]) -> NoReturn:
     """Report an error (output.error_data's shape) as --json asked, or as one line plus a hint, and exit."""
     from .output import error_json
 
-    if options is not None and options.json:
+    if as_json:
         print(error_json(error))
     else:
         print(f"luks-tpm: {error['message']}", file=sys.stderr)
@@ -32,26 +31,31 @@ def _plain_error(message: str, hint: str | None, code: int, cause: str | None) -
     return {"message": message, "hint": hint, "code": code, "cause": cause}
 
 
-def _bug(options: Globals | None, error: Exception) -> NoReturn:
+def _bug(as_json: bool, verbose: bool, error: Exception) -> NoReturn:
     """A bug: say so, and show where only when asked."""
-    verbose = options is not None and options.verbose
     if verbose:
+        import traceback
+
         traceback.print_exc()
     hint = "please report it, with the traceback above" if verbose else "rerun with -v and report it"
-    _error(options, _plain_error(f"internal error ({type(error).__name__})", hint, ExitCode.BUG, None))
+    _error(as_json, _plain_error(f"internal error ({type(error).__name__})", hint, ExitCode.BUG, None))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    # Start-up makes thousands of objects that live as long as the process, and an unlock frees few: the
+    # cyclic collector would only walk them, several times per start-up.
+    gc.disable()
     if _is_request_key(args):  # a kernel upcall: no click, nothing slow (see requestkey.py)
         from .requestkey import main as request_key
 
-        sys.exit(request_key(args))
-    from .boot import boot_command
+        _exit_now(request_key(args))
+    from .fastpath import fast_command
 
-    boot = boot_command(args)
-    if boot is not None:  # the boot scripts' own two command lines (see boot.py)
-        _run_boot(boot)
+    fast = fast_command(args)
+    if fast is not None:  # a plain unlock command line: no click (see fastpath.py)
+        _run_fast(fast)
+    gc.enable()  # other commands may run long
     import click
 
     from . import cli
@@ -64,41 +68,55 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main.main(args, prog_name="luks-tpm", standalone_mode=False, obj=options)
     except LuksTpmError as error:
-        _error(options, error_data(error))
+        _error(options.json, error_data(error))
     except click.exceptions.Abort:
-        _error(options, _plain_error("aborted", None, ExitCode.REFUSED, str(Cause.REFUSED)))
+        _error(options.json, _plain_error("aborted", None, ExitCode.REFUSED, str(Cause.REFUSED)))
     except click.ClickException as error:
         if options.json:
             context = getattr(error, "ctx", None)
             hint = f"see `{context.command_path} --help`" if context is not None else None
-            _error(options, _plain_error(error.format_message(), hint, ExitCode.USAGE, str(Cause.USAGE)))
+            _error(True, _plain_error(error.format_message(), hint, ExitCode.USAGE, str(Cause.USAGE)))
         error.show()
         sys.exit(ExitCode.USAGE)
     except KeyboardInterrupt:
         if options.json:
-            _error(options, _plain_error("interrupted", None, 130, None))
+            _error(True, _plain_error("interrupted", None, 130, None))
         sys.exit(130)
     except Exception as error:
-        _bug(options, error)
+        _bug(options.json, options.verbose > 0, error)
 
 
-def _run_boot(command: Callable[[], Report]) -> NoReturn:
-    """A boot command under the same boundary as the CLI's (no --json, no -v on those lines)."""
+def _run_fast(command: FastCommand) -> NoReturn:
+    """A fast-path command under the same boundary as the CLI's (no -v on those lines)."""
     from .output import configure_logging, error_data
     from .secret import make_undumpable
 
     make_undumpable()
     configure_logging(0)
     try:
-        report = command()
+        report = command.run()
     except LuksTpmError as error:
-        _error(None, error_data(error))
+        _error(command.json, error_data(error))
     except KeyboardInterrupt:
+        if command.json:
+            _error(True, _plain_error("interrupted", None, 130, None))
         sys.exit(130)
     except Exception as error:
-        _bug(None, error)
-    report.emit(False)
-    sys.exit(report.exit_code)
+        _bug(command.json, False, error)
+    report.emit(command.json)
+    _exit_now(report.exit_code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown (a tenth of an unlock's time). By now the `with` blocks have
+    closed every key, TPM handle and device; what is left is memory that the kernel takes back, of a
+    process nobody can dump (tests/test_bus_and_memory.py looks for key copies at exit_group)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        code = code or 120  # what the interpreter's own exit does when the last flush fails
+    os._exit(code)
 
 
 def _is_request_key(args: list[str]) -> bool:

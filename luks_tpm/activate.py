@@ -12,11 +12,10 @@ import errno
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import cryptsetup, crypttab, keyring
+from . import cryptsetup, keyring
 from .cryptsetup import Device, open_device
-from .crypttab import Entry
 from .errors import Cause, ExitCode, LuksTpmError, UnlockFailed, die
 from .model import FENCE_BANK, FENCE_PCR, Token
 from .output import Report, error_data, progress
@@ -24,8 +23,10 @@ from .secret import Secret
 from .settings import Activation
 from .tpm import Tpm
 from .tpm import pcr as tpm_pcr
-from .tpm.info import lockout_state
 from .unlock import KeyRecovery, PinSource, changed_pcrs, luks_tpm_tokens, recover_verified
+
+if TYPE_CHECKING:
+    from .crypttab import Entry
 
 
 def key_description(device: Device, digest: int) -> str:
@@ -184,6 +185,8 @@ def open_volume(
 
 def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource) -> Report:
     """Unlock every entry in one TPM pass; failures are reported and left for the passphrase path."""
+    from . import crypttab
+
     _require_device_mapper()
     results: list[dict[str, Any]] = []
     with Tpm(tcti) as tpm, KeyRecovery(tpm, pins, many_volumes=True) as recovery:
@@ -339,6 +342,8 @@ def _token_status(
         if token.pin:  # not unsealed without the PIN: check what can be checked, in unseal's order
             with KeyRecovery(tpm) as recovery:
                 recovery.precheck(token)
+            from .tpm.info import lockout_state
+
             if lockout_state(tpm).in_lockout:  # a PIN object is DA-protected: no try is accepted now
                 raise LuksTpmError(
                     "the TPM is in dictionary-attack lockout", code=ExitCode.LOCKED_OUT, cause=Cause.LOCKED_OUT

@@ -557,11 +557,7 @@ def load_key(
     from .activate import load_keys
 
     try:
-        target = keyring.parse_keyring(keyring_spec)
-        # The process and thread keyrings exist only once asked for, and creating them is harmless; @s
-        # must not be created (that would be a new anonymous session, gone when we exit), and it need not
-        # be: without one the kernel falls back to the user session keyring.
-        keyring.keyring_id(target, create=target in (keyring.PROCESS, keyring.THREAD))
+        target = keyring.load_key_target(keyring_spec)
     except (ValueError, keyring.KeyringError) as error:
         raise click.BadParameter(str(error), param_hint="--keyring") from None
     _emit(load_keys(_globals().tcti, devices, target, timeout, table, token_id, _pin_source(pin_file)))

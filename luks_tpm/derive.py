@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import re
 
-from .aes import BlockCipher
 from .secret import Secret, scrub_bytes
 
 KEK_SIZE = 32
@@ -88,6 +87,8 @@ def wrap(kek: Secret, key: Secret) -> bytes:
     first half of B (xor t) and R[i] the second, so only R[i] is copied in and out."""
     if len(key) % 8 or len(key) < 16:
         raise ValueError("AES key wrap needs a key of a multiple of 8 bytes, at least 16")
+    from .aes import BlockCipher  # here: only wrapped keys need AES, and most are derived directly
+
     n = len(key) // 8
     with BlockCipher(kek, encrypt=True) as aes, Secret(16) as block, Secret(len(key)) as r:
         b, registers = block.view(), r.view()
@@ -106,6 +107,8 @@ def unwrap(kek: Secret, wrapped: bytes) -> Secret | None:
     """The key inside `wrapped`, or None when the integrity check fails (wrong KEK or damaged data)."""
     if len(wrapped) % 8 or len(wrapped) < 24:
         return None
+    from .aes import BlockCipher
+
     n = len(wrapped) // 8 - 1
     r = Secret(8 * n)
     try:

@@ -83,6 +83,18 @@ def parse_keyring(spec: str) -> int:
     raise ValueError(f"invalid keyring {spec!r}: use @t, @p, @s, @u, @us or a keyring serial number")
 
 
+def load_key_target(spec: str) -> int:
+    """The keyring `load-key --keyring SPEC` adds to: ValueError if SPEC does not parse, KeyringError if it
+    names no keyring we can use.
+
+    The process and thread keyrings exist only once asked for, and creating them is harmless; @s must
+    not be created (that would be a new anonymous session, gone when we exit), and it need not be:
+    without one the kernel falls back to the user session keyring."""
+    target = parse_keyring(spec)
+    keyring_id(target, create=target in (PROCESS, THREAD))
+    return target
+
+
 def logon_key_permissions() -> int:
     """The tightest permissions a volume key can have and still work for dm-crypt.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import datetime
 import enum
 import hashlib
 import json
@@ -200,6 +199,8 @@ def to_json(token: Token) -> str:
 
 
 def utc_now() -> str:
+    import datetime  # here: only enrolling writes a date
+
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import termios
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,6 +92,8 @@ def ask(prompt: str, *, twice: bool = False, limit: int = MAX_PASSPHRASE) -> Sec
 
 
 def _read_line(fd: int, prompt: str) -> Secret:
+    import termios  # here: most runs never prompt
+
     os.write(fd, prompt.encode())
     old = termios.tcgetattr(fd)
     quiet = list(old)

@@ -21,7 +21,6 @@ from .tpm import Tpm, TpmError
 from .tpm import keys as tpm_keys
 from .tpm import pcr as tpm_pcr
 from .tpm import srk as tpm_srk
-from .tpm.info import lockout_state
 
 PinSource = Callable[[int], Secret | None]  # token id -> PIN, or None when none can be had
 
@@ -231,6 +230,8 @@ class KeyRecovery:
 
 def _with_lockout_state(tpm: Tpm, error: TpmError) -> TpmError:
     """The same error, saying how many tries are left or when a lockout lifts."""
+    from .tpm.info import lockout_state  # here: only a failed PIN asks
+
     if error.cause is Cause.WRONG_PIN:
         detail = lockout_state(tpm).describe()
     elif error.cause is Cause.LOCKED_OUT:
