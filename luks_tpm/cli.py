@@ -24,6 +24,7 @@ from .cryptsetup import Pbkdf
 from .errors import Cause, ExitCode, die
 from .model import PCR_COUNT, Bank, Mode
 from .output import Report, configure_logging
+from .prompt import MAX_KEY_FILE, MAX_PIN, ask, pin_source, read_file
 from .secret import Secret
 from .settings import Activation, Enrollment, FormatSettings, Recovery, tcti_from_environment
 
@@ -199,10 +200,6 @@ def _pcr_values(items: tuple[str, ...], bank: Bank | None) -> dict[int, bytes]:
 # Key, passphrase and PIN files are checked when the command line is parsed (exists, a regular file of
 # an acceptable size), so a bad one is a usage error naming its option before anything is done; they
 # are read, byte for byte into a Secret, only when needed.
-_MAX_KEY_FILE = 8192 * 1024  # cryptsetup's own limit for key files
-_MAX_PIN = 32  # a sealed object's authValue is at most its nameAlg's digest size (SHA-256)
-
-
 def _secret_file_check(limit: int) -> Callable[[click.Context, click.Parameter, Path | None], Path | None]:
     def check(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
         if value is None or str(value) == "-":
@@ -222,34 +219,18 @@ def _secret_file_check(limit: int) -> Callable[[click.Context, click.Parameter, 
     return check
 
 
-def _read(path: Path, what: str, option: str, limit: int = _MAX_KEY_FILE) -> Secret:
-    from .prompt import read_file
-
-    return read_file(path, what=what, option=option, limit=limit)
-
-
 def _passphrase_source(path: Path | None, prompt: str, option: str, twice: bool = False) -> Callable[[], Secret]:
-    from .prompt import ask
-
     if path is not None:
-        return lambda: _read(path, "passphrase", option)
+        return lambda: read_file(path, what="passphrase", option=option)
     return lambda: ask(prompt, twice=twice)
 
 
-def _pin_source(path: Path | None) -> Callable[[int], Secret | None]:
-    from .prompt import pin_source  # here: most commands never read a PIN
-
-    return pin_source(path)
-
-
 def _new_pin_source(path: Path | None, *, required: bool, option: str) -> Callable[[], Secret | None]:
-    from .prompt import ask
-
     def new_pin() -> Secret | None:
         if path is not None:
-            return _read(path, "PIN", option, _MAX_PIN)
+            return read_file(path, what="PIN", option=option, limit=MAX_PIN)
         if required or sys.stdin.isatty():
-            return ask("New PIN: ", twice=True, limit=_MAX_PIN)
+            return ask("New PIN: ", twice=True, limit=MAX_PIN)
         return None
 
     return new_pin
@@ -267,8 +248,8 @@ def _confirm(question: str) -> bool:
 
 
 _file = click.Path(path_type=Path, dir_okay=False, allow_dash=True)
-_key_file_check = _secret_file_check(_MAX_KEY_FILE)
-_pin_file_check = _secret_file_check(_MAX_PIN)
+_key_file_check = _secret_file_check(MAX_KEY_FILE)
+_pin_file_check = _secret_file_check(MAX_PIN)
 device_argument = click.argument("device", type=click.Path(path_type=Path))
 token_option = click.option("--token-id", type=click.IntRange(0, 31), help="Use only this luks-tpm token.")
 pin_file_option = click.option(
@@ -560,7 +541,7 @@ def load_key(
         target = keyring.load_key_target(keyring_spec)
     except (ValueError, keyring.KeyringError) as error:
         raise click.BadParameter(str(error), param_hint="--keyring") from None
-    _emit(load_keys(_globals().tcti, devices, target, timeout, table, token_id, _pin_source(pin_file)))
+    _emit(load_keys(_globals().tcti, devices, target, timeout, table, token_id, pin_source(pin_file)))
 
 
 @main.command("open")
@@ -598,14 +579,12 @@ def open_command(
     if all_volumes:
         if device or name:
             raise click.UsageError("--all takes no DEVICE or NAME")
-        _emit(open_all(_globals().tcti, tab.read(crypttab), _pin_source(pin_file)))
+        _emit(open_all(_globals().tcti, tab.read(crypttab), pin_source(pin_file)))
         return
     if device is None or name is None:
         raise click.UsageError("give DEVICE and NAME, or --all")
     _emit(
-        open_volume(
-            _globals().tcti, device, name, Activation(readonly, allow_discards), token_id, _pin_source(pin_file)
-        )
+        open_volume(_globals().tcti, device, name, Activation(readonly, allow_discards), token_id, pin_source(pin_file))
     )
 
 
@@ -666,7 +645,7 @@ def reseal(
             pcr_bank,
             force,
             _passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file"),
-            _pin_source(pin_file),
+            pin_source(pin_file),
             _new_pin_source(new_pin_file, required=False, option="--new-pin-file"),
         )
     )
