@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def imported_modules(*args: str) -> tuple[int, set[str], str]:
+    """(exit code, modules imported, stderr) of `python -m luks_tpm ARGS`, read from the interpreter's
+    import log: the unlock commands end with os._exit, so nothing can be asked of them at exit."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "luks_tpm", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    return result.returncode, set(re.findall(r"\|\s+(\S+)$", result.stderr, re.MULTILINE)), result.stderr
 
 
 def luks_tpm(

@@ -6,9 +6,6 @@ exit code, for successes and for failures."""
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +18,11 @@ from luks_tpm.tpm.pcr import pcr_values
 
 from .fixtures_luks import TEST_PASSPHRASE, make_luks_image
 from .fixtures_tpm import Swtpm
-from .helpers import REPO, format_derived, luks_tpm
+from .helpers import format_derived, imported_modules, luks_tpm
 
 
 def imports_click(*args: str) -> bool:
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "luks_tpm", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
-    return re.search(r"\|\s+click$", result.stderr, re.MULTILINE) is not None
+    return "click" in imported_modules(*args)[1]
 
 
 @pytest.fixture

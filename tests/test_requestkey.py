@@ -13,7 +13,6 @@ import ctypes
 import errno
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -37,7 +36,7 @@ from luks_tpm.tpm.context import secret_from_tpm2b
 
 from .fixtures_luks import TEST_PASSPHRASE, file_digest, make_luks_image
 from .fixtures_tpm import Swtpm
-from .helpers import REPO, format_derived, luks_tpm, luks_tpm_json
+from .helpers import REPO, format_derived, imported_modules, luks_tpm, luks_tpm_json
 from .tpm_proxy import (
     TPM_CC_HMAC,
     TPM_CC_START_AUTH_SESSION,
@@ -447,18 +446,9 @@ def test_without_the_authority_nothing_happens() -> None:
 
 
 def test_the_handler_imports_no_click() -> None:
-    # The handler ends with os._exit: what it imported is read from the interpreter's import log.
-    upcall = ["--tcti=none", "request-key", "1", "user", "luks-tpm:app:x", "32", "0"]
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "luks_tpm", *upcall],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
-    assert result.returncode == 7, result.stderr
-    modules = set(re.findall(r"\|\s+(\S+)$", result.stderr, re.MULTILINE))
-    assert "luks_tpm.requestkey" in modules, result.stderr
+    code, modules, stderr = imported_modules("--tcti=none", "request-key", "1", "user", "luks-tpm:app:x", "32", "0")
+    assert code == 7, stderr
+    assert "luks_tpm.requestkey" in modules, stderr
     assert not {"click", "luks_tpm.cli", "luks_tpm.tpm", "tpm2_pytss"} & modules, modules
 
 
