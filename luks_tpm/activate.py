@@ -129,6 +129,7 @@ def _add_replacing(description: str, key: Secret, target: int) -> int:
         f"cannot add the logon key {description}: another process keeps adding it",
         hint="run the command again",
         cause=Cause.GENERIC,
+        code=ExitCode.DEVICE,
     )
 
 
@@ -154,7 +155,11 @@ def _activate(device: Device, name: str, key: Secret, options: Activation) -> No
     if failure:
         error = failure[0]
         if isinstance(error, cryptsetup.CryptsetupError):
-            die(f"activating {name} failed: {error}", hint="is the name already in use? (`dmsetup ls`)")
+            die(
+                f"activating {name} failed: {error}",
+                hint="is the name already in use? (`dmsetup ls`)",
+                code=ExitCode.DEVICE,
+            )
         raise error
 
 

@@ -76,8 +76,8 @@ class LuksTpmError(Exception):
         self,
         message: str,
         *,
+        code: ExitCode,
         hint: str | None = None,
-        code: ExitCode = ExitCode.DEVICE,
         cause: Cause | None = None,
         rc: int | None = None,
     ) -> None:
@@ -95,11 +95,13 @@ class LuksTpmError(Exception):
 def die(
     message: str,
     *,
+    code: ExitCode,
     hint: str | None = None,
-    code: ExitCode = ExitCode.DEVICE,
     cause: Cause | None = None,
     rc: int | None = None,
 ) -> NoReturn:
+    """Raise a user-facing error. `code` is required: every failure says which kind it is (there is no
+    default meaning, such as "device problem", to fall into)."""
     raise LuksTpmError(message, hint=hint, code=code, cause=cause, rc=rc)
 
 

@@ -247,12 +247,13 @@ def parse(text: str, token_id: int) -> Token:
     try:
         raw = json.loads(text)
     except ValueError:
-        die(f"{where} is not valid JSON", hint=hint, cause=Cause.CORRUPT_TOKEN)
+        die(f"{where} is not valid JSON", hint=hint, cause=Cause.CORRUPT_TOKEN, code=ExitCode.DEVICE)
     if not isinstance(raw, dict) or raw.get("type") != TOKEN_TYPE:
         die(
             f"token {token_id} is not a luks-tpm token",
             hint="pick a luks-tpm token (`luks-tpm status`)",
             cause=Cause.USAGE,
+            code=ExitCode.DEVICE,
         )
     version = raw.get("version")
     if isinstance(version, int) and _is_int(version) and version > VERSION:
@@ -265,7 +266,9 @@ def parse(text: str, token_id: int) -> Token:
     try:
         return _parse_fields(raw)
     except (_Damage, binascii.Error) as error:
-        raise LuksTpmError(f"{where} is damaged: {error}", hint=hint, cause=Cause.CORRUPT_TOKEN) from None
+        raise LuksTpmError(
+            f"{where} is damaged: {error}", hint=hint, cause=Cause.CORRUPT_TOKEN, code=ExitCode.DEVICE
+        ) from None
 
 
 def _is_int(value: object) -> bool:

@@ -51,6 +51,7 @@ def write_error(device: Device, error: CryptsetupError) -> LuksTpmError:
             f"{device.path}: another process changed the LUKS header meanwhile; nothing was written",
             hint="run the command again",
             cause=Cause.HEADER_CHANGED,
+            code=ExitCode.DEVICE,
         )
     if "free token" in said or "no free" in said:
         return LuksTpmError(
@@ -58,6 +59,7 @@ def write_error(device: Device, error: CryptsetupError) -> LuksTpmError:
             hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`) or keyslots; the "
             "JSON area size is fixed when the volume is formatted",
             cause=Cause.HEADER_FULL,
+            code=ExitCode.DEVICE,
         )
     if error.errno == errno.ENOSPC:
         return LuksTpmError(
@@ -66,14 +68,18 @@ def write_error(device: Device, error: CryptsetupError) -> LuksTpmError:
             "(`luks-tpm status`, `luks-tpm remove`) or keyslots; a larger area can only be chosen "
             "when formatting (`cryptsetup luksFormat --luks2-metadata-size`)",
             cause=Cause.HEADER_FULL,
+            code=ExitCode.DEVICE,
         )
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return LuksTpmError(
             f"{device.path}: cannot write the LUKS header ({error.strerror})",
             hint="is the device or image read-only?",
             cause=Cause.DEVICE,
+            code=ExitCode.DEVICE,
         )
-    return LuksTpmError(f"{device.path}: writing the LUKS header failed: {error}", cause=Cause.DEVICE)
+    return LuksTpmError(
+        f"{device.path}: writing the LUKS header failed: {error}", cause=Cause.DEVICE, code=ExitCode.DEVICE
+    )
 
 
 def _write_token(device: Device, token: Token) -> int:
@@ -82,6 +88,7 @@ def _write_token(device: Device, token: Token) -> int:
             f"{device.path}: the LUKS2 header already holds 32 tokens, the most it can",
             hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`)",
             cause=Cause.HEADER_FULL,
+            code=ExitCode.DEVICE,
         )
     try:
         return device.token_json_set(to_json(token))

@@ -50,6 +50,7 @@ def luks_tpm_tokens(device: Device) -> list[TokenEntry]:
                         f"luks-tpm token {token_id} is not valid JSON",
                         cause=Cause.CORRUPT_TOKEN,
                         hint=f"remove it with `luks-tpm remove --token-id {token_id}` and re-enroll",
+                        code=ExitCode.DEVICE,
                     ),
                 )
             )

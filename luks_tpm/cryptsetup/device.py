@@ -8,7 +8,7 @@ import errno
 import json
 from typing import Any
 
-from ..errors import die
+from ..errors import ExitCode, die
 from ..secret import Secret
 from .binding import (
     _LUKS2,
@@ -211,7 +211,11 @@ class Device:
         for digest_id, digest in self.metadata().get("digests", {}).items():
             if "0" in digest.get("segments", []):
                 return int(digest_id)
-        die(f"{self.path} has no digest for its data segment", hint="check it with `cryptsetup luksDump`")
+        die(
+            f"{self.path} has no digest for its data segment",
+            hint="check it with `cryptsetup luksDump`",
+            code=ExitCode.DEVICE,
+        )
 
     def is_detached_header(self) -> bool:
         meta = self.metadata()

@@ -72,15 +72,16 @@ def _check_path(name: str) -> None:
         mode = os.stat(name).st_mode
     except FileNotFoundError:
         kind = "a dangling symbolic link" if os.path.islink(name) else "no such file or device"
-        die(f"{name}: {kind}", hint="check the device path", cause=Cause.DEVICE)
+        die(f"{name}: {kind}", hint="check the device path", cause=Cause.DEVICE, code=ExitCode.DEVICE)
     except PermissionError:
         die(
             f"{name}: permission denied",
             hint="run as root, or as a user allowed to read and write it",
             cause=Cause.DEVICE,
+            code=ExitCode.DEVICE,
         )
     except OSError as error:
-        die(f"{name}: cannot open: {error.strerror}", cause=Cause.DEVICE)
+        die(f"{name}: cannot open: {error.strerror}", cause=Cause.DEVICE, code=ExitCode.DEVICE)
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         kind = (
             "a directory"
@@ -97,6 +98,7 @@ def _check_path(name: str) -> None:
             f"{name}: {kind}, not a block device or disk image file",
             hint="give the LUKS2 device or image",
             cause=Cause.DEVICE,
+            code=ExitCode.DEVICE,
         )
 
 
@@ -113,6 +115,7 @@ def _header_lock(name: str) -> Iterator[None]:
             "LUKS header",
             hint="run as root, or make the device or image writable",
             cause=Cause.DEVICE,
+            code=ExitCode.DEVICE,
         )
     try:
         request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
@@ -165,16 +168,18 @@ def _raise_open_error(name: str, error: CryptsetupError) -> NoReturn:
             f"{name}: permission denied",
             hint="run as root, or as a user allowed to read and write it",
             cause=Cause.DEVICE,
+            code=ExitCode.DEVICE,
         )
     except OSError as os_error:
-        die(f"{name}: cannot open: {os_error.strerror}", cause=Cause.DEVICE)
+        die(f"{name}: cannot open: {os_error.strerror}", cause=Cause.DEVICE, code=ExitCode.DEVICE)
     if error.errno in (errno.EACCES, errno.EPERM):
         die(
             f"{name}: permission denied",
             hint="run as root, or as a user allowed to read and write it",
             cause=Cause.DEVICE,
+            code=ExitCode.DEVICE,
         )
-    die(f"{name}: cannot open: {error}", cause=Cause.DEVICE)
+    die(f"{name}: cannot open: {error}", cause=Cause.DEVICE, code=ExitCode.DEVICE)
 
 
 def _load(device: Device, allow_detached: bool) -> None:
@@ -187,6 +192,7 @@ def _load(device: Device, allow_detached: bool) -> None:
                 f"{name}: permission denied",
                 hint="run as root, or as a user allowed to read and write it",
                 cause=Cause.DEVICE,
+                code=ExitCode.DEVICE,
             )
         facts = header_facts(name)
         if facts is not None and facts.version == 1:
@@ -200,14 +206,16 @@ def _load(device: Device, allow_detached: bool) -> None:
                 f"{name}: the LUKS2 metadata is corrupt or truncated",
                 hint=f"`cryptsetup repair {name}` may recover it (back up the first 16 MiB first)",
                 cause=Cause.DEVICE,
+                code=ExitCode.DEVICE,
             )
         if error.errno == errno.EINVAL:
             die(
                 f"{name}: not a LUKS device",
                 hint="is this the right device? `cryptsetup isLuks` checks",
                 cause=Cause.DEVICE,
+                code=ExitCode.DEVICE,
             )
-        die(f"{name}: cannot read the LUKS header: {error}", cause=Cause.DEVICE)
+        die(f"{name}: cannot read the LUKS header: {error}", cause=Cause.DEVICE, code=ExitCode.DEVICE)
     kind = device.type
     if kind == "LUKS1":
         die(
