@@ -34,6 +34,12 @@ class Convention(enum.Enum):
     NEGATIVE_ERRNO = "negative"  # returns -errno (libcryptsetup)
     MINUS_ONE = "minus-one"  # returns -1 and sets errno (libc, libkeyutils)
     ONE_IS_SUCCESS = "one"  # returns 1 on success, anything else on failure, no errno (libcrypto)
+    ZERO_IS_SUCCESS = "zero"  # returns 0 on success, else a library-specific code, no errno (the TSS)
+
+
+# Every library luks-tpm binds, by soname: what the initramfs hooks must copy besides what the Python
+# modules link (hooks/initramfs/luks-tpm-files loads them all and reads /proc/self/maps).
+SONAMES: list[str] = []
 
 
 class CLibrary:
@@ -47,6 +53,7 @@ class CLibrary:
         install_hint: str | None = None,
     ) -> None:
         self.soname = soname
+        SONAMES.append(soname)
         self._signatures = signatures
         self._convention = convention
         self._error = error
@@ -95,4 +102,6 @@ class CLibrary:
             raise self._error(ctypes.get_errno(), name)
         if self._convention is Convention.ONE_IS_SUCCESS and result != 1:
             raise self._error(EIO, name)  # the reason is on libcrypto's error queue, not in errno
+        if self._convention is Convention.ZERO_IS_SUCCESS and result != 0:
+            raise self._error(EIO, name)
         return result

@@ -1,7 +1,9 @@
 """crypttab entries marked for luks-tpm (option `x-luks-tpm`), with their devices resolved.
 
 `x-` options are ignored (with at most a warning) by systemd-cryptsetup and cryptroot, so the marker
-is safe to leave in a crypttab that other tools read too.
+is safe to leave in a crypttab that other tools read too. A crypttab is a regular file of at most 1 MiB;
+bytes that are not UTF-8 are kept as they are (a device path is bytes to the kernel) and escaped when
+shown.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import dataclasses
 from pathlib import Path
 
 from .cryptsetup import header_facts
-from .errors import ExitCode, die
+from .errors import Cause, ExitCode, LuksTpmError, die
+from .files import read_bytes
 
 MARKER = "x-luks-tpm"
+MAX_SIZE = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +25,14 @@ class Entry:
     device: str
     readonly: bool = False
     discard: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Unresolved:
+    """A crypttab entry whose device is not there: reported per volume, beside the others."""
+
+    device: str
+    error: LuksTpmError
 
 
 def parse(text: str, *, only_marked: bool = True) -> list[Entry]:
@@ -46,11 +58,8 @@ def parse(text: str, *, only_marked: bool = True) -> list[Entry]:
     return entries
 
 
-def read(path: Path) -> list[Entry]:
-    try:
-        return parse(path.read_text())
-    except OSError as error:
-        die(f"cannot read {path}: {error.strerror}", code=ExitCode.USAGE)
+def read(path: Path, option: str = "--crypttab") -> list[Entry]:
+    return parse(read_bytes(path, what="crypttab", option=option, limit=MAX_SIZE).decode("utf-8", "surrogateescape"))
 
 
 def resolve(entry: Entry, dev: Path = Path("/dev"), sys_block: Path = Path("/sys/class/block")) -> Entry:
@@ -66,7 +75,18 @@ def resolve(entry: Entry, dev: Path = Path("/dev"), sys_block: Path = Path("/sys
         found = luks_device(value, dev, sys_block)
         if found is not None:
             return dataclasses.replace(entry, device=str(found))
-    die(f"crypttab entry {entry.name}: no device with {entry.device}", code=ExitCode.DEVICE)
+    die(f"crypttab entry {entry.name}: no device with {entry.device}", code=ExitCode.DEVICE, cause=Cause.DEVICE)
+
+
+def devices(entries: list[Entry]) -> list[Path | Unresolved]:
+    """Each entry's device path, or why it has none."""
+    found: list[Path | Unresolved] = []
+    for entry in entries:
+        try:
+            found.append(Path(resolve(entry).device))
+        except LuksTpmError as error:
+            found.append(Unresolved(entry.device, error))
+    return found
 
 
 def luks_device(uuid: str, dev: Path = Path("/dev"), sys_block: Path = Path("/sys/class/block")) -> Path | None:

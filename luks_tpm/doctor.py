@@ -6,14 +6,14 @@ import dataclasses
 import os
 import shlex
 from pathlib import Path
-from typing import Any
 
 from . import cryptsetup, keyring
 from .errors import ExitCode, LuksTpmError
 from .model import FENCE_PCR, Bank
-from .output import Report
+from .output import OMIT_IF_NONE, Report
 from .secret import Secret
 from .tpm import Tpm
+from .tpm.info import LockoutState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +23,45 @@ class Check:
     detail: str
     hint: str | None = None
 
+    def line(self) -> str:
+        return f"{'OK ' if self.ok else 'BAD'} {self.name}: {self.detail}" + (f" -> {self.hint}" if self.hint else "")
 
-def _tpm_checks(tcti: str) -> tuple[list[Check], dict[str, Any]]:
+
+@dataclasses.dataclass(frozen=True)
+class SrkFacts:
+    persistent: bool
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TpmFacts:
+    identity: dict[str, str]
+    banks: tuple[Bank, ...]
+    srk: SrkFacts
+    lockout: LockoutState
+    fence_up: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DoctorReport:
+    ok: bool
+    checks: tuple[Check, ...]
+    # The TPM's facts, present together exactly when a TPM answered (docs/json.md)
+    identity: dict[str, str] | None = dataclasses.field(default=None, metadata=OMIT_IF_NONE)
+    banks: tuple[Bank, ...] | None = dataclasses.field(default=None, metadata=OMIT_IF_NONE)
+    srk: SrkFacts | None = dataclasses.field(default=None, metadata=OMIT_IF_NONE)
+    lockout: LockoutState | None = dataclasses.field(default=None, metadata=OMIT_IF_NONE)
+    fence_up: bool | None = dataclasses.field(default=None, metadata=OMIT_IF_NONE)
+
+    def lines(self) -> list[str]:
+        return [check.line() for check in self.checks]
+
+
+def _tpm_checks(tcti: str) -> tuple[list[Check], TpmFacts | None]:
     try:
         tpm = Tpm(tcti)
     except LuksTpmError as error:
-        return [Check("tpm", False, error.message, error.hint)], {}
+        return [Check("tpm", False, error.message, error.hint)], None
     from .tpm import info, pcr, srk
 
     with tpm:
@@ -37,13 +70,7 @@ def _tpm_checks(tcti: str) -> tuple[list[Check], dict[str, Any]]:
         _, parent = srk.current_srk(tpm)
         lockout = info.lockout_state(tpm)
         fence_up = pcr.fence_is_up(tpm)
-    facts = {
-        "identity": identity,
-        "banks": [str(bank) for bank in banks],
-        "srk": {"persistent": parent.handle is not None, "name": parent.name.hex()},
-        "lockout": dataclasses.asdict(lockout),
-        "fence_up": fence_up,
-    }
+    facts = TpmFacts(identity, tuple(banks), SrkFacts(parent.handle is not None, parent.name.hex()), lockout, fence_up)
     checks = [
         Check(
             "tpm",
@@ -155,9 +182,7 @@ def doctor(tcti: str) -> Report:
             None if dm else "`modprobe dm_crypt`; without it only load-key works, not open",
         )
     )
-    lines = [
-        f"{'OK ' if check.ok else 'BAD'} {check.name}: {check.detail}" + (f" -> {check.hint}" if check.hint else "")
-        for check in checks
-    ]
-    data = {"ok": all(check.ok for check in checks), "checks": [dataclasses.asdict(c) for c in checks], **facts}
-    return Report(data, lines, exit_code=ExitCode.OK if checks[0].ok else ExitCode.TPM_UNAVAILABLE)
+    ok = all(check.ok for check in checks)
+    found = {} if facts is None else {field.name: getattr(facts, field.name) for field in dataclasses.fields(facts)}
+    report = DoctorReport(ok, tuple(checks), **found)
+    return Report(report, exit_code=ExitCode.OK if checks[0].ok else ExitCode.TPM_UNAVAILABLE)

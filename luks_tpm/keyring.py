@@ -8,13 +8,12 @@ them back. Payloads are passed to C as a pointer into the caller's `Secret`; the
 from __future__ import annotations
 
 import ctypes
-import errno as errnos
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from .clib import CLibrary, CLibraryError, Convention
-from .secret import Secret, wipe
+from .secret import Secret, zero
 
 # Special keyring IDs (KEY_SPEC_*), resolved by the kernel against the calling thread's credentials.
 THREAD = -1
@@ -41,15 +40,11 @@ _long = ctypes.c_long
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "add_key": (_serial, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, _serial]),
     "keyctl_get_keyring_ID": (_serial, [_serial, ctypes.c_int]),
-    "keyctl_join_session_keyring": (_serial, [ctypes.c_char_p]),
     "keyctl_setperm": (_long, [_serial, ctypes.c_uint32]),
     "keyctl_set_timeout": (_long, [_serial, ctypes.c_uint]),
-    "keyctl_search": (_long, [_serial, ctypes.c_char_p, ctypes.c_char_p, _serial]),
+    "keyctl_link": (_long, [_serial, _serial]),
     "keyctl_unlink": (_long, [_serial, _serial]),
-    "keyctl_revoke": (_long, [_serial]),
-    "keyctl_read": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
     "keyctl_describe": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t]),
-    "request_key": (_serial, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _serial]),
     "keyctl_assume_authority": (_long, [_serial]),
     "keyctl_instantiate": (_long, [_serial, ctypes.c_void_p, ctypes.c_size_t, _serial]),
     "keyctl_negate": (_long, [_serial, ctypes.c_uint, _serial]),
@@ -61,8 +56,8 @@ class KeyringError(CLibraryError):
 
 
 # Loaded on first use, so that commands which never touch the keyring work without libkeyutils.
-_c = CLibrary("libkeyutils.so.1", _SIGNATURES, convention=Convention.MINUS_ONE, error=KeyringError)
-_call = _c.call
+_library = CLibrary("libkeyutils.so.1", _SIGNATURES, convention=Convention.MINUS_ONE, error=KeyringError)
+_call = _library.call
 
 
 @dataclass(frozen=True)
@@ -84,15 +79,21 @@ def parse_keyring(spec: str) -> int:
 
 
 def load_key_target(spec: str) -> int:
-    """The keyring `load-key --keyring SPEC` adds to: ValueError if SPEC does not parse, KeyringError if it
-    names no keyring we can use.
+    """The serial of the keyring `load-key --keyring SPEC` adds to. ValueError (a usage error) when SPEC
+    does not parse, names no keyring, or names a key that is not a keyring.
 
     The process and thread keyrings exist only once asked for, and creating them is harmless; @s must
     not be created (that would be a new anonymous session, gone when we exit), and it need not be:
     without one the kernel falls back to the user session keyring."""
-    target = parse_keyring(spec)
-    keyring_id(target, create=target in (PROCESS, THREAD))
-    return target
+    special = parse_keyring(spec)
+    try:
+        serial = keyring_id(special, create=special in (PROCESS, THREAD))
+        kind = describe(serial).type
+    except KeyringError as error:
+        raise ValueError(f"{spec}: {error.strerror}") from None
+    if kind != "keyring":
+        raise ValueError(f"{spec} is a {kind} key, not a keyring")
+    return serial
 
 
 def logon_key_permissions() -> int:
@@ -127,25 +128,13 @@ def set_timeout(serial: int, seconds: int) -> None:
     _call("keyctl_set_timeout", serial, seconds)
 
 
-def search(keyring: int, key_type: str, description: str) -> int | None:
-    """The serial of a usable key found from `keyring` (recursively), or None.
-
-    A revoked or expired key counts as absent (dm-crypt cannot use it, and adding the key again replaces it).
-    """
-    try:
-        return _call("keyctl_search", keyring, key_type.encode(), description.encode(), 0)
-    except KeyringError as error:
-        if error.errno in (errnos.ENOKEY, errnos.EKEYREVOKED, errnos.EKEYEXPIRED):
-            return None
-        raise
+def link(serial: int, keyring: int) -> None:
+    """Link the key into `keyring`, displacing a key of the same type and description there (atomically)."""
+    _call("keyctl_link", serial, keyring)
 
 
 def unlink(serial: int, keyring: int) -> None:
     _call("keyctl_unlink", serial, keyring)
-
-
-def revoke(serial: int) -> None:
-    _call("keyctl_revoke", serial)
 
 
 def keyring_id(keyring: int, *, create: bool = False) -> int:
@@ -162,44 +151,14 @@ def _read_into_new_buffer(function: str, serial: int) -> bytearray:
         if size <= len(buffer):
             del buffer[size:]
             return buffer
-        wipe(buffer)  # the payload grew between the calls
+        zero(buffer)  # the payload grew between the calls
         buffer = bytearray(size)
 
 
-def read(serial: int) -> bytearray:
-    """The payload of a readable key, or the serials of a keyring's keys (native int32 array).
-
-    Reading a logon key fails (EOPNOTSUPP): that is the point of logon keys. Used by tests and proofs.
-    """
-    return _read_into_new_buffer("keyctl_read", serial)
-
-
-def keyring_contents(keyring: int) -> list[int]:
-    """The serials of the keys linked into `keyring` (needs READ on it)."""
-    return list(memoryview(read(keyring)).cast("i"))
-
-
 def describe(serial: int) -> KeyDescription:
-    raw = _read_into_new_buffer("keyctl_describe", serial).rstrip(b"\0").decode()
+    raw = _read_into_new_buffer("keyctl_describe", serial).rstrip(b"\0").decode("utf-8", "surrogateescape")
     key_type, uid, gid, perm, description = raw.split(";", 4)
     return KeyDescription(key_type, int(uid), int(gid), int(perm, 16), description)
-
-
-def join_session_keyring(name: str | None = None) -> int:
-    """Give the calling thread a new anonymous (None) or named session keyring; its serial.
-
-    Session keyrings hang off the thread's credentials: threads started afterwards inherit it,
-    threads that already exist keep their own.
-    """
-    return _call("keyctl_join_session_keyring", None if name is None else name.encode())
-
-
-def request_key(key_type: str, description: str, callout: str | None, keyring: int) -> int:
-    """request_key(2), as an application asks for a key: found in its keyrings, or (with `callout`)
-    made by the /sbin/request-key handler for it; linked into `keyring`. Its serial."""
-    return _call(
-        "request_key", key_type.encode(), description.encode(), None if callout is None else callout.encode(), keyring
-    )
 
 
 # ---- request-key handlers (the process /sbin/request-key runs for a key under construction) ----------

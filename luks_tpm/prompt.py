@@ -1,7 +1,8 @@
-"""Secrets typed by a person or read from a file, and the recovery key shown once.
+"""Secrets a person gives (passphrases, PINs, the lockout authorization), typed or read from a file, and
+the recovery key shown once.
 
-Passphrases, PINs and recovery keys are read byte by byte into a `Secret` (no `str`, no `getpass`)
-and written to the terminal straight from it.
+They are read byte by byte into a `Secret` (no `str`, no `getpass`) and written to the terminal straight
+from it. Key files are read as `cryptsetup --key-file` reads them: exact bytes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import ExitCode, die
+from .errors import Cause, ExitCode, die
+from .files import open_regular
 from .secret import Secret
 
 MAX_PASSPHRASE = 512
@@ -21,27 +23,48 @@ MAX_PIN = 32  # a sealed object's authValue is at most its nameAlg's digest size
 _MODHEX = b"cbdefghijklnrtuv"  # unambiguous on any keyboard layout, as systemd's recovery keys
 RECOVERY_KEY_BYTES = 32
 
+PassphraseSource = Callable[[], Secret]  # an existing passphrase, recovery key or key file
+NewPinSource = Callable[[], Secret | None]  # a new binding's PIN, or None when there is none
+PinSource = Callable[[int], Secret | None]  # token id -> its PIN, or None when none can be had
+Confirm = Callable[[list[str], str], bool]  # shows the lines, asks the question; True to go on
 
-def pin_source(path: Path | None) -> Callable[[int], Secret | None]:
+
+def check_pin(pin: Secret, where: str) -> Secret:
+    """A PIN is 1 to 32 bytes, none of them NUL: the TPM drops trailing zero bytes from an authorization
+    value, so a PIN of NULs would be no PIN at all, and `ab\\0` would be `ab` (TPM 2.0 Part 1, "authValue").
+    Anything else is refused before it reaches the TPM."""
+    if 0 in pin.view():
+        pin.close()
+        die(
+            f"{where}: a PIN cannot contain a NUL byte (the TPM would drop trailing ones)",
+            hint="choose a PIN of printable characters",
+            code=ExitCode.USAGE,
+            cause=Cause.USAGE,
+        )
+    return pin
+
+
+def pin_source(path: Path | None) -> PinSource:
     """PINs for tokens that have one: from `path` (--pin-file), else asked on the terminal, else none
     (an unattended unlock then skips those tokens)."""
 
     def pins(token_id: int) -> Secret | None:
         if path is not None:
-            return read_file(path, what="PIN", option="--pin-file", limit=MAX_PIN)
+            return read_pin_file(path, "--pin-file")
         if sys.stdin.isatty():
-            return ask(f"PIN for token {token_id}: ", limit=MAX_PIN)
+            return check_pin(ask(f"PIN for token {token_id}: ", limit=MAX_PIN), "the PIN entered")
         return None
 
     return pins
 
 
+def read_pin_file(path: Path, option: str) -> Secret:
+    return check_pin(read_file(path, what="PIN", option=option, limit=MAX_PIN), f"{option} {path}")
+
+
 def read_file(path: Path, *, what: str, option: str, limit: int = MAX_KEY_FILE) -> Secret:
     """A key file's exact bytes, as `cryptsetup --key-file` reads them ('-' is standard input)."""
-    try:
-        fd = sys.stdin.fileno() if str(path) == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        die(f"{option} {path}: cannot read the {what}: {error.strerror}", code=ExitCode.USAGE)
+    fd = open_regular(path, what=what, option=option)
     data = bytearray(limit + 1)
     try:
         length = 0
@@ -51,6 +74,7 @@ def read_file(path: Path, *, what: str, option: str, limit: int = MAX_KEY_FILE) 
             die(
                 f"{option} {path}: the {what} must be 1 to {limit} bytes, not " + ("empty" if not length else "longer"),
                 code=ExitCode.USAGE,
+                cause=Cause.USAGE,
             )
         return Secret.copy_of(memoryview(data)[:length])
     finally:

@@ -1,7 +1,7 @@
 """`luks-tpm request-key`: the handler /sbin/request-key runs when a process asks the kernel for a key
 that is not there yet (request_key(2), `keyctl request2`), configured in /etc/request-key.d/luks-tpm.conf.
 
-    luks-tpm [--tcti SPEC] request-key %k %t %d %c %S
+    luks-tpm --tcti SPEC request-key %k %t %d %c %S   (fixed_lines.py)
 
 - `logon cryptsetup:<uuid>-d<digest>`, callout = the LUKS2 device, or `-` to find the block device with
   that UUID: the volume key, recovered and verified exactly as `load-key` does it; for root only.
@@ -18,6 +18,7 @@ answer does not need.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -27,7 +28,9 @@ import threading
 from pathlib import Path
 
 from . import keyring
-from .errors import ExitCode, LuksTpmError, die
+from .boundary import run
+from .errors import Cause, ExitCode, LuksTpmError, die
+from .output import ErrorInfo, Report
 from .secret import Secret, make_undumpable
 
 # How long a failed request stays negative. Short: the requester learns of the failure at once anyway,
@@ -46,34 +49,64 @@ _APP_PREFIX = "luks-tpm:app:"
 _LENGTH = re.compile(r"[1-9][0-9]{0,2}")
 
 
-class _Request:
+@dataclasses.dataclass
+class Request:
     """What the kernel asks, from the argv /sbin/request-key builds out of `%k %t %d %c %S`."""
 
-    def __init__(self, tcti: str | None, key: str, key_type: str, description: str, callout: str, session: str) -> None:
-        self.tcti = tcti
-        self.key = key
-        serial = int(key) if re.fullmatch(r"[1-9][0-9]{0,9}", key) else 0
-        self.serial = serial if 0 < serial < 2**31 else None  # key_serial_t: a positive int32
-        self.type = key_type
-        self.description = description
-        self.callout = callout
-        self.session = session
-        self.uid: int | None = None  # the key's, once described
+    tcti: str
+    key: str
+    type: str
+    description: str
+    callout: str
+    session: str
+    uid: int | None = None  # the key's, once described
+    authority: bool = False  # assumed: the key can be instantiated or negated
+
+    @property
+    def serial(self) -> int | None:
+        serial = int(self.key) if re.fullmatch(r"[1-9][0-9]{0,9}", self.key) else 0
+        return serial if 0 < serial < 2**31 else None  # key_serial_t: a positive int32
 
     def what(self) -> str:
         return f"{self.type} {self.description}"
 
 
-def _parse(argv: list[str]) -> _Request:
-    """`[--tcti SPEC | --tcti=SPEC] request-key KEY TYPE DESCRIPTION CALLOUT SESSION_KEYRING` (checked by
-    __main__ before it gets here)."""
-    tcti = None
-    if argv[0] == "--tcti":
-        tcti, argv = argv[1], argv[2:]
-    elif argv[0].startswith("--tcti="):
-        tcti, argv = argv[0].removeprefix("--tcti="), argv[1:]
-    _, key, key_type, description, callout, session = argv
-    return _Request(tcti, key, key_type, description, callout, session)
+@dataclasses.dataclass(frozen=True)
+class Answered:
+    key: int
+    uid: int
+
+    def lines(self) -> list[str]:
+        return []  # the answer is the key itself; nothing is printed
+
+
+class KernelSink:
+    """Where an upcall's outcome goes: one syslog line, and for a failure the key negated for a short time
+    (the requester gets ENOKEY at once; a retry after the cause is fixed works)."""
+
+    verbose = 0  # no traceback: there is no terminal
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def succeeded(self, report: Report | None) -> int:
+        request = self._request
+        _log(syslog.LOG_INFO, f"request-key: {request.what()}: instantiated key {request.key} for uid {request.uid}")
+        return ExitCode.OK
+
+    def failed(self, error: ErrorInfo, cause: BaseException) -> int:
+        reason = error.message + (f" (hint: {error.hint})" if error.hint else "")
+        if self._request.authority:
+            _negate(self._request, reason)
+        else:  # without the authority the key can be neither instantiated nor negated: the kernel negates it
+            _log(syslog.LOG_ERR, f"request-key: {self._request.what()}: {reason}")
+        return error.code
+
+
+def handle(request: Request) -> int:
+    """Answer one request; the exit code is luks-tpm's usual one (request-key only looks at zero)."""
+    make_undumpable()
+    return run(lambda: _respond(request), KernelSink(request))
 
 
 def _log(priority: int, text: str) -> None:
@@ -91,7 +124,7 @@ def _seconds(variable: str, default: int) -> int:
     return int(value) if re.fullmatch(r"[1-9][0-9]{0,5}", value) else default
 
 
-def _negate(request: _Request, reason: str) -> None:
+def _negate(request: Request, reason: str) -> None:
     seconds = _seconds(NEGATE_ENVIRONMENT, NEGATE_SECONDS)
     try:
         assert request.serial is not None
@@ -103,7 +136,7 @@ def _negate(request: _Request, reason: str) -> None:
     _log(syslog.LOG_ERR, f"request-key: {request.what()} for uid {uid}: {reason}; {negated}")
 
 
-def _start_deadline(request: _Request) -> threading.Timer:
+def _start_deadline(request: Request) -> threading.Timer:
     """A daemon thread that gives up for the main thread when it is stuck in the TSS. Started after the
     authority was assumed: a new thread inherits the creating thread's credentials, the authority too."""
     seconds = _seconds(DEADLINE_ENVIRONMENT, DEADLINE_SECONDS)
@@ -118,30 +151,28 @@ def _start_deadline(request: _Request) -> threading.Timer:
     return timer
 
 
-def main(argv: list[str]) -> int:
-    """Answer one request; the exit code is luks-tpm's usual one (request-key only looks at zero)."""
-    make_undumpable()
-    request = _parse(argv)
-    if request.serial is None:
-        _log(
-            syslog.LOG_ERR,
-            f"request-key: {request.what()}: invalid key serial {request.key[:20]!r}; "
-            "this command is run by /sbin/request-key (request-key.conf(5): %k %t %d %c %S)",
+def _respond(request: Request) -> Report:
+    serial = request.serial
+    if serial is None:
+        die(
+            f"invalid key serial {request.key[:20]!r}; this command is run by /sbin/request-key "
+            "(request-key.conf(5): %k %t %d %c %S)",
+            code=ExitCode.USAGE,
+            cause=Cause.USAGE,
         )
-        return ExitCode.USAGE
     try:
-        keyring.assume_authority(request.serial)
+        keyring.assume_authority(serial)
     except keyring.KeyringError as error:
-        # Without the authority the key can be neither instantiated nor negated: the kernel negates it.
-        _log(
-            syslog.LOG_ERR,
-            f"request-key: {request.what()}: cannot act for key {request.serial} "
-            f"({os.strerror(error.errno or 0)}); only /sbin/request-key can run this",
+        die(
+            f"cannot act for key {serial} ({os.strerror(error.errno or 0)}): only /sbin/request-key can run this",
+            hint="see `luks-tpm request-key --help`",
+            code=ExitCode.USAGE,
+            cause=Cause.USAGE,
         )
-        return ExitCode.REFUSED
+    request.authority = True
     deadline = _start_deadline(request)
     try:
-        asked = keyring.describe(request.serial)
+        asked = keyring.describe(serial)
         request.uid = uid = asked.uid
         if (asked.type, asked.description) != (request.type, request.description):
             die(
@@ -153,22 +184,16 @@ def main(argv: list[str]) -> int:
             if request.type == "logon":
                 # As load-key does: no WRITE (no update in place), nothing for others. Before instantiating:
                 # only the authority (divested by instantiation) makes the key ours to change.
-                keyring.set_permissions(request.serial, keyring.logon_key_permissions())
-            keyring.instantiate(request.serial, payload)
-        _log(syslog.LOG_INFO, f"request-key: {request.what()}: instantiated key {request.serial} for uid {uid}")
-        return ExitCode.OK
-    except LuksTpmError as error:
-        reason, code = error.message + (f" (hint: {error.hint})" if error.hint else ""), error.code
+                keyring.set_permissions(serial, keyring.logon_key_permissions())
+            keyring.instantiate(serial, payload)
     except keyring.KeyringError as error:
-        reason, code = f"keyring: {error.function}: {os.strerror(error.errno or 0)}", ExitCode.BUG
-    except Exception as error:  # a bug: the requester must still get its answer at once
-        reason, code = f"internal error ({type(error).__name__}); please report it", ExitCode.BUG
-    deadline.cancel()
-    _negate(request, reason)
-    return code
+        raise LuksTpmError(f"keyring: {error.function}: {os.strerror(error.errno or 0)}", code=ExitCode.BUG) from None
+    finally:
+        deadline.cancel()
+    return Report(Answered(serial, uid))
 
 
-def _answer(request: _Request, uid: int) -> Secret:
+def _answer(request: Request, uid: int) -> Secret:
     if request.type == "logon":
         match = _VOLUME.fullmatch(request.description)
         if match is None:
@@ -196,18 +221,12 @@ def _answer(request: _Request, uid: int) -> Secret:
     )
 
 
-def _tcti(option: str | None) -> str:
-    from .settings import tcti_from_environment
-
-    return tcti_from_environment(option, dict(os.environ))
-
-
-def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secret:
+def _volume_key(tcti: str, uuid: str, digest: int, callout: str) -> Secret:
     """The volume key, exactly as `load-key` recovers it: every luks-tpm token tried, verified."""
     from .cryptsetup import open_device
     from .crypttab import luks_device
     from .tpm import Tpm
-    from .unlock import KeyRecovery, recover_verified
+    from .unlock import Recovery
 
     if callout == "-":
         path = luks_device(uuid)
@@ -228,8 +247,8 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
             die(f"{path} is LUKS2 volume {device.uuid}, not {uuid}", code=ExitCode.DEVICE)
         if digest not in device.digest_ids():
             die(f"{path} has no LUKS2 digest {digest}", code=ExitCode.DEVICE)
-        with Tpm(_tcti(tcti)) as tpm, KeyRecovery(tpm) as recovery:
-            found = recover_verified(device, recovery)
+        with Tpm(tcti) as tpm, Recovery(tpm) as recovery:
+            found = recovery.recover(device)
     if found.token.digest != digest:
         found.key.close()
         die(
@@ -239,16 +258,16 @@ def _volume_key(tcti: str | None, uuid: str, digest: int, callout: str) -> Secre
     return found.key
 
 
-def _app_key(tcti: str | None, uid: int, name: str, length: int) -> Secret:
+def _app_key(tcti: str, uid: int, name: str, length: int) -> Secret:
     """TPM2_HMAC by the derived primary without a policy, in an SRK-salted session with response
     encryption (the machinery `format` derives with), then HKDF-Expand."""
     from . import derive
     from .tpm import Tpm
+    from .tpm.keyuse import KeyUse
     from .tpm.srk import current_srk
-    from .unlock import KeyRecovery
 
-    with Tpm(_tcti(tcti)) as tpm, KeyRecovery(tpm) as recovery:
+    with Tpm(tcti) as tpm, KeyUse(tpm) as keys:
         srk, _ = current_srk(tpm)
-        prk = recovery.derive(derive.app_hmac_message(uid, name), srk)
+        prk = keys.hmac(srk, derive.app_hmac_message(uid, name), None)
     with prk:
         return derive.app_expand(prk, uid, name, length)

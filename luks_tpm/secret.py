@@ -63,23 +63,14 @@ def _unlock_memory(address: int, size: int) -> None:
                 _libc.function("munlock")(page * _PAGE, _PAGE)
 
 
-def wipe(buffer: WritableBuffer) -> None:
-    """Zero a writable buffer (bytearray, memoryview, ctypes array) in place, in a way the compiler keeps."""
+def zero(buffer: WritableBuffer) -> None:
+    """Zero a writable buffer (bytearray, memoryview, ctypes array) in place, with explicit_bzero (which no
+    compiler optimizes away)."""
     view = memoryview(buffer).cast("B")
     if view.readonly:
-        raise TypeError("cannot wipe a read-only buffer")
+        raise TypeError("cannot zero a read-only buffer")
     if len(view):
         _libc.function("explicit_bzero")(ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view))
-
-
-def scrub_bytes(value: bytes) -> None:
-    """Zero an immutable `bytes` temporary that an API forced on us (e.g. a hash output holding key bytes).
-
-    CPython-specific: `bytes` keeps its data inline after a fixed header. Only for objects this code
-    created and no one else references; tiny ones are interned singletons and are left alone.
-    """
-    if type(value) is bytes and len(value) > 1:
-        ctypes.memset(id(value) + bytes.__basicsize__ - 1, 0, len(value))
 
 
 def make_undumpable() -> None:
@@ -102,13 +93,13 @@ class Secret:
         self._locked = _lock_memory(self.address, size)
 
     @classmethod
-    def copy_of(cls, source: ReadableBuffer, *, wipe_source: bool = False) -> Secret:
-        """A new secret holding the bytes of `source`; `wipe_source` zeroes the (writable) source too."""
+    def copy_of(cls, source: ReadableBuffer, *, zero_source: bool = False) -> Secret:
+        """A new secret holding the bytes of `source`; `zero_source` zeroes the (writable) source too."""
         view = memoryview(source).cast("B")
         secret = cls(len(view))
         secret._buffer[:] = view
-        if wipe_source:
-            wipe(view)
+        if zero_source:
+            zero(view)
         return secret
 
     @property
@@ -135,7 +126,7 @@ class Secret:
     def close(self) -> None:
         if not self._buffer:
             return
-        wipe(self._buffer)
+        zero(self._buffer)
         if self._locked:
             _unlock_memory(self.address, len(self._buffer))
             self._locked = False

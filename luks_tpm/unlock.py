@@ -1,26 +1,20 @@
-"""Getting a volume key back from a volume's luks-tpm tokens, and saying why not when it fails.
-
-`KeyRecovery` is one pass over the TPM: one connection, one salted session per SRK, one derived primary
-per policy, reused for every volume (`open --all`, `load-key DEV...`). Every recovered key is verified
-against the LUKS2 digest before anyone sees it.
-"""
+"""Recovering a volume's key from its luks-tpm tokens: which tokens, in which order, what each yields, and
+whether that key really opens the volume. The TPM work itself is tpm.keyuse's."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from typing import Any
+from collections.abc import Callable
+from typing import Self
 
 from . import derive
 from .cryptsetup import Device
 from .errors import Cause, ExitCode, LuksTpmError, TokenFailure, UnlockFailed, die
-from .model import FENCE_PCR, TOKEN_TYPE, Bank, DerivedToken, Parent, PcrPolicy, SealedToken, Token, is_ours, parse
+from .model import FENCE_PCR, TOKEN_TYPE, DerivedToken, SealedToken, Token, is_ours, parse
 from .secret import Secret
 from .tpm import Tpm, TpmError
-from .tpm import keys as tpm_keys
-from .tpm import pcr as tpm_pcr
 from .tpm import srk as tpm_srk
+from .tpm.keyuse import KeyUse
 
 PinSource = Callable[[int], Secret | None]  # token id -> PIN, or None when none can be had
 
@@ -42,18 +36,13 @@ def luks_tpm_tokens(device: Device) -> list[TokenEntry]:
         if text is None:
             continue
         if not is_ours(text):
-            entries.append(
-                TokenEntry(
-                    token_id,
-                    None,
-                    LuksTpmError(
-                        f"luks-tpm token {token_id} is not valid JSON",
-                        cause=Cause.CORRUPT_TOKEN,
-                        hint=f"remove it with `luks-tpm remove --token-id {token_id}` and re-enroll",
-                        code=ExitCode.DEVICE,
-                    ),
-                )
+            damage = LuksTpmError(
+                f"luks-tpm token {token_id} is not valid JSON",
+                code=ExitCode.DEVICE,
+                cause=Cause.CORRUPT_TOKEN,
+                hint=f"remove it with `luks-tpm remove --token-id {token_id}` and re-enroll",
             )
+            entries.append(TokenEntry(token_id, None, damage))
             continue
         try:
             entries.append(TokenEntry(token_id, parse(text, token_id), None))
@@ -69,23 +58,17 @@ class Recovered:
     key: Secret
 
 
-class KeyRecovery:
-    """Recovers volume keys from tokens through one TPM connection; close() flushes all it made."""
+class Recovery:
+    """Recovers volume keys from tokens over one TPM connection: `many_volumes` shares the TPM's sessions,
+    primaries and PCR reads across the pass. close() flushes what it made and zeroes the PINs it kept."""
 
     def __init__(self, tpm: Tpm, pins: PinSource | None = None, *, many_volumes: bool = False) -> None:
-        """`many_volumes`: sessions serve every recovery of the pass; otherwise each lets the TPM end its
-        session after use, which saves a FlushContext for a single volume."""
         self.tpm = tpm
+        self.keys = KeyUse(tpm, many_volumes=many_volumes)
         self._pins = pins
-        self._reuse = many_volumes
-        self._stack = ExitStack()
-        self._sessions: dict[tuple[int, bool], Any] = {}  # (id of the SRK handle, policy?) -> session
-        self._pending: set[int] = set()  # policy sessions holding a policy that no successful command consumed
-        self._pcrs: dict[tuple[Bank, tuple[int, ...]], dict[int, bytes]] = {}  # read once per pass
-        self._primaries: dict[bytes, Any] = {}  # policy digest -> derived primary
         self.verified_pins: dict[int, Secret] = {}  # token id -> the PIN that unsealed it in this pass
 
-    def __enter__(self) -> KeyRecovery:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -94,63 +77,74 @@ class KeyRecovery:
     def close(self) -> None:
         for pin in self.verified_pins.values():
             pin.close()
-        self._stack.close()
+        self.keys.close()
 
-    def _session(self, srk: Any, *, policy: bool) -> tuple[Any, bool]:
-        """(session, last use) for one command: reused across the pass, or one the TPM ends after use."""
-        key = (id(srk), policy)
-        if key not in self._sessions:
-            session = self._stack.enter_context(tpm_keys.salted_session(self.tpm, srk, policy=policy))
-            if not self._reuse:
-                return session, True
-            self._sessions[key] = session
-        return self._sessions[key], False
-
-    def _primary(self, policy: bytes) -> Any:
-        if policy not in self._primaries:
-            self._primaries[policy] = self._stack.enter_context(tpm_keys.derived_primary(self.tpm, policy))
-        return self._primaries[policy]
-
-    @contextmanager
-    def _policy_session(self, srk: Any, policy: PcrPolicy) -> Iterator[tuple[Any, bool]]:
-        """A salted policy session in which `policy` was just applied, for one command, and whether that is
-        the session's last use. When a command succeeds with continueSession set, the TPM rolls the nonce
-        and resets the session's policy itself (TPM 2.0 Part 1, policy sessions): a reused session needs
-        PolicyRestart only after a failure left a policy in it."""
-        session, last_use = self._session(srk, policy=True)
-        if id(session) in self._pending:
-            tpm_pcr.restart_policy(self.tpm, session)
-        self._pending.add(id(session))
-        try:
-            tpm_pcr.apply_policy(self.tpm, session, policy, trial=False)
-            yield session, last_use
-        except TpmError:
-            if last_use:  # the TPM did not end it: free its slot before the next token tries
-                self.tpm.release(session)
-            raise
-        self._pending.discard(id(session))  # only reached when the command succeeded
-
-    def derive(self, message: bytes, srk: Any, policy: PcrPolicy | None = None, policy_digest: bytes = b"") -> Secret:
-        """The PRK for `message`: TPM2_HMAC by the derived primary (bound to `policy` when given)."""
-        primary = self._primary(policy_digest)
-        if policy is None:
-            session, last_use = self._session(srk, policy=False)
+    def recover(self, device: Device, *, token_id: int | None = None) -> Recovered:
+        """Try the volume's luks-tpm tokens in order; the first key that verifies wins."""
+        entries = _order(luks_tpm_tokens(device), token_id, self.tpm)
+        if not entries:
+            die(
+                f"{device.path} has no luks-tpm token",
+                hint="bind it first with `luks-tpm enroll`",
+                code=ExitCode.UNLOCK_FAILED,
+                cause=Cause.NO_TOKEN,
+            )
+        failures: list[TokenFailure] = []
+        digests = device.digest_ids()
+        for entry in entries:
             try:
-                return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
-            except TpmError:
-                if last_use:  # the TPM did not end it: free its slot before the next token tries
-                    self.tpm.release(session)
-                raise
-        with self._policy_session(srk, policy) as (session, last_use):
-            return tpm_keys.hmac(self.tpm, primary, message, session, last_use=last_use)
+                if entry.token is None:
+                    assert entry.damage is not None
+                    raise entry.damage
+                return Recovered(
+                    entry.token_id, entry.token, self._verified_key(device, entry.token_id, entry.token, digests)
+                )
+            except LuksTpmError as error:
+                failures.append(TokenFailure(entry.token_id, error))
+        raise UnlockFailed(device.path, failures)
 
-    def precheck(self, token: Token) -> Any:
+    def precheck(self, token: Token) -> object:
         """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs.
         Returns the SRK handle."""
-        srk = tpm_srk.srk_for(self.tpm, token.parent, token.endorsement)
-        if token.pcrs or token.fence:
-            self._check_pcrs(token)
+        srk = self.keys.srk(token.parent, token.endorsement)
+        if token.fence and self.keys.fence_is_up():
+            die(
+                f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot completes",
+                hint="recover it from the initramfs at the next boot, or use the recovery key",
+                code=ExitCode.UNLOCK_FAILED,
+                cause=Cause.FENCE_UP,
+            )
+        if token.pcr_values:  # name what changed before asking the TPM, which would only say "policy"
+            changed = changed_pcrs(token, self.keys.pcr_values(token.pcr_bank, token.pcrs))
+            if changed:
+                die(
+                    f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the key was bound",
+                    hint="if the change was planned, `luks-tpm reseal` with the recovery key",
+                    code=ExitCode.UNLOCK_FAILED,
+                    cause=Cause.PCR_CHANGED,
+                )
         return srk
+
+    def _verified_key(self, device: Device, token_id: int, token: Token, digests: set[int]) -> Secret:
+        if token.digest not in digests:
+            die(
+                f"the token refers to digest {token.digest}, which the header does not have "
+                "(the volume was re-encrypted or the header replaced)",
+                hint="re-enroll with the recovery key",
+                code=ExitCode.UNLOCK_FAILED,
+                cause=Cause.WRONG_KEY,
+            )
+        key = self.key_from_token(device.uuid, token_id, token)
+        if len(key) != token.key_size or not device.volume_key_verify(key):
+            key.close()
+            die(
+                "the recovered key does not open the volume: its volume key changed since this binding was "
+                "made (re-encryption?)",
+                hint="re-enroll with the recovery key",
+                code=ExitCode.UNLOCK_FAILED,
+                cause=Cause.WRONG_KEY,
+            )
+        return key
 
     def key_from_token(self, uuid: str, token_id: int, token: Token) -> Secret:
         """The volume key the token yields (not yet verified), or a LuksTpmError saying why not."""
@@ -159,10 +153,10 @@ class KeyRecovery:
             return self._derived(uuid, token, srk)
         return self._unseal(token_id, token, srk)
 
-    def _derived(self, uuid: str, token: DerivedToken, srk: Any) -> Secret:
+    def _derived(self, uuid: str, token: DerivedToken, srk: object) -> Secret:
         policy = token.pcr_policy() if token.pcrs or token.fence else None
         length = token.key_size if token.wrapped_key is None else derive.KEK_SIZE
-        with self.derive(derive.hmac_message(uuid, token.salt), srk, policy, token.policy) as prk:
+        with self.keys.hmac(srk, derive.hmac_message(uuid, token.salt), policy, token.policy) as prk:
             okm = derive.expand(prk, uuid, length)
         if token.wrapped_key is None:
             return okm
@@ -177,36 +171,7 @@ class KeyRecovery:
             )
         return key
 
-    def _check_pcrs(self, token: Token) -> None:
-        """Name what changed before asking the TPM (which would only say "policy not satisfied")."""
-        if token.fence and tpm_pcr.fence_is_up(self.tpm):
-            die(
-                f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot completes",
-                hint="recover it from the initramfs at the next boot, or use the recovery key",
-                code=ExitCode.UNLOCK_FAILED,
-                cause=Cause.FENCE_UP,
-            )
-        changed = changed_pcrs(self.tpm, token, self._current_pcrs(token) if token.pcr_values else None)
-        if changed:
-            die(
-                f"PCR {', '.join(map(str, changed))} ({token.pcr_bank}) changed since the key was bound",
-                hint="if the change was planned, `luks-tpm reseal` with the recovery key",
-                code=ExitCode.UNLOCK_FAILED,
-                cause=Cause.PCR_CHANGED,
-            )
-
-    def _current_pcrs(self, token: Token) -> dict[int, bytes]:
-        """The token's PCRs now: read once per pass over many volumes, which mostly share their PCRs. They
-        only name what changed before the TPM is asked; the TPM's own policy check decides."""
-        key = (token.pcr_bank, token.pcrs)
-        if key in self._pcrs:
-            return self._pcrs[key]
-        values = tpm_pcr.pcr_values(self.tpm, token.pcr_bank, token.pcrs)
-        if self._reuse:
-            self._pcrs[key] = values
-        return values
-
-    def _unseal(self, token_id: int, token: SealedToken, srk: Any) -> Secret:
+    def _unseal(self, token_id: int, token: SealedToken, srk: object) -> Secret:
         pin = None
         if token.pin:
             pin = self._pins(token_id) if self._pins else None
@@ -218,8 +183,7 @@ class KeyRecovery:
                     cause=Cause.NEEDS_PIN,
                 )
         try:
-            with self._policy_session(srk, token.pcr_policy(pin=token.pin)) as (session, last_use):
-                key = tpm_keys.unseal(self.tpm, token.blob, srk, pin, session, last_use=last_use)
+            key = self.keys.unseal(srk, token.blob, token.pcr_policy(pin=token.pin), pin)
         except TpmError as error:
             if pin is not None:
                 pin.close()
@@ -247,13 +211,8 @@ def _with_lockout_state(tpm: Tpm, error: TpmError) -> TpmError:
     return TpmError(f"{error.message}; {detail}", hint=error.hint, code=error.code, cause=error.cause, rc=error.rc)
 
 
-def changed_pcrs(tpm: Tpm, token: Token, current: dict[int, bytes] | None = None) -> list[int]:
-    """Bound PCRs whose current value (read now unless given) differs from the value the token records
-    (empty if unknown)."""
-    if not token.pcr_values:
-        return []
-    if current is None:
-        current = tpm_pcr.pcr_values(tpm, token.pcr_bank, token.pcrs)
+def changed_pcrs(token: Token, current: dict[int, bytes]) -> list[int]:
+    """Bound PCRs whose current value differs from the value the token records (none when it records none)."""
     return [index for index in token.pcrs if token.pcr_values.get(index) not in (None, current.get(index))]
 
 
@@ -286,66 +245,15 @@ def _this_tpm_first(tpm: Tpm, entries: list[TokenEntry]) -> list[TokenEntry]:
         mine = {
             entry.token_id
             for entry in entries
-            if entry.token is not None and _is_this_tpm(tpm, entry.token.parent, create=create)
+            if entry.token is not None and _is_this_tpm(tpm, entry.token, create=create)
         }
         if mine:
             return [e for e in entries if e.token_id in mine] + [e for e in entries if e.token_id not in mine]
     return entries
 
 
-def _is_this_tpm(tpm: Tpm, parent: Parent, *, create: bool) -> bool:
+def _is_this_tpm(tpm: Tpm, token: Token, *, create: bool) -> bool:
     try:
-        return tpm_srk.is_this_tpm(tpm, parent, create=create)
+        return tpm_srk.is_this_tpm(tpm, token.parent, create=create)
     except LuksTpmError:  # the token's own try says what is wrong
         return False
-
-
-def recover_verified(device: Device, recovery: KeyRecovery, *, token_id: int | None = None) -> Recovered:
-    """Try the volume's luks-tpm tokens in order; the first key that verifies wins."""
-    entries = _order(luks_tpm_tokens(device), token_id, recovery.tpm)
-    if not entries:
-        die(
-            f"{device.path} has no luks-tpm token",
-            hint="bind it first with `luks-tpm enroll`",
-            code=ExitCode.UNLOCK_FAILED,
-            cause=Cause.NO_TOKEN,
-        )
-    failures: list[TokenFailure] = []
-    digests = device.digest_ids()
-    for entry in entries:
-        try:
-            if entry.token is None:
-                assert entry.damage is not None
-                raise entry.damage
-            key = _recover_one(device, recovery, entry.token_id, entry.token, digests)
-            return Recovered(entry.token_id, entry.token, key)
-        except LuksTpmError as error:
-            failures.append(TokenFailure(entry.token_id, error))
-    raise UnlockFailed(device.path, failures)
-
-
-def _recover_one(device: Device, recovery: KeyRecovery, token_id: int, token: Token, digests: set[int]) -> Secret:
-    if token.digest not in digests:
-        die(
-            f"the token refers to digest {token.digest}, which the header does not have "
-            "(the volume was re-encrypted or the header replaced)",
-            hint="re-enroll with the recovery key",
-            code=ExitCode.UNLOCK_FAILED,
-            cause=Cause.WRONG_KEY,
-        )
-    key = recovery.key_from_token(device.uuid, token_id, token)
-    if len(key) != token.key_size or not device.volume_key_verify(key):
-        key.close()
-        die(
-            "the recovered key does not open the volume: its volume key changed since this binding was "
-            "made (re-encryption?)",
-            hint="re-enroll with the recovery key",
-            code=ExitCode.UNLOCK_FAILED,
-            cause=Cause.WRONG_KEY,
-        )
-    return key
-
-
-def srk_for_new_binding(tpm: Tpm) -> tuple[Any, Parent]:
-    """The SRK new bindings are made under (and recorded in the token)."""
-    return tpm_srk.current_srk(tpm)

@@ -30,8 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from luks_tpm import keyring
-
+from . import keyutils
 from .fixtures_luks import TEST_PASSPHRASE, make_luks_image, sparse_file
 from .fixtures_tpm import Swtpm
 from .helpers import REPO
@@ -343,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     compile_package()
-    keyring.join_session_keyring()  # the children inherit it; it goes away with us
+    keyutils.join_session_keyring()  # the children inherit it; it goes away with us
     launcher = Launcher()
     candidate = Path(args.proxy) if args.proxy else PROXY_SCRIPT
     script = candidate if candidate.is_file() else None

@@ -26,11 +26,13 @@ import pytest
 
 from luks_tpm import keyring
 
+from . import keyutils
+
 
 def _contents(ring: int) -> set[int]:
     """Keys linked in a keyring, or nothing when it does not exist (yet) or cannot be read."""
     try:
-        return set(keyring.keyring_contents(ring))
+        return set(keyutils.keyring_contents(ring))
     except keyring.KeyringError:
         return set()
 
@@ -39,7 +41,7 @@ def _revoke_and_unlink(serials: set[int], ring: int) -> None:
     for serial in serials:
         # Best effort: the test may have revoked or unlinked it already, or dropped SETATTR.
         with contextlib.suppress(keyring.KeyringError):
-            keyring.revoke(serial)
+            keyutils.revoke(serial)
         with contextlib.suppress(keyring.KeyringError):
             keyring.unlink(serial, ring)
 
@@ -49,7 +51,7 @@ def private_session_keyring() -> Iterator[int]:
     """The serial of a new anonymous session keyring the test runs in (`keyring.SESSION` resolves to it)."""
     long_lived = (keyring.THREAD, keyring.PROCESS)
     before = {ring: _contents(ring) for ring in long_lived}
-    session = keyring.join_session_keyring()
+    session = keyutils.join_session_keyring()
     try:
         yield session
     finally:
@@ -58,4 +60,4 @@ def private_session_keyring() -> Iterator[int]:
             _revoke_and_unlink(_contents(ring), ring)
         for ring in long_lived:
             _revoke_and_unlink(_contents(ring) - before[ring], ring)
-        keyring.join_session_keyring()
+        keyutils.join_session_keyring()

@@ -13,11 +13,12 @@ import pytest
 
 from luks_tpm import cryptsetup
 from luks_tpm.secret import Secret
+from luks_tpm.settings import Pbkdf
 
 IMAGE_SIZE = 32 << 20
 TEST_UUID = "6a0e2f44-51c8-4d2b-9b3e-7c1f0d9a8e21"
 TEST_PASSPHRASE = b"test-passphrase"
-TEST_PBKDF = cryptsetup.Pbkdf("pbkdf2", iterations=1000)  # fast tests; real volumes benchmark
+TEST_PBKDF = Pbkdf("pbkdf2", iterations=1000)  # fast tests; real volumes benchmark
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def file_digest(path: str | os.PathLike[str]) -> str:
 
 
 def random_secret(size: int) -> Secret:
-    return Secret.copy_of(bytearray(os.urandom(size)), wipe_source=True)
+    return Secret.copy_of(bytearray(os.urandom(size)), zero_source=True)
 
 
 def sparse_file(path: Path, size: int = IMAGE_SIZE) -> Path:

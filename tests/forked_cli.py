@@ -30,7 +30,7 @@ import ctypes, json, os, signal, sys, time, traceback
 keyutils = ctypes.CDLL("libkeyutils.so.1", use_errno=True)
 keyutils.keyctl_join_session_keyring(None)
 import luks_tpm.__main__ as entry
-import luks_tpm.cli, luks_tpm.activate, luks_tpm.provision, luks_tpm.unlock  # the imports forks share
+import luks_tpm.cli, luks_tpm.activation, luks_tpm.enrollment, luks_tpm.unlock  # the imports forks share
 from luks_tpm import cryptsetup
 cryptsetup.has_function("crypt_init")  # dlopen once
 requests = os.fdopen(3, "r")

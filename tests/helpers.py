@@ -32,6 +32,7 @@ def luks_tpm(
     expect: int | tuple[int, ...] | None = 0,
     stdin: bytes | None = None,
     env: dict[str, str] | None = None,
+    timeout: float | None = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m luks_tpm ARGS`; fail the test, showing stderr, if the exit code is not `expect`
     (one of them, for a tuple; None: any exit code, the caller looks at it)."""
@@ -46,6 +47,7 @@ def luks_tpm(
         env=environment,
         cwd=REPO,
         check=False,
+        timeout=timeout,
     )
     assert expect is None or result.returncode in (expect if isinstance(expect, tuple) else (expect,)), (
         f"luks-tpm {' '.join(map(str, args))}: exit {result.returncode}, expected {expect}\n"

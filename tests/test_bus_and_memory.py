@@ -9,6 +9,7 @@ same command made to keep a copy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -27,7 +28,7 @@ from luks_tpm.tpm import keys as tpm_keys
 from luks_tpm.tpm import pcr as tpm_pcr
 from luks_tpm.tpm import srk as tpm_srk
 from luks_tpm.tpm.context import secret_from_tpm2b
-from luks_tpm.unlock import KeyRecovery
+from luks_tpm.tpm.sessions import Sessions
 
 from .fixtures_luks import LuksImage
 from .fixtures_tpm import Swtpm
@@ -134,7 +135,7 @@ def test_derived_hmac_response_is_encrypted_on_the_wire(
     _assert_bus_protected(proxy, TPM_CC_HMAC)
 
     prk = _plain_hmac(swtpm.tcti, uuid, token.salt)  # directly, not through the proxy
-    with derive.expand(Secret.copy_of(bytearray(prk), wipe_source=False), uuid, 64) as volume_key:
+    with derive.expand(Secret.copy_of(bytearray(prk), zero_source=False), uuid, 64) as volume_key:
         with cryptsetup.open_device(image) as device:
             assert device.volume_key_verify(volume_key), "the test's own derivation is wrong"
         key = bytes(volume_key.view())
@@ -175,10 +176,10 @@ def test_unseal_response_is_encrypted_on_the_wire(
 
 
 def test_key_recovery_session_is_salted_and_encrypts_responses(swtpm: Swtpm, proxy: TpmProxy) -> None:
-    with Tpm(proxy.tcti) as tpm, KeyRecovery(tpm, many_volumes=True) as recovery:
+    with Tpm(proxy.tcti) as tpm, contextlib.closing(Sessions(tpm, reuse=True)) as sessions:
         srk, _ = tpm_srk.current_srk(tpm)
-        session, _ = recovery._session(srk, policy=False)
-        attributes = tpm.esys.trsess_get_attributes(session)
+        with sessions.hmac(srk) as session:
+            attributes = tpm.esys.trsess_get_attributes(session.handle)
         assert attributes & TPMA_SESSION_ENCRYPT, f"{attributes:#x}"
         assert attributes & esys.lib.TPMA_SESSION_CONTINUESESSION, "the session is meant for reuse across volumes"
         starts = [

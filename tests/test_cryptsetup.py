@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from luks_tpm import cryptsetup
-from luks_tpm.cryptsetup import CryptsetupError, Pbkdf, TokenInfo
+from luks_tpm.cryptsetup import CryptsetupError, TokenInfo, binding
 from luks_tpm.errors import ExitCode, LuksTpmError
 from luks_tpm.secret import Secret
+from luks_tpm.settings import Pbkdf
 from tests.fixtures_luks import (
     TEST_PASSPHRASE,
     TEST_PBKDF,
@@ -431,15 +432,16 @@ HEADER_WORK_AS_NOBODY = """
 import json, os, sys
 from luks_tpm import cryptsetup
 from luks_tpm.secret import Secret
+from luks_tpm.settings import Pbkdf
 path, uuid = sys.argv[1], sys.argv[2]
 with open(path, "wb") as f:
     f.truncate(32 << 20)
-key = Secret.copy_of(bytearray(os.urandom(64)), wipe_source=True)
+key = Secret.copy_of(bytearray(os.urandom(64)), zero_source=True)
 passphrase = Secret.copy_of(b"nobody-passphrase")
 out = {"uid": os.getuid(), "euid": os.geteuid()}
 with cryptsetup.open_device(path, load=False) as device:
     device.format_luks2(cipher="aes", cipher_mode="xts-plain64", uuid=uuid, volume_key=key,
-                        pbkdf=cryptsetup.Pbkdf("pbkdf2", iterations=1000))
+                        pbkdf=Pbkdf("pbkdf2", iterations=1000))
     out["slot"] = device.keyslot_add_by_volume_key(key, passphrase)
 with cryptsetup.open_device(path) as device:
     out["token"] = device.token_json_set(json.dumps({"type": "luks-tpm", "keyslots": [], "version": 1}))
@@ -513,7 +515,7 @@ def test_library_messages_go_to_logging(tmp_path: Path, luks_image: Path, caplog
     missing = tmp_path / "missing.img"
     handle = ctypes.c_void_p()
     with pytest.raises(cryptsetup.CryptsetupError) as raised:
-        cryptsetup._call("crypt_init", ctypes.byref(handle), bytes(missing))
+        binding.call("crypt_init", ctypes.byref(handle), bytes(missing))
     errors = [r for r in caplog.records if r.name == "luks_tpm.cryptsetup" and r.levelno == logging.ERROR]
     assert any(str(missing) in r.getMessage() for r in errors), [r.getMessage() for r in caplog.records]
     assert any(str(missing) in line for line in raised.value.log)  # kept with the error, to explain it

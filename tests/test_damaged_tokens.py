@@ -45,7 +45,7 @@ from typing import Any
 
 import pytest
 
-from luks_tpm import activate, crypttab
+from luks_tpm import activation, crypttab
 from luks_tpm.errors import LuksTpmError
 from luks_tpm.secret import Secret
 
@@ -540,9 +540,7 @@ def _run(cli: ForkedCli, jobs: list[tuple[_Lane, Any, list[str | Path]]], tally:
     return cli.run_many([argv for _, _, argv in jobs], tcti=None, parallel=2, lanes=[lane.tcti for lane, _, _ in jobs])
 
 
-def _check_lanes(
-    lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tally: Tally, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _check_lanes(lanes: list[_Lane], real: Real, cli: ForkedCli, work: Path, tally: Tally) -> None:
     good = json.dumps(real.tokens["sealed"])
     for number, lane in enumerate(lanes):
         lane.volume = volumes.copy_image(real.base, work / f"beside-{number}.img")
@@ -604,7 +602,7 @@ def _check_lanes(
                     "load-key on a volume with only damaged tokens",
                     f"[{lane.labels}] {_describe(only)} ({problem or 'one line'})",
                 )
-            _check_open_all(lane, tally, monkeypatch)
+            _check_open_all(lane, tally)
 
     jobs = _interleave(
         lanes,
@@ -655,21 +653,17 @@ def _check_single(lane: _Lane, token_id: int, result: Any, tally: Tally) -> None
         tally.fail("status reports the damaged token", f"{damage.label}: not called damaged: {entry}")
 
 
-def _check_open_all(lane: _Lane, tally: Tally, monkeypatch: pytest.MonkeyPatch) -> None:
+def _check_open_all(lane: _Lane, tally: Tally) -> None:
     """`open --all` over [only-damaged volume, good volume]: the good one must still be opened."""
     recorder = _Recorder()
-    monkeypatch.setattr(activate, "_require_device_mapper", lambda: None)
-    monkeypatch.setattr(activate, "_activate", recorder)
     entries = [crypttab.Entry("damaged", str(lane.alone)), crypttab.Entry("good", str(lane.volume))]
     try:
-        activate.open_all(lane.tcti, entries, lambda _token_id: None)
+        activation.open_all(lane.tcti, entries, lambda _token_id: None, activate=recorder)
     except LuksTpmError:
         pass  # "1 of 2 volumes could not be opened": expected
     except Exception as error:  # the point: any other exception aborts the whole boot pass
         tally.fail("open --all still opens the other volume", f"[{lane.labels}] {type(error).__name__}: {error}")
         return
-    finally:
-        monkeypatch.undo()
     if recorder.opened != ["good"]:
         tally.fail("open --all still opens the other volume", f"[{lane.labels}] opened {recorder.opened}")
 
@@ -680,7 +674,6 @@ def _check_pairs(
     cli: ForkedCli,
     tmp_path: Path,
     tally: Tally,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two batches at a time, one per TPM; anything left loaded in a TPM is a failure too."""
     for first in range(0, len(batches), len(real.tctis)):
@@ -688,7 +681,7 @@ def _check_pairs(
             _Lane(tcti, batch)
             for tcti, batch in zip(real.tctis, batches[first : first + len(real.tctis)], strict=False)
         ]
-        _check_lanes(lanes, real, cli, tmp_path, tally, monkeypatch)
+        _check_lanes(lanes, real, cli, tmp_path, tally)
         for lane in lanes:
             left = volumes.run("tpm2_getcap", "-T", lane.tcti, "handles-transient").stdout.decode().strip()
             if left:
@@ -699,7 +692,7 @@ def _check_pairs(
                 volumes.flush_tpm(lane.tcti)
 
 
-def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path) -> None:
     """Batches of 30 damaged tokens per volume; a batch with any failure is tried again one token per
     volume, so each failure is pinned on the input that causes it (one damaged token can break the
     commands for all its neighbours: that shows as the batch-level lines)."""
@@ -709,9 +702,7 @@ def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path, monkeypatch
     for start in range(0, len(inputs), BATCH * len(real.tctis)):
         group = inputs[start : start + BATCH * len(real.tctis)]
         scratch = Tally()
-        _check_pairs(
-            [group[i : i + BATCH] for i in range(0, len(group), BATCH)], real, cli, tmp_path, scratch, monkeypatch
-        )
+        _check_pairs([group[i : i + BATCH] for i in range(0, len(group), BATCH)], real, cli, tmp_path, scratch)
         tally.tried += scratch.tried
         tally.refused_by_libcryptsetup += scratch.refused_by_libcryptsetup
         tally.calls += scratch.calls
@@ -725,7 +716,7 @@ def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path, monkeypatch
     skipped = suspects[MAX_ALONE:]
     suspects = suspects[:MAX_ALONE]
     alone = Tally()
-    _check_pairs([[damage] for damage in suspects], real, cli, tmp_path, alone, monkeypatch)
+    _check_pairs([[damage] for damage in suspects], real, cli, tmp_path, alone)
     tally.calls += alone.calls
     for check, items in alone.failures.items():
         for item in items:
@@ -745,10 +736,10 @@ def _run_kind(kind: str, real: Real, cli: ForkedCli, tmp_path: Path, monkeypatch
 
 
 @pytest.mark.parametrize("kind", ["format", "enrolled", "sealed"])
-def test_damaged_tokens_fail_alone(kind: str, real: Real, cli: ForkedCli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_damaged_tokens_fail_alone(kind: str, real: Real, cli: ForkedCli) -> None:
     # header writes fsync: on tmpfs that costs nothing
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as work:
-        _run_kind(kind, real, cli, Path(work), monkeypatch)
+        _run_kind(kind, real, cli, Path(work))
 
 
 def test_damage_enumeration_covers_every_field(real: Real) -> None:

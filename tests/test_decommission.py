@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from luks_tpm import cryptsetup
-from luks_tpm.decommission import erase
+from luks_tpm.erase import EraseReport, erase
 from luks_tpm.secret import Secret
 from luks_tpm.tpm import Tpm
-from luks_tpm.unlock import KeyRecovery, recover_verified
+from luks_tpm.unlock import Recovery
 
 from .fixtures_luks import file_digest
 from .fixtures_tpm import Swtpm
@@ -328,8 +328,8 @@ def _assert_as_before_or_further(image: Path, tokens_before: dict[int, str], swt
         if set(tokens_before) - ours - set(tokens):  # another tool's token went: ours went before it
             assert not ours & set(tokens), tokens
         for token_id in ours & set(tokens):  # a remaining token works exactly as before
-            with Tpm(swtpm.tcti) as tpm, KeyRecovery(tpm) as recovery:
-                recover_verified(device, recovery, token_id=token_id).key.close()
+            with Tpm(swtpm.tcti) as tpm, Recovery(tpm) as recovery:
+                recovery.recover(device, token_id=token_id).key.close()
         return not tokens and not keyslots
 
 
@@ -371,7 +371,8 @@ def test_erase_killed_at_any_write_runs_again_to_completion(tmp_path: Path, swtp
             pytest.fail(f"erase finished before its write {kill_at}, yet never left the volume fully erased")
         finished = _assert_as_before_or_further(image, tokens_before, swtpm, recovery_file)
         rerun = erase([image], dry_run=False, confirm=None)  # the same code as the command, without its start-up
-        assert rerun.data["verified"] is True and rerun.exit_code == 0, (kill_at, rerun.data)
+        assert isinstance(rerun.result, EraseReport) and rerun.result.verified is True, (kill_at, rerun.result)
+        assert rerun.exit_code == 0
         with cryptsetup.open_device(image) as device:
             assert device.keyslots_in_header() == [] and device.tokens() == []
         if finished:  # the kill came after the last header write: every point before it was tried

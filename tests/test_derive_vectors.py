@@ -35,7 +35,7 @@ WRAPPED = bytes.fromhex(
 
 
 def secret(data: bytes) -> Secret:
-    return Secret.copy_of(bytearray(data), wipe_source=True)
+    return Secret.copy_of(bytearray(data), zero_source=True)
 
 
 def test_hmac_message_layout() -> None:

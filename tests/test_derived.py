@@ -14,7 +14,8 @@ from luks_tpm.model import DerivedToken, parse
 from luks_tpm.secret import Secret
 from luks_tpm.tpm import Tpm
 from luks_tpm.tpm import srk as tpm_srk
-from luks_tpm.unlock import KeyRecovery
+from luks_tpm.tpm.keyuse import KeyUse
+from luks_tpm.unlock import Recovery
 
 from .fixtures_luks import LuksImage, file_digest
 from .fixtures_tpm import Swtpm
@@ -136,7 +137,7 @@ def test_enroll_keeps_other_tokens_and_keyslots(luks_volume: LuksImage, swtpm: S
         assert token.wrapped_key is not None and len(token.wrapped_key) == 64 + 8
         with (
             Tpm(swtpm.tcti) as tpm,
-            KeyRecovery(tpm) as recovery,
+            Recovery(tpm) as recovery,
             recovery.key_from_token(luks_volume.uuid, enrolled["token"], token) as key,
         ):
             assert key.equals(luks_volume.volume_key)
@@ -260,13 +261,13 @@ def test_derivation_is_stable_across_connections(swtpm: Swtpm) -> None:
     for _ in range(2):
         with Tpm(swtpm.tcti) as tpm:
             srk, _ = tpm_srk.current_srk(tpm)
-            with KeyRecovery(tpm) as recovery, recovery.derive(derive.hmac_message(UUID, salt), srk) as prk:
+            with KeyUse(tpm) as use, use.hmac(srk, derive.hmac_message(UUID, salt), None) as prk:
                 keys.append(derive.expand(prk, UUID, 64))
     assert keys[0].equals(keys[1])
     assert len(keys[0]) == 64 and bytes(keys[0].view()) != bytes(64)
-    with Tpm(swtpm.tcti) as tpm, KeyRecovery(tpm) as recovery:
+    with Tpm(swtpm.tcti) as tpm, KeyUse(tpm) as use:
         srk, _ = tpm_srk.current_srk(tpm)
-        with recovery.derive(derive.hmac_message(UUID, salt[::-1]), srk) as prk:
+        with use.hmac(srk, derive.hmac_message(UUID, salt[::-1]), None) as prk:
             other = derive.expand(prk, UUID, 64)
     assert not other.equals(keys[0])
     assert derive.KEK_SIZE == 32

@@ -21,6 +21,8 @@ import pytest
 from luks_tpm import keyring
 from luks_tpm.secret import Secret
 
+from . import keyutils
+
 pytestmark = pytest.mark.usefixtures("private_session_keyring")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,14 +68,14 @@ def volume_key_description() -> str:
 
 @pytest.fixture
 def volume_key() -> Iterator[Secret]:
-    with Secret.copy_of(bytearray(os.urandom(64)), wipe_source=True) as secret:
+    with Secret.copy_of(bytearray(os.urandom(64)), zero_source=True) as secret:
         yield secret
 
 
 def test_runs_in_a_fresh_anonymous_session_keyring(private_session_keyring: int) -> None:
     assert keyring.keyring_id(keyring.SESSION) == private_session_keyring
     assert keyring.describe(private_session_keyring).description == "_ses"
-    assert keyring.keyring_contents(keyring.SESSION) == []
+    assert keyutils.keyring_contents(keyring.SESSION) == []
 
 
 def test_logon_key_appears_in_proc_keys_with_tight_permissions(
@@ -83,7 +85,7 @@ def test_logon_key_appears_in_proc_keys_with_tight_permissions(
     serial = keyring.add_logon_key(description, volume_key, keyring.SESSION)
     keyring.set_permissions(serial, keyring.logon_key_permissions())
 
-    assert keyring.keyring_contents(private_session_keyring) == [serial]
+    assert keyutils.keyring_contents(private_session_keyring) == [serial]
     entry = proc_keys()[serial]
     assert (entry.type, entry.description, entry.summary) == ("logon", description, "64")
     assert entry.uid == os.getuid()
@@ -104,7 +106,7 @@ def test_logon_key_permissions_grant_nothing_but_possessor_view_search_link_seta
 def test_a_logon_key_cannot_be_read_back(volume_key: Secret) -> None:
     serial = keyring.add_logon_key(volume_key_description(), volume_key, keyring.SESSION)
     with pytest.raises(keyring.KeyringError) as raised:
-        keyring.read(serial)
+        keyutils.read(serial)
     assert raised.value.errno == errno.EOPNOTSUPP
     assert raised.value.function == "keyctl_read"
     assert "keyctl_read" in str(raised.value)
@@ -114,12 +116,12 @@ def test_search_finds_it_and_unlink_removes_it(volume_key: Secret) -> None:
     description = volume_key_description()
     serial = keyring.add_logon_key(description, volume_key, keyring.SESSION)
     keyring.set_permissions(serial, keyring.logon_key_permissions())
-    assert keyring.search(keyring.SESSION, "logon", description) == serial
-    assert keyring.search(keyring.SESSION, "user", description) is None
-    assert keyring.search(keyring.SESSION, "logon", volume_key_description()) is None
+    assert keyutils.search(keyring.SESSION, "logon", description) == serial
+    assert keyutils.search(keyring.SESSION, "user", description) is None
+    assert keyutils.search(keyring.SESSION, "logon", volume_key_description()) is None
 
     keyring.unlink(serial, keyring.SESSION)
-    assert keyring.search(keyring.SESSION, "logon", description) is None
+    assert keyutils.search(keyring.SESSION, "logon", description) is None
     assert wait_until(lambda: serial not in proc_keys()), "unlinked key was never garbage-collected"
 
 
@@ -137,7 +139,7 @@ def test_timeout_shows_in_proc_keys_and_expires_the_key(volume_key: Secret) -> N
     assert proc_keys()[serial].expiry == "perm"
 
     keyring.set_timeout(serial, 1)
-    assert wait_until(lambda: keyring.search(keyring.SESSION, "logon", description) is None)
+    assert wait_until(lambda: keyutils.search(keyring.SESSION, "logon", description) is None)
     assert proc_keys()[serial].expiry == "expd"
     with pytest.raises(ValueError, match="timeout"):
         keyring.set_timeout(serial, -1)
@@ -149,7 +151,7 @@ def test_adding_the_same_description_again_updates_in_place(volume_key: Secret) 
     with Secret.copy_of(bytearray(os.urandom(32))) as shorter:
         assert keyring.add_logon_key(description, shorter, keyring.SESSION) == serial
     assert proc_keys()[serial].summary == "32"
-    assert keyring.keyring_contents(keyring.SESSION) == [serial]
+    assert keyutils.keyring_contents(keyring.SESSION) == [serial]
 
 
 def test_without_write_permission_a_key_cannot_be_updated(volume_key: Secret) -> None:
@@ -167,16 +169,16 @@ def test_a_revoked_key_counts_as_absent_and_adding_again_replaces_it(volume_key:
     description = volume_key_description()
     serial = keyring.add_logon_key(description, volume_key, keyring.SESSION)
     keyring.set_permissions(serial, keyring.logon_key_permissions())
-    keyring.revoke(serial)  # what libcryptsetup 2.6.1 does to a key of that name on a failed activation
-    assert keyring.search(keyring.SESSION, "logon", description) is None
+    keyutils.revoke(serial)  # what libcryptsetup 2.6.1 does to a key of that name on a failed activation
+    assert keyutils.search(keyring.SESSION, "logon", description) is None
     with pytest.raises(keyring.KeyringError) as raised:
         keyring.describe(serial)
     assert raised.value.errno == errno.EKEYREVOKED
 
     again = keyring.add_logon_key(description, volume_key, keyring.SESSION)
     assert again != serial
-    assert keyring.search(keyring.SESSION, "logon", description) == again
-    assert keyring.keyring_contents(keyring.SESSION) == [again]
+    assert keyutils.search(keyring.SESSION, "logon", description) == again
+    assert keyutils.keyring_contents(keyring.SESSION) == [again]
 
 
 def _in_new_thread(function: Callable[[], T]) -> T:
@@ -194,7 +196,7 @@ def test_a_key_is_invisible_to_the_same_uid_without_possession(volume_key: Secre
 
     def outsider() -> tuple[int | None, int | None, str]:
         """Same process, same uid, but a thread that left our session keyring: it no longer possesses them."""
-        keyring.join_session_keyring()
+        keyutils.join_session_keyring()
         errors: list[int | None] = []
         for serial in (tight, default):
             try:
@@ -223,7 +225,7 @@ def test_the_session_keyring_belongs_to_the_thread(private_session_keyring: int)
     older = threading.Thread(target=older_thread)
     older.start()
     started.wait()
-    joined = keyring.join_session_keyring()
+    joined = keyutils.join_session_keyring()
     seen["newer"] = _in_new_thread(lambda: keyring.keyring_id(keyring.SESSION))
     proceed.set()
     older.join()
@@ -236,11 +238,11 @@ def test_the_session_keyring_belongs_to_the_thread(private_session_keyring: int)
 def test_a_description_without_colon_is_refused(volume_key: Secret) -> None:
     with pytest.raises(ValueError, match="prefix"):
         keyring.add_logon_key("cryptsetup-no-colon", volume_key, keyring.SESSION)
-    assert keyring.keyring_contents(keyring.SESSION) == []
+    assert keyutils.keyring_contents(keyring.SESSION) == []
 
 
 def test_errors_are_oserrors_naming_the_call() -> None:
-    missing = keyring.search(keyring.SESSION, "logon", volume_key_description())
+    missing = keyutils.search(keyring.SESSION, "logon", volume_key_description())
     assert missing is None
     with pytest.raises(OSError) as raised:
         keyring.describe(2**31 - 1)
@@ -269,27 +271,28 @@ NOBODY_SCRIPT = """
 import errno, json, os
 from luks_tpm import keyring
 from luks_tpm.secret import Secret
+from tests import keyutils
 
-session = keyring.join_session_keyring()
+session = keyutils.join_session_keyring()
 description = "cryptsetup:00000000-0000-4000-8000-000000000000-d0"
-with Secret.copy_of(bytearray(os.urandom(64)), wipe_source=True) as key:
+with Secret.copy_of(bytearray(os.urandom(64)), zero_source=True) as key:
     serial = keyring.add_logon_key(description, key, keyring.SESSION)
 keyring.set_permissions(serial, keyring.logon_key_permissions())
 keyring.set_timeout(serial, 60)
 try:
-    keyring.read(serial)
+    keyutils.read(serial)
     read_errno = None
 except keyring.KeyringError as error:
     read_errno = error.errno
 result = {
     "uid": os.getuid(),
-    "found": keyring.search(keyring.SESSION, "logon", description) == serial,
+    "found": keyutils.search(keyring.SESSION, "logon", description) == serial,
     "key": vars(keyring.describe(serial)),
     "read_errno": read_errno,
-    "in_session": keyring.keyring_contents(session) == [serial],
+    "in_session": keyutils.keyring_contents(session) == [serial],
 }
 keyring.unlink(serial, keyring.SESSION)
-result["gone"] = keyring.search(keyring.SESSION, "logon", description) is None
+result["gone"] = keyutils.search(keyring.SESSION, "logon", description) is None
 print(json.dumps(result))
 """
 

@@ -394,7 +394,7 @@ def test_install_run_purge(deb: Path, machine_lock: None, swtpm: Swtpm, tmp_path
         assert _installed("luks-tpm")
         assert "update-initramfs" in record.read_text(), "installing did not trigger update-initramfs"
         tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
-        compiled = Path(RUNTIME, "luks_tpm", "__pycache__", f"cli.{tag}.pyc")
+        compiled = Path(RUNTIME, "luks_tpm", "__pycache__", f"activation.{tag}.pyc")
         assert compiled.is_file(), "postinst did not byte-compile the runtime"
 
         version = subprocess.run(

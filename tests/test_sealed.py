@@ -521,12 +521,12 @@ def test_remove_refuses_last_sealed_token_on_keyslotless_image(tmp_path: Path, s
     volume = make_luks_image(tmp_path / "noslot.img", keyslot=False)
     image = volume.path
     # enroll needs a keyslot to get the key; write the token through the same code enroll uses
+    from luks_tpm.enrollment import bind
     from luks_tpm.model import Mode
-    from luks_tpm.provision import _bind
     from luks_tpm.settings import Enrollment
 
     with cryptsetup.open_device(image) as device, Tpm(swtpm.tcti) as tpm:
-        _, token_id, _ = _bind(device, tpm, volume.volume_key, Enrollment(Mode.SEALED, Bank.SHA256, (7,)), None)
+        token_id = bind(device, tpm, volume.volume_key, Enrollment(Mode.SEALED, Bank.SHA256, (7,)), None).token_id
     before = file_digest(image)
     result = luks_tpm("remove", image, "--token-id", str(token_id), tcti=swtpm.tcti, expect=7)
     assert_one_line_error(result, "last way")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from luks_tpm.secret import Secret, wipe
+from luks_tpm.secret import Secret, zero
 
 PATTERN = bytes(range(1, 65))  # 64 bytes, none of them zero
 PAGE = mmap.PAGESIZE
@@ -74,7 +74,7 @@ def test_copy_of_can_wipe_the_source() -> None:
         memoryview(bytearray(PATTERN)),
         (ctypes.c_char * 64).from_buffer_copy(PATTERN),
     ):
-        with Secret.copy_of(source, wipe_source=True) as secret:
+        with Secret.copy_of(source, zero_source=True) as secret:
             assert secret.view().tobytes() == PATTERN
         assert bytes(memoryview(source)) == bytes(64)
 
@@ -86,23 +86,23 @@ def test_copy_of_can_wipe_the_source() -> None:
 
 def test_copy_of_refuses_to_leave_an_unwipeable_source_behind() -> None:
     with pytest.raises(TypeError, match="read-only"):
-        Secret.copy_of(PATTERN, wipe_source=True)
+        Secret.copy_of(PATTERN, zero_source=True)
 
 
 def test_wipe_refuses_read_only_buffers() -> None:
     underlying = bytearray(PATTERN)
     with pytest.raises(TypeError, match="read-only"):
-        wipe(memoryview(underlying).toreadonly())
+        zero(memoryview(underlying).toreadonly())
     assert underlying == PATTERN
     with pytest.raises(TypeError, match="read-only"):
-        wipe(memoryview(PATTERN))
+        zero(memoryview(PATTERN))
 
 
 def test_wipe_zeroes_exactly_the_buffer_given() -> None:
     data = bytearray(PATTERN)
-    wipe(memoryview(data)[8:16])
+    zero(memoryview(data)[8:16])
     assert data == PATTERN[:8] + bytes(8) + PATTERN[16:]
-    wipe(bytearray())  # nothing to do, no error
+    zero(bytearray())  # nothing to do, no error
 
 
 def test_memory_is_locked_while_a_secret_lives() -> None:

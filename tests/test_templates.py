@@ -14,7 +14,7 @@ from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from luks_tpm.model import Bank
 from luks_tpm.tpm import esys, templates
-from luks_tpm.tpm.pcr import _selection
+from luks_tpm.tpm.pcr import selection
 
 from .helpers import REPO
 
@@ -80,12 +80,12 @@ def test_endorsement_key_template_is_the_tcg_low_range_ecc_one() -> None:
 @pytest.mark.parametrize("pcrs", [[0], [7], [0, 2, 4, 7, 15, 23]], ids=str)
 def test_pcr_selection_matches_tpm2_pytss(bank: Bank, pcrs: list[int]) -> None:
     reference = TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}")
-    assert esys.marshal("TPML_PCR_SELECTION", _selection(bank, pcrs)) == reference.marshal()
+    assert esys.marshal("TPML_PCR_SELECTION", selection(bank, pcrs)) == reference.marshal()
 
 
 def test_the_unlock_path_loads_neither_tpm2_pytss_classes_nor_cryptography() -> None:
     code = (
-        "import sys\nimport luks_tpm.activate, luks_tpm.unlock, luks_tpm.requestkey, luks_tpm.tpm.keys\n"
+        "import sys\nimport luks_tpm.activation, luks_tpm.unlock, luks_tpm.requestkey, luks_tpm.tpm.keys\n"
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('tpm2_pytss', 'cryptography'))))"
     )
     result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

@@ -23,16 +23,14 @@ from .binding import (
     ANY_TOKEN,
     SONAME,
     CryptsetupError,
-    Pbkdf,
     TokenInfo,
-    _call,
     device_mapper_available,
     has_function,
     library_version,
     set_debug,
 )
 from .device import Device
-from .opening import HeaderFacts, header_facts, open_device
+from .opening import HeaderFacts, header_facts, open_device, write_error
 
 __all__ = [
     "ACTIVATE_ALLOW_DISCARDS",
@@ -44,13 +42,12 @@ __all__ = [
     "CryptsetupError",
     "Device",
     "HeaderFacts",
-    "Pbkdf",
     "TokenInfo",
-    "_call",
     "device_mapper_available",
     "has_function",
     "header_facts",
     "library_version",
     "open_device",
     "set_debug",
+    "write_error",
 ]

@@ -10,11 +10,11 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..clib import CLibrary, CLibraryError, Convention
+from ..settings import Pbkdf
 
 log = logging.getLogger("luks_tpm.cryptsetup")
 SONAME = "libcryptsetup.so.12"
@@ -32,9 +32,9 @@ ACTIVATE_KEYRING_KEY = 1 << 11  # CRYPT_ACTIVATE_KEYRING_KEY
 _PBKDF_NO_BENCHMARK = 1 << 1  # CRYPT_PBKDF_NO_BENCHMARK
 _LOG_NORMAL, _LOG_ERROR, _LOG_VERBOSE, _LOG_DEBUG, _LOG_DEBUG_JSON = 0, 1, 2, -1, -2
 _DEBUG_ALL, _DEBUG_NONE = -1, 0  # CRYPT_DEBUG_ALL, CRYPT_DEBUG_NONE
-_SLOT_ACTIVE, _SLOT_ACTIVE_LAST = 2, 3  # crypt_keyslot_info
-_LUKS2 = b"LUKS2"
-_MAX_TOKENS = 32  # LUKS2_TOKENS_MAX, used when crypt_token_max() is missing (< 2.4)
+SLOT_ACTIVE, SLOT_ACTIVE_LAST = 2, 3  # crypt_keyslot_info
+LUKS2 = b"LUKS2"
+MAX_TOKENS = 32  # LUKS2_TOKENS_MAX, used when crypt_token_max() is missing (< 2.4)
 
 _LOG_LEVELS = {
     _LOG_ERROR: logging.ERROR,
@@ -56,7 +56,7 @@ class TokenInfo(enum.IntEnum):
     EXTERNAL_UNKNOWN = 5
 
 
-class _PbkdfType(ctypes.Structure):
+class PbkdfType(ctypes.Structure):
     """struct crypt_pbkdf_type."""
 
     _fields_ = (
@@ -70,11 +70,11 @@ class _PbkdfType(ctypes.Structure):
     )
 
 
-class _ParamsLuks2(ctypes.Structure):
+class ParamsLuks2(ctypes.Structure):
     """struct crypt_params_luks2."""
 
     _fields_ = (
-        ("pbkdf", ctypes.POINTER(_PbkdfType)),
+        ("pbkdf", ctypes.POINTER(PbkdfType)),
         ("integrity", ctypes.c_char_p),
         ("integrity_params", ctypes.c_void_p),  # const struct crypt_params_integrity *, unused
         ("data_alignment", ctypes.c_size_t),
@@ -85,37 +85,37 @@ class _ParamsLuks2(ctypes.Structure):
     )
 
 
-_cd = ctypes.c_void_p  # struct crypt_device *
+cd_t = ctypes.c_void_p  # struct crypt_device *
 _str = ctypes.c_char_p  # const char * holding text
 _key = ctypes.POINTER(ctypes.c_char)  # const char * / char * holding key material: a Secret's buffer
 _strp = ctypes.POINTER(ctypes.c_char_p)  # const char ** out-parameter
-_int, _u32, _u64, _size = ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
+_int, _u32, _u64, size_t = ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
 _LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 # name -> (restype, argtypes): the whole C surface luks-tpm uses.
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
-    "crypt_init": (_int, [ctypes.POINTER(_cd), _str]),
-    "crypt_free": (None, [_cd]),
-    "crypt_load": (_int, [_cd, _str, ctypes.c_void_p]),
-    "crypt_format": (_int, [_cd, _str, _str, _str, _str, _key, _size, ctypes.POINTER(_ParamsLuks2)]),
-    "crypt_set_pbkdf_type": (_int, [_cd, ctypes.POINTER(_PbkdfType)]),
-    "crypt_get_pbkdf_default": (ctypes.POINTER(_PbkdfType), [_str]),
-    "crypt_get_type": (_str, [_cd]),
-    "crypt_get_uuid": (_str, [_cd]),
-    "crypt_get_volume_key_size": (_int, [_cd]),
-    "crypt_volume_key_verify": (_int, [_cd, _key, _size]),
-    "crypt_volume_key_get": (_int, [_cd, _int, _key, ctypes.POINTER(_size), _key, _size]),
-    "crypt_keyslot_add_by_volume_key": (_int, [_cd, _int, _key, _size, _key, _size]),
+    "crypt_init": (_int, [ctypes.POINTER(cd_t), _str]),
+    "crypt_free": (None, [cd_t]),
+    "crypt_load": (_int, [cd_t, _str, ctypes.c_void_p]),
+    "crypt_format": (_int, [cd_t, _str, _str, _str, _str, _key, size_t, ctypes.POINTER(ParamsLuks2)]),
+    "crypt_set_pbkdf_type": (_int, [cd_t, ctypes.POINTER(PbkdfType)]),
+    "crypt_get_pbkdf_default": (ctypes.POINTER(PbkdfType), [_str]),
+    "crypt_get_type": (_str, [cd_t]),
+    "crypt_get_uuid": (_str, [cd_t]),
+    "crypt_get_volume_key_size": (_int, [cd_t]),
+    "crypt_volume_key_verify": (_int, [cd_t, _key, size_t]),
+    "crypt_volume_key_get": (_int, [cd_t, _int, _key, ctypes.POINTER(size_t), _key, size_t]),
+    "crypt_keyslot_add_by_volume_key": (_int, [cd_t, _int, _key, size_t, _key, size_t]),
     "crypt_keyslot_max": (_int, [_str]),
-    "crypt_keyslot_status": (_int, [_cd, _int]),
-    "crypt_keyslot_destroy": (_int, [_cd, _int]),
+    "crypt_keyslot_status": (_int, [cd_t, _int]),
+    "crypt_keyslot_destroy": (_int, [cd_t, _int]),
     "crypt_token_max": (_int, [_str]),
-    "crypt_token_json_get": (_int, [_cd, _int, _strp]),
-    "crypt_token_json_set": (_int, [_cd, _int, _str]),
-    "crypt_token_status": (_int, [_cd, _int, _strp]),
-    "crypt_dump_json": (_int, [_cd, _strp, _u32]),
-    "crypt_activate_by_volume_key": (_int, [_cd, _str, _key, _size, _u32]),
-    "crypt_set_log_callback": (None, [_cd, _LOG_CALLBACK, ctypes.c_void_p]),
+    "crypt_token_json_get": (_int, [cd_t, _int, _strp]),
+    "crypt_token_json_set": (_int, [cd_t, _int, _str]),
+    "crypt_token_status": (_int, [cd_t, _int, _strp]),
+    "crypt_dump_json": (_int, [cd_t, _strp, _u32]),
+    "crypt_activate_by_volume_key": (_int, [cd_t, _str, _key, size_t, _u32]),
+    "crypt_set_log_callback": (None, [cd_t, _LOG_CALLBACK, ctypes.c_void_p]),
     "crypt_set_debug_level": (None, [_int]),
     "crypt_get_version": (_str, []),  # not in 2.6: used only when present
 }
@@ -151,7 +151,7 @@ _c = CLibrary(
 _log_routed = False
 
 
-def _fn(name: str) -> Callable[..., Any]:
+def function(name: str) -> Callable[..., Any]:
     global _log_routed  # noqa: PLW0603 - libcryptsetup's log goes to ours from the first call on
     if not _log_routed:
         _log_routed = True
@@ -159,9 +159,9 @@ def _fn(name: str) -> Callable[..., Any]:
     return _c.function(name)
 
 
-def _call(name: str, *args: Any) -> int:
+def call(name: str, *args: Any) -> int:
     """Call an int-returning function; a negative result is raised as `CryptsetupError`."""
-    _fn(name)
+    function(name)
     _errors_logged.clear()
     return _c.call(name, *args)
 
@@ -171,14 +171,14 @@ def has_function(name: str) -> bool:
     return _c.has(name)
 
 
-def _text(value: bytes | None) -> str | None:
+def text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "surrogateescape")
 
 
 def library_version() -> str:
     """The libcryptsetup release: exact where the library says (crypt_get_version), else its ABI level."""
     if has_function("crypt_get_version"):
-        return _text(_fn("crypt_get_version")()) or "unknown"
+        return text(function("crypt_get_version")()) or "unknown"
     # 2.6 and older have no version call. The highest symbol version node (CRYPTSETUP_2.6) names
     # the minor release the library implements; the patch level is not recorded anywhere we can read.
     try:
@@ -196,7 +196,7 @@ def library_version() -> str:
 
 def set_debug(enabled: bool) -> None:
     """Turn libcryptsetup's debug messages on or off (they arrive at logging.DEBUG)."""
-    _fn("crypt_set_debug_level")(_DEBUG_ALL if enabled else _DEBUG_NONE)
+    function("crypt_set_debug_level")(_DEBUG_ALL if enabled else _DEBUG_NONE)
 
 
 def device_mapper_available() -> bool:
@@ -224,26 +224,16 @@ def device_mapper_available() -> bool:
 # --- PBKDF --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pbkdf:
-    """Keyslot PBKDF. `iterations` given: no benchmark, exactly that cost (time cost for argon2)."""
-
-    type: str  # "pbkdf2" | "argon2id" | "argon2i"
-    hash: str = "sha256"
-    iterations: int | None = None
-    time_ms: int = 0  # 0: libcryptsetup's LUKS2 default
-    max_memory_kb: int = 0  # argon2 only; 0: the default
-    parallel_threads: int = 0  # argon2 only; 0: the default
-
-    def _struct(self) -> _PbkdfType:
-        default = _fn("crypt_get_pbkdf_default")(_LUKS2).contents
-        argon = self.type.startswith("argon2")
-        return _PbkdfType(
-            type=self.type.encode(),
-            hash=self.hash.encode(),
-            time_ms=self.time_ms or default.time_ms,
-            iterations=self.iterations or 0,
-            max_memory_kb=(self.max_memory_kb or default.max_memory_kb) if argon else 0,
-            parallel_threads=(self.parallel_threads or default.parallel_threads) if argon else 0,
-            flags=_PBKDF_NO_BENCHMARK if self.iterations is not None else 0,
-        )
+def pbkdf_struct(pbkdf: Pbkdf) -> PbkdfType:
+    """A keyslot PBKDF as libcryptsetup takes it; unset costs are the library's LUKS2 defaults."""
+    default = function("crypt_get_pbkdf_default")(LUKS2).contents
+    argon = pbkdf.type.startswith("argon2")
+    return PbkdfType(
+        type=pbkdf.type.encode(),
+        hash=pbkdf.hash.encode(),
+        time_ms=pbkdf.time_ms or default.time_ms,
+        iterations=pbkdf.iterations or 0,
+        max_memory_kb=(pbkdf.max_memory_kb or default.max_memory_kb) if argon else 0,
+        parallel_threads=(pbkdf.parallel_threads or default.parallel_threads) if argon else 0,
+        flags=_PBKDF_NO_BENCHMARK if pbkdf.iterations is not None else 0,
+    )

@@ -10,22 +10,23 @@ from typing import Any
 
 from ..errors import ExitCode, die
 from ..secret import Secret
+from ..settings import Pbkdf
 from .binding import (
-    _LUKS2,
-    _MAX_TOKENS,
-    _SLOT_ACTIVE,
-    _SLOT_ACTIVE_LAST,
     ANY_SLOT,
     ANY_TOKEN,
+    LUKS2,
+    MAX_TOKENS,
+    SLOT_ACTIVE,
+    SLOT_ACTIVE_LAST,
     CryptsetupError,
-    Pbkdf,
+    ParamsLuks2,
     TokenInfo,
-    _call,
-    _fn,
-    _ParamsLuks2,
-    _size,
-    _text,
+    call,
+    function,
     has_function,
+    pbkdf_struct,
+    size_t,
+    text,
 )
 
 # --- devices ------------------------------------------------------------------------------------
@@ -45,13 +46,19 @@ class Device:
         self._handle: ctypes.c_void_p | None = handle
 
     @property
-    def _cd(self) -> ctypes.c_void_p:
+    def cd(self) -> ctypes.c_void_p:
         if self._handle is None:
             raise ValueError(f"device {self.path} is closed")
         return self._handle
 
+    def close(self) -> None:
+        """crypt_free: the handle is invalid afterwards."""
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            function("crypt_free")(handle)
+
     def _string(self, name: str) -> str | None:
-        return _text(_fn(name)(self._cd))
+        return text(function(name)(self.cd))
 
     def __repr__(self) -> str:
         return f"<Device {self.path}>"
@@ -70,16 +77,16 @@ class Device:
         label: str | None = None,
     ) -> None:
         """Write a new LUKS2 header using `volume_key`; adds no keyslot."""
-        pbkdf_struct = pbkdf._struct() if pbkdf is not None else None
-        params = _ParamsLuks2(
-            pbkdf=ctypes.pointer(pbkdf_struct) if pbkdf_struct is not None else None,
+        pbkdf_params = pbkdf_struct(pbkdf) if pbkdf is not None else None
+        params = ParamsLuks2(
+            pbkdf=ctypes.pointer(pbkdf_params) if pbkdf_params is not None else None,
             sector_size=sector_size,
             label=label.encode() if label is not None else None,
         )
-        _call(
+        call(
             "crypt_format",
-            self._cd,
-            _LUKS2,
+            self.cd,
+            LUKS2,
             cipher.encode(),
             cipher_mode.encode(),
             uuid.encode(),
@@ -90,12 +97,12 @@ class Device:
 
     def set_pbkdf(self, pbkdf: Pbkdf) -> None:
         """PBKDF for the keyslots added after this call."""
-        _call("crypt_set_pbkdf_type", self._cd, ctypes.byref(pbkdf._struct()))
+        call("crypt_set_pbkdf_type", self.cd, ctypes.byref(pbkdf_struct(pbkdf)))
 
     def volume_key_verify(self, key: Secret) -> bool:
         """Whether `key` matches the header's digest (False on -EPERM)."""
         try:
-            _call("crypt_volume_key_verify", self._cd, _buffer(key), len(key))
+            call("crypt_volume_key_verify", self.cd, _buffer(key), len(key))
         except CryptsetupError as error:
             if error.errno == errno.EPERM:
                 return False
@@ -108,11 +115,11 @@ class Device:
         """Unlock a keyslot with `passphrase`: (keyslot used, volume key). Wrong passphrase: EPERM."""
         capacity = key_size or self.volume_key_size or 512
         key = Secret(capacity)
-        size = _size(capacity)
+        size = size_t(capacity)
         try:
-            slot = _call(
+            slot = call(
                 "crypt_volume_key_get",
-                self._cd,
+                self.cd,
                 keyslot,
                 key.as_ctypes(),
                 ctypes.byref(size),
@@ -130,9 +137,9 @@ class Device:
 
     def keyslot_add_by_volume_key(self, key: Secret, passphrase: Secret, *, keyslot: int = ANY_SLOT) -> int:
         """Add a passphrase keyslot for the volume key `key`; returns its id."""
-        return _call(
+        return call(
             "crypt_keyslot_add_by_volume_key",
-            self._cd,
+            self.cd,
             keyslot,
             _buffer(key),
             len(key),
@@ -142,11 +149,11 @@ class Device:
 
     def keyslots(self) -> list[int]:
         """Ids of the keyslots that open the volume (ACTIVE or ACTIVE_LAST; unbound ones are not listed)."""
-        count = _call("crypt_keyslot_max", _LUKS2)
+        count = call("crypt_keyslot_max", LUKS2)
         return [
             slot
             for slot in range(count)
-            if _fn("crypt_keyslot_status")(self._cd, slot) in (_SLOT_ACTIVE, _SLOT_ACTIVE_LAST)
+            if function("crypt_keyslot_status")(self.cd, slot) in (SLOT_ACTIVE, SLOT_ACTIVE_LAST)
         ]
 
     def keyslots_in_header(self) -> list[int]:
@@ -155,7 +162,7 @@ class Device:
 
     def keyslot_destroy(self, keyslot: int) -> None:
         """Overwrite the keyslot's key material area, then write the header without the keyslot."""
-        _call("crypt_keyslot_destroy", self._cd, keyslot)
+        call("crypt_keyslot_destroy", self.cd, keyslot)
 
     # tokens
 
@@ -163,32 +170,32 @@ class Device:
         """The token's JSON text, or None when there is no such token."""
         if self.token_status(token_id)[0] == TokenInfo.INACTIVE:
             return None  # 2.6 returns -EINVAL, not -ENOENT, for a free token id
-        text = ctypes.c_char_p()
+        value = ctypes.c_char_p()
         try:
-            _call("crypt_token_json_get", self._cd, token_id, ctypes.byref(text))
+            call("crypt_token_json_get", self.cd, token_id, ctypes.byref(value))
         except CryptsetupError as error:
             if error.errno == errno.ENOENT:
                 return None
             raise
-        return _text(text.value)
+        return text(value.value)
 
     def token_json_set(self, json_text: str, token_id: int = ANY_TOKEN) -> int:
         """Write a token (a new one with ANY_TOKEN); returns its id."""
-        return _call("crypt_token_json_set", self._cd, token_id, json_text.encode())
+        return call("crypt_token_json_set", self.cd, token_id, json_text.encode())
 
     def token_remove(self, token_id: int) -> None:
-        _call("crypt_token_json_set", self._cd, token_id, None)
+        call("crypt_token_json_set", self.cd, token_id, None)
 
     def token_status(self, token_id: int) -> tuple[TokenInfo, str | None]:
         kind = ctypes.c_char_p()
-        info = TokenInfo(_fn("crypt_token_status")(self._cd, token_id, ctypes.byref(kind)))
+        info = TokenInfo(function("crypt_token_status")(self.cd, token_id, ctypes.byref(kind)))
         if info in (TokenInfo.INVALID, TokenInfo.INACTIVE):
             return info, None
-        return info, _text(kind.value)
+        return info, text(kind.value)
 
     def tokens(self) -> list[tuple[int, str]]:
         """(id, type) of every token present."""
-        count = _call("crypt_token_max", _LUKS2) if has_function("crypt_token_max") else _MAX_TOKENS
+        count = call("crypt_token_max", LUKS2) if has_function("crypt_token_max") else MAX_TOKENS
         found = []
         for token_id in range(count):
             _info, kind = self.token_status(token_id)
@@ -198,9 +205,9 @@ class Device:
 
     def metadata(self) -> dict[str, Any]:
         """The LUKS2 JSON metadata (keyslots, tokens, segments, digests, config); needs 2.4+."""
-        text = ctypes.c_char_p()
-        _call("crypt_dump_json", self._cd, ctypes.byref(text), 0)
-        parsed: dict[str, Any] = json.loads(text.value or b"{}")
+        dump = ctypes.c_char_p()
+        call("crypt_dump_json", self.cd, ctypes.byref(dump), 0)
+        parsed: dict[str, Any] = json.loads(dump.value or b"{}")
         return parsed
 
     def digest_ids(self) -> set[int]:
@@ -226,11 +233,6 @@ class Device:
         header_area = 2 * (int(config["json_size"]) + 4096) + int(config.get("keyslots_size", 0))
         return int(segment["offset"]) < header_area
 
-    def header_seqid(self) -> int:
-        """The on-disk header's sequence id, incremented by every write of any LUKS2 tool."""
-        with open(self.path, "rb") as file:
-            return int.from_bytes(file.read(24)[16:24], "big")
-
     # header properties
 
     @property
@@ -244,15 +246,15 @@ class Device:
     @property
     def volume_key_size(self) -> int:
         """Volume key length in bytes; 0 on a LUKS2 header without keyslots (it is not recorded)."""
-        return _call("crypt_get_volume_key_size", self._cd)
+        return call("crypt_get_volume_key_size", self.cd)
 
     # device-mapper
 
     def activate_by_volume_key(self, name: str | None, key: Secret, flags: int = 0) -> None:
         """Create /dev/mapper/`name`; with `name` None only check that `key` is right."""
-        _call(
+        call(
             "crypt_activate_by_volume_key",
-            self._cd,
+            self.cd,
             name.encode() if name is not None else None,
             _buffer(key),
             len(key),

@@ -1,6 +1,6 @@
 """Opening a device: what is refused before libcryptsetup sees it (FIFOs, directories, ...), the header
 facts read from disk without it (magic, version, UUID), the lock luks-tpm writers share, and the errors
-of opening and loading turned into one line each."""
+of opening, loading and writing turned into one line each."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
 
-from ..errors import Cause, ExitCode, die
-from .binding import CryptsetupError, _call, _cd, _fn
+from ..errors import Cause, ExitCode, LuksTpmError, die
+from .binding import CryptsetupError, call, cd_t
 from .device import Device
 
 # LUKS1 and LUKS2 binary headers: magic, version (2 bytes), ...; the UUID at 0xA8 (40 bytes, NUL-padded).
@@ -106,7 +106,8 @@ def _check_path(name: str) -> None:
 def _header_lock(name: str) -> Iterator[None]:
     """Serialise luks-tpm processes that change this header (read, decide, write): an open file
     description lock, which neither libcryptsetup's own flock() nor its closing of other descriptors
-    of the same file can disturb. Other tools do not take it; `Device.check_unchanged` covers them."""
+    of the same file can disturb. Other tools do not take it; libcryptsetup's own metadata locking and
+    its sequence-id check on write cover them."""
     try:
         fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
     except OSError as error:
@@ -143,9 +144,9 @@ def open_device(
     with contextlib.ExitStack() as stack:
         if write:
             stack.enter_context(_header_lock(name))
-        handle = _cd()
+        handle = cd_t()
         try:
-            _call("crypt_init", ctypes.byref(handle), os.fsencode(name))
+            call("crypt_init", ctypes.byref(handle), os.fsencode(name))
         except CryptsetupError as error:
             _raise_open_error(name, error)
         device = Device(name, handle)
@@ -154,8 +155,7 @@ def open_device(
                 _load(device, allow_detached)
             yield device
         finally:
-            device._handle = None
-            _fn("crypt_free")(handle)
+            device.close()
 
 
 def _raise_open_error(name: str, error: CryptsetupError) -> NoReturn:
@@ -185,7 +185,7 @@ def _raise_open_error(name: str, error: CryptsetupError) -> NoReturn:
 def _load(device: Device, allow_detached: bool) -> None:
     name = device.path
     try:
-        _call("crypt_load", device._cd, None, None)  # any LUKS version, so LUKS1 can be named as such
+        call("crypt_load", device.cd, None, None)  # any LUKS version, so LUKS1 can be named as such
     except CryptsetupError as error:
         if error.errno in (errno.EACCES, errno.EPERM):
             die(
@@ -234,3 +234,41 @@ def _load(device: Device, allow_detached: bool) -> None:
             code=ExitCode.UNSUPPORTED,
             cause=Cause.UNSUPPORTED,
         )
+
+
+def write_error(device: Device, error: CryptsetupError) -> LuksTpmError:
+    """A failed header write in words, from the errno and what libcryptsetup logged about it."""
+    said = " ".join(error.log).lower()
+    full_hint = "remove unused tokens (`luks-tpm status`, `luks-tpm remove`) or keyslots"
+    if "concurrent" in said:
+        return LuksTpmError(
+            f"{device.path}: another process changed the LUKS header meanwhile; nothing was written",
+            hint="run the command again",
+            code=ExitCode.DEVICE,
+            cause=Cause.HEADER_CHANGED,
+        )
+    if "free token" in said or "no free" in said:
+        return LuksTpmError(
+            f"{device.path}: the LUKS2 header is full ({error.log[-1] if error.log else error})",
+            hint=f"{full_hint}; the JSON area size is fixed when the volume is formatted",
+            code=ExitCode.DEVICE,
+            cause=Cause.HEADER_FULL,
+        )
+    if error.errno == errno.ENOSPC:
+        return LuksTpmError(
+            f"{device.path}: the LUKS2 header's JSON area is full",
+            hint=f"{full_hint}; a larger area can only be chosen when formatting "
+            "(`cryptsetup luksFormat --luks2-metadata-size`)",
+            code=ExitCode.DEVICE,
+            cause=Cause.HEADER_FULL,
+        )
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return LuksTpmError(
+            f"{device.path}: cannot write the LUKS header ({error.strerror})",
+            hint="is the device or image read-only?",
+            code=ExitCode.DEVICE,
+            cause=Cause.DEVICE,
+        )
+    return LuksTpmError(
+        f"{device.path}: writing the LUKS header failed: {error}", code=ExitCode.DEVICE, cause=Cause.DEVICE
+    )

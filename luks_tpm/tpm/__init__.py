@@ -9,6 +9,7 @@
 - info: identity and dictionary-attack state
 """
 
-from .context import Tpm, TpmError
+from .context import Tpm
+from .responses import TpmError
 
 __all__ = ["Tpm", "TpmError"]

@@ -6,6 +6,13 @@ extension `_libtpm2_pytss` alone holds the whole ESYS API, the structs and the c
 loads that one file, under its own name (a later `import tpm2_pytss` shares it, and with it the cffi
 types), and calls ESYS directly. Structs are cffi values with the C field names.
 
+The binding is an internal module of tpm2-pytss, so what luks-tpm uses of it is declared here, once:
+`FUNCTIONS`, `TYPES` and `CONSTANTS`, checked when the binding is loaded. A tpm2-pytss that lacks one of
+them is refused then, with one line naming the symbol and the version found (pyproject.toml admits only
+the release series that is tested, 3.0). The alternative, owning cffi declarations of ESYS as systemd
+owns its dlopen table, needs cffi's C parser (pycparser) at run time or a build step of its own, in every
+initramfs; the check gives the same guarantee for less.
+
 `Esys` is one ESYS context on one TCTI. Its methods are the TPM commands luks-tpm sends, with ESYS's
 own defaults for session handles (a password session where the command needs authorization). Outputs
 that ESYS allocates are freed when the Python value is collected; the callers that receive key
@@ -16,24 +23,94 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import Cause, ExitCode, LuksTpmError
+
+# The TSS's own logging prints command and response buffers at debug/trace level, and ESYS's crypto
+# trace prints decrypted parameters: the volume key. Force it off whatever the environment says; the TSS
+# reads it when it first logs, so this happens before the binding (and with it the TSS) is loaded.
+_USER_TSS2_LOG = os.environ.get("TSS2_LOG")
+os.environ["TSS2_LOG"] = "all+NONE"
+if _USER_TSS2_LOG not in (None, "", "all+NONE"):
+    logging.getLogger(__name__).info(
+        "ignoring TSS2_LOG=%s: the TSS's own debug and trace output can print key material", _USER_TSS2_LOG
+    )
+
 _BINDING = "tpm2_pytss._libtpm2_pytss"
+TESTED = "3.0"  # the tpm2-pytss release series luks-tpm is tested with (pyproject.toml, the .deb)
+
+# Everything luks-tpm takes from the binding: one table, checked at load.
+FUNCTIONS = (
+    "Esys_Initialize", "Esys_Finalize", "Esys_Free", "Esys_GetSysContext",
+    "Esys_TR_FromTPMPublic", "Esys_TR_GetName", "Esys_TR_Close", "Esys_TR_SetAuth",
+    "Esys_TRSess_SetAttributes", "Esys_TRSess_GetAttributes",
+    "Esys_FlushContext", "Esys_ReadPublic", "Esys_CreatePrimary", "Esys_Create", "Esys_Load",
+    "Esys_StartAuthSession", "Esys_PolicyPCR", "Esys_PolicyAuthValue", "Esys_PolicyRestart",
+    "Esys_PolicyGetDigest", "Esys_HMAC", "Esys_Unseal", "Esys_PCR_Read", "Esys_PCR_Extend",
+    "Esys_GetCapability", "Esys_EvictControl", "Esys_NV_ReadPublic", "Esys_Clear",
+    "Tss2_TctiLdr_Initialize", "Tss2_TctiLdr_Finalize", "Tss2_RC_Decode",
+    "Tss2_MU_TPM2B_PUBLIC_Marshal", "Tss2_MU_TPM2B_PUBLIC_Unmarshal",
+    "Tss2_MU_TPM2B_PRIVATE_Marshal", "Tss2_MU_TPM2B_PRIVATE_Unmarshal",
+)  # fmt: skip
+TYPES = (
+    "ESYS_CONTEXT *", "ESYS_TR", "TSS2_TCTI_CONTEXT *", "TSS2_SYS_CONTEXT *", "TPM2B_AUTH", "TPM2B_DATA",
+    "TPM2B_DIGEST", "TPM2B_MAX_BUFFER", "TPM2B_NAME", "TPM2B_NV_PUBLIC", "TPM2B_PRIVATE", "TPM2B_PUBLIC",
+    "TPM2B_SENSITIVE_CREATE", "TPM2B_SENSITIVE_DATA", "TPMA_SESSION", "TPMI_YES_NO", "TPML_DIGEST",
+    "TPML_DIGEST_VALUES", "TPML_PCR_SELECTION", "TPMS_CAPABILITY_DATA", "TPMT_SYM_DEF",
+)  # fmt: skip
+CONSTANTS = (
+    "ESYS_TR_NONE", "ESYS_TR_PASSWORD", "ESYS_TR_PCR0", "ESYS_TR_RH_ENDORSEMENT", "ESYS_TR_RH_LOCKOUT",
+    "ESYS_TR_RH_OWNER", "TPM2_ALG_AES", "TPM2_ALG_CFB", "TPM2_ALG_ECC", "TPM2_ALG_HMAC",
+    "TPM2_ALG_KEYEDHASH", "TPM2_ALG_NULL", "TPM2_ALG_RSA", "TPM2_ALG_SHA256", "TPM2_ALG_SYMCIPHER",
+    "TPM2_CAP_HANDLES", "TPM2_CAP_PCRS", "TPM2_CAP_TPM_PROPERTIES", "TPM2_ECC_NIST_P256",
+    "TPM2_PT_LOCKOUT_COUNTER", "TPM2_PT_LOCKOUT_INTERVAL", "TPM2_PT_LOCKOUT_RECOVERY", "TPM2_PT_MANUFACTURER",
+    "TPM2_PT_MAX_AUTH_FAIL", "TPM2_PT_PERMANENT", "TPM2_RC_FMT1", "TPM2_RC_HANDLE",
+    "TPM2_SE_HMAC", "TPM2_SE_POLICY", "TPM2_SE_TRIAL", "TPMA_SESSION_CONTINUESESSION",
+    "TPMA_SESSION_DECRYPT", "TPMA_SESSION_ENCRYPT", "TPMA_PERMANENT_DISABLECLEAR",
+    "TPMA_PERMANENT_INLOCKOUT", "TPMA_PERMANENT_LOCKOUTAUTHSET",
+)  # fmt: skip
+
+
+def _binding_file() -> Path | None:
+    """The compiled binding's file, found without running tpm2-pytss's __init__ (which imports cryptography)."""
+    package = importlib.util.find_spec("tpm2_pytss")
+    for location in (package.submodule_search_locations or []) if package is not None else []:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            candidate = Path(location) / f"_libtpm2_pytss{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _unusable(what: str) -> LuksTpmError:
+    from importlib.metadata import PackageNotFoundError, version  # here: only this error path reads it
+
+    try:
+        found = f"tpm2-pytss {version('tpm2-pytss')}"
+    except PackageNotFoundError:
+        found = "no tpm2-pytss"
+    return LuksTpmError(
+        f"{what} ({found} is installed; luks-tpm needs tpm2-pytss {TESTED}.x)",
+        hint=f"install tpm2-pytss {TESTED}.x (the luks-tpm package carries it)",
+        code=ExitCode.UNSUPPORTED,
+        cause=Cause.UNSUPPORTED,
+    )
 
 
 def _load_binding() -> Any:
     module = sys.modules.get(_BINDING)
     if module is not None:
         return module
-    package = importlib.util.find_spec("tpm2_pytss")  # locates the package without running its __init__
-    locations = (package.submodule_search_locations or []) if package is not None else []
-    candidates = [path for location in locations for path in sorted(Path(location).glob("_libtpm2_pytss*.so"))]
-    if not candidates:
-        raise ImportError("tpm2-pytss's compiled binding (_libtpm2_pytss) is not installed")
-    loader = importlib.machinery.ExtensionFileLoader(_BINDING, str(candidates[0]))
-    spec = importlib.util.spec_from_loader(_BINDING, loader, origin=str(candidates[0]))
+    path = _binding_file()
+    if path is None:
+        raise _unusable("tpm2-pytss's compiled binding (_libtpm2_pytss) is not installed")
+    loader = importlib.machinery.ExtensionFileLoader(_BINDING, str(path))
+    spec = importlib.util.spec_from_loader(_BINDING, loader, origin=str(path))
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
@@ -41,11 +118,30 @@ def _load_binding() -> Any:
     return module
 
 
+def missing_symbols(binding: Any) -> list[str]:
+    """What of FUNCTIONS, CONSTANTS and TYPES the binding lacks."""
+    missing = [name for name in FUNCTIONS + CONSTANTS if not hasattr(binding.lib, name)]
+    for kind in TYPES:
+        try:
+            binding.ffi.typeof(kind)
+        except binding.ffi.error:
+            missing.append(kind)
+    return missing
+
+
 _binding = _load_binding()
+if _missing := missing_symbols(_binding):
+    raise _unusable(f"tpm2-pytss's binding lacks {', '.join(_missing)}")
 ffi: Any = _binding.ffi
 lib: Any = _binding.lib
 
 PASSWORD, NONE = lib.ESYS_TR_PASSWORD, lib.ESYS_TR_NONE
+
+
+def address(pointer: Any) -> int:
+    """A cffi pointer as the integer address a ctypes function takes: the one place where memory crosses
+    from the binding's cffi to luks-tpm's ctypes (clib), for the libtss2-sys call tpm2-pytss does not bind."""
+    return int(ffi.cast("uintptr_t", pointer))
 
 
 class TssError(Exception):
@@ -209,16 +305,10 @@ class Esys:
         result = self._out("TPM2B_DIGEST")
         check(
             lib.Esys_HMAC(
-                self.context,
-                key,
-                session,
-                NONE,
-                NONE,
-                tpm2b("TPM2B_MAX_BUFFER", message),
-                lib.TPM2_ALG_SHA256,
+                self.context, key, session, NONE, NONE, tpm2b("TPM2B_MAX_BUFFER", message), lib.TPM2_ALG_SHA256,
                 result,
             )
-        )
+        )  # fmt: skip
         return result[0]
 
     def unseal(self, item: int, session: int) -> Any:

@@ -14,8 +14,10 @@ from ..errors import Cause, ExitCode, LuksTpmError
 from ..model import SealedBlob
 from ..secret import Secret
 from . import templates
-from .context import Tpm, TpmError, fill_tpm2b, secret_from_tpm2b, tpm_errors, wipe_response_buffer, zero_c
+from .context import Tpm, fill_tpm2b, secret_from_tpm2b, wipe_response_buffer, zero_c
 from .esys import ffi, lib, unmarshal
+from .responses import TpmError, tpm_errors
+from .sessions import SessionUse
 
 
 @contextmanager
@@ -26,30 +28,25 @@ def derived_primary(tpm: Tpm, policy: bytes = b"") -> Iterator[Any]:
         yield esys
 
 
-def salted_session(tpm: Tpm, srk: Any, *, policy: bool = False) -> Any:
-    """A context manager: an SRK-salted HMAC (or policy) session encrypting commands and responses."""
-    return tpm.session(lib.TPM2_SE_POLICY if policy else lib.TPM2_SE_HMAC, salt_key=srk)
-
-
-def _take_result(tpm: Tpm, session: Any, last_use: bool, doing: str, command: Any, *args: Any) -> Secret:
-    if last_use:
-        tpm.last_use(session)
+def _take_result(tpm: Tpm, session: SessionUse, doing: str, command: Any, *args: Any) -> Secret:
+    """Run a command whose response is key material, copy it into a Secret and zero every copy the TSS
+    made. On the session's last use the TPM ends it (continueSession clear)."""
+    if session.last:
+        tpm.last_use(session.handle)
     with tpm_errors(doing):
         try:
-            result = command(*args, session)
+            result = command(*args, session.handle)
         finally:
             wipe_response_buffer(tpm.esys)
-    if last_use:
-        tpm.ended_by_tpm(session)
+    if session.last:
+        tpm.ended_by_tpm(session.handle)
     return secret_from_tpm2b(result)
 
 
-def hmac(tpm: Tpm, primary: Any, message: bytes, session: Any, *, last_use: bool = False) -> Secret:
+def hmac(tpm: Tpm, primary: Any, message: bytes, session: SessionUse) -> Secret:
     """TPM2_HMAC with the derived primary, its result (the PRK) encrypted on the bus. `session` is a
-    salted HMAC session, or a salted policy session with the primary's policy already applied.
-
-    `last_use`: the session serves no further command, so the TPM ends it (one FlushContext fewer)."""
-    return _take_result(tpm, session, last_use, "computing the derived key", tpm.esys.hmac, primary, message)
+    salted HMAC session, or a salted policy session with the primary's policy already applied."""
+    return _take_result(tpm, session, "computing the derived key", tpm.esys.hmac, primary, message)
 
 
 def seal(tpm: Tpm, key: Secret, srk: Any, policy_digest: bytes, pin: Secret | None) -> SealedBlob:
@@ -64,7 +61,7 @@ def seal(tpm: Tpm, key: Secret, srk: Any, policy_digest: bytes, pin: Secret | No
         if pin is not None:
             fill_tpm2b(inner.userAuth, pin, "PIN")
         template = templates.sealed_object(policy_digest, pin=pin is not None)
-        with salted_session(tpm, srk) as session, tpm_errors("sealing the volume key"):
+        with tpm.session(lib.TPM2_SE_HMAC, salt_key=srk) as session, tpm_errors("sealing the volume key"):
             public, private = tpm.esys.create(srk, sensitive, template, session)
     finally:
         zero_c(inner)
@@ -107,13 +104,13 @@ def load_sealed(tpm: Tpm, blob: SealedBlob, srk: Any) -> Any:
         ) from None
 
 
-def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: Any, *, last_use: bool) -> Secret:
+def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: SessionUse) -> Secret:
     """Unseal through `session`, a salted policy session in which the object's policy was just applied."""
     sealed = load_sealed(tpm, blob, srk)
     try:
         if pin is not None:
             _set_auth(tpm, sealed, pin)
-        return _take_result(tpm, session, last_use, "unsealing the volume key", tpm.esys.unseal, sealed)
+        return _take_result(tpm, session, "unsealing the volume key", tpm.esys.unseal, sealed)
     finally:
         if pin is not None:
             _clear_auth(tpm, sealed)

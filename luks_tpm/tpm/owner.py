@@ -19,8 +19,9 @@ import dataclasses
 
 from ..errors import Cause, ExitCode, LuksTpmError
 from ..secret import Secret
-from .context import LOCKOUT, Tpm, TpmError, fill_tpm2b, known_error, tpm_errors, translate, zero_c
+from .context import Tpm, fill_tpm2b, zero_c
 from .esys import TssError, ffi, lib
+from .responses import LOCKOUT, TpmError, known_error, tpm_errors, translate
 from .srk import is_standard_srk
 
 PERSISTENT_FIRST = 0x81000000

@@ -11,13 +11,14 @@ from typing import Any
 
 from ..errors import Cause, ExitCode, die
 from ..model import FENCE_BANK, FENCE_DOWN, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
-from .context import Tpm, tpm_errors
+from .context import Tpm
 from .esys import ffi, lib
+from .responses import tpm_errors
 
 _SELECT_BYTES = 3  # PCRs 0-23, the size every PC client TPM takes (and what policy digests hash)
 
 
-def _selection(bank: Bank, pcrs: Sequence[int]) -> Any:
+def selection(bank: Bank, pcrs: Sequence[int]) -> Any:
     """A TPML_PCR_SELECTION of one bank."""
     selection = ffi.new("TPML_PCR_SELECTION *")
     selection.count = 1
@@ -33,7 +34,7 @@ def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
     remaining = sorted(set(pcrs))
     while remaining:  # PCR_Read returns at most 8 values per call
         with tpm_errors("reading PCRs"):
-            returned, digests = tpm.esys.pcr_read(_selection(bank, remaining))
+            returned, digests = tpm.esys.pcr_read(selection(bank, remaining))
         got = [
             index
             for sel in returned.pcrSelections[0 : returned.count]
@@ -71,7 +72,7 @@ def apply_policy(tpm: Tpm, session: Any, policy: PcrPolicy, *, trial: bool) -> N
     parts = ([policy] if policy.pcrs else []) + ([FENCE_DOWN] if policy.fence else [])
     with tpm_errors("applying the PCR policy"):
         for part in parts:
-            tpm.esys.policy_pcr(session, part.pcr_digest if trial else b"", _selection(part.bank, part.pcrs))
+            tpm.esys.policy_pcr(session, part.pcr_digest if trial else b"", selection(part.bank, part.pcrs))
         if policy.pin:
             tpm.esys.policy_auth_value(session)
 

@@ -14,8 +14,9 @@ from typing import Any
 from ..errors import Cause, ExitCode, die
 from ..model import Parent
 from . import templates
-from .context import Tpm, TpmError, tpm_errors, translate
+from .context import Tpm
 from .esys import TssError, lib
+from .responses import TpmError, tpm_errors, translate
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +122,13 @@ def persist_srk(tpm: Tpm) -> Parent:
     return found[1]
 
 
-def srk_for(tpm: Tpm, expected: Parent, endorsement: bytes | None) -> Any:
-    """The SRK a binding was made with, by handle and name; refuses another TPM or a cleared one.
+def _find(tpm: Tpm, expected: Parent, *, create: bool) -> tuple[Any, bool] | None:
+    """The SRK a binding names, if this TPM has it now: (handle, re-created from the template?).
 
-    An equal name is the very key whose shape was checked at enrolment (the name hashes the whole
-    public area), so the persistent path costs one ReadPublic. When the persistent SRK is gone or
-    replaced, the standard SRK re-created from its template is the same key on the same owner seed:
-    use it, and warn that the persistent copy is missing."""
+    By name alone, and nothing of the binding is loaded. First the key persisted at the binding's handle;
+    an equal name is the very key whose shape was checked at enrolment (the name hashes the whole public
+    area), so that costs one ReadPublic. Then, when `create` (or when it was already made on this
+    connection), the standard SRK re-created from its template: the same key on the same owner seed."""
     if expected.handle is not None:
         cached = tpm.srks.get(expected.handle)
         if cached is None:
@@ -137,38 +138,33 @@ def srk_for(tpm: Tpm, expected: Parent, endorsement: bytes | None) -> Any:
             elif found is not None:
                 tpm.esys.tr_close(found[0])
         if cached is not None and cached[1].name == expected.name:
-            return cached[0]
-    esys, transient = _transient_srk(tpm)
-    if transient.name == expected.name:
-        if expected.handle is not None:
-            warning = (
-                f"the persistent SRK at {expected.handle:#x} is missing; the binding still works with a "
-                "re-created SRK (slower); `luks-tpm persist-srk` restores it"
-            )
-            if warning not in tpm.warnings:
-                tpm.warnings.append(warning)
-        return esys
-    raise _srk_mismatch(tpm, endorsement)
+            return cached[0], False
+    if None not in tpm.srks and not create:
+        return None
+    handle, transient = _transient_srk(tpm)
+    return (handle, True) if transient.name == expected.name else None
+
+
+def srk_for(tpm: Tpm, expected: Parent, endorsement: bytes | None) -> Any:
+    """The SRK a binding was made with; refuses another TPM or a cleared one (the EK tells which). When
+    the persistent copy is gone or replaced, the re-created SRK serves, with a warning."""
+    found = _find(tpm, expected, create=True)
+    if found is None:
+        raise _srk_mismatch(tpm, endorsement)
+    handle, recreated = found
+    if recreated and expected.handle is not None:
+        warning = (
+            f"the persistent SRK at {expected.handle:#x} is missing; the binding still works with a "
+            "re-created SRK (slower); `luks-tpm persist-srk` restores it"
+        )
+        if warning not in tpm.warnings:
+            tpm.warnings.append(warning)
+    return handle
 
 
 def is_this_tpm(tpm: Tpm, expected: Parent, *, create: bool) -> bool:
-    """Whether a binding's SRK is one this TPM has now, by name alone: the key persisted at its handle, or
-    (only when `create`, or when it was already made) the standard SRK re-created from its template.
-    Nothing of the binding is loaded, and a mismatch costs no EK; a match is kept for `srk_for`."""
-    if expected.handle is not None:
-        cached = tpm.srks.get(expected.handle)
-        if cached is None:
-            found = _at_handle(tpm, expected.handle)
-            if found is not None and found[1] == expected.name:
-                tpm.srks[expected.handle] = (found[0], expected)
-                return True
-            if found is not None:
-                tpm.esys.tr_close(found[0])
-        elif cached[1].name == expected.name:
-            return True
-    if None not in tpm.srks and not create:
-        return False
-    return _transient_srk(tpm)[1].name == expected.name
+    """Whether a binding's SRK is one this TPM has now (see _find); a mismatch costs no EK."""
+    return _find(tpm, expected, create=create) is not None
 
 
 def _srk_mismatch(tpm: Tpm, endorsement: bytes | None) -> TpmError:

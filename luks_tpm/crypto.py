@@ -1,12 +1,14 @@
-"""Single AES blocks from OpenSSL's libcrypto, for the RFC 3394 key wrap in derive.py.
+"""What luks-tpm takes from OpenSSL's libcrypto: single AES blocks (the RFC 3394 key wrap in derive.py)
+and HMAC-SHA256 (HKDF in derive.py).
 
 The only libcrypto user in luks-tpm. libcrypto.so.3 is on every system and in every initramfs that
 has libtss2-esys (it links it), so this costs nothing to ship, where the `cryptography` package costs
 megabytes and an import measured in tenths of a second at boot.
 
-The key and every block pass to libcrypto as pointers into `Secret`s; nothing is copied into Python
-objects. The one copy outside our locked memory is the key schedule in libcrypto's cipher context,
-for as long as a `BlockCipher` is open: see `close`.
+Keys, blocks and MACs pass to libcrypto as pointers into `Secret`s, and results are written straight
+into `Secret`s: nothing is copied into Python objects (Python's own hmac would hand back its output as
+`bytes`, which cannot be zeroed). The one copy outside our locked memory is the key schedule in
+libcrypto's cipher context, for as long as a `BlockCipher` is open: see `close`.
 """
 
 from __future__ import annotations
@@ -39,12 +41,16 @@ _crypto = CLibrary(
         # ctx, out, &outl, in, inl
         "EVP_CipherUpdate": (_int, [_p, _p, ctypes.POINTER(_int), _p, _int]),
         "ERR_clear_error": (None, []),
+        "EVP_sha256": (_p, []),
+        # evp_md, key, key_len, data, data_len, md, &md_len: returns md, or NULL on failure
+        "HMAC": (_p, [_p, _p, _int, _p, ctypes.c_size_t, _p, ctypes.POINTER(ctypes.c_uint)]),
     },
     convention=Convention.ONE_IS_SUCCESS,
     install_hint="install libssl3 (OpenSSL 3's libcrypto)",
 )
 
 _CIPHERS = {16: "EVP_aes_128_ecb", 24: "EVP_aes_192_ecb", 32: "EVP_aes_256_ecb"}
+HMAC_SHA256_SIZE = 32
 
 
 def _call(name: str, *args: object) -> None:
@@ -106,3 +112,24 @@ class BlockCipher:
 
     def __del__(self) -> None:
         self.close()
+
+
+def hmac_sha256(key: Secret, message: memoryview, out: memoryview) -> None:
+    """out = HMAC-SHA256(key, message), computed by libcrypto straight into `out` (32 bytes). `message`
+    and `out` are views into Secrets' buffers (writable, so ctypes can point into them without a copy).
+    One-shot HMAC() frees its context with the key cleansed (OpenSSL 3)."""
+    if len(out) != HMAC_SHA256_SIZE:
+        raise ValueError("an HMAC-SHA256 output is 32 bytes")
+    written = ctypes.c_uint(0)
+    result = _crypto.function("HMAC")(
+        _crypto.function("EVP_sha256")(),
+        key.as_ctypes(),
+        len(key),
+        (ctypes.c_char * len(message)).from_buffer(message),
+        len(message),
+        (ctypes.c_char * len(out)).from_buffer(out),
+        ctypes.byref(written),
+    )
+    if result is None or written.value != HMAC_SHA256_SIZE:
+        _crypto.function("ERR_clear_error")()
+        raise CLibraryError(EIO, "HMAC")

@@ -1,4 +1,5 @@
-"""luks_tpm.aes: libcrypto's AES blocks, RFC 3394 over them, and a key wrap that loads no `cryptography`."""
+"""luks_tpm.crypto: libcrypto's AES blocks and HMAC-SHA256, RFC 3394 over them, and a key wrap that loads no
+`cryptography`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 
 from luks_tpm import derive
-from luks_tpm.aes import BlockCipher
+from luks_tpm.crypto import BlockCipher
 from luks_tpm.secret import Secret
 
 from .helpers import REPO
@@ -36,7 +37,7 @@ RFC_3394 = [
 
 
 def secret(data: bytes) -> Secret:
-    return Secret.copy_of(bytearray(data), wipe_source=True)
+    return Secret.copy_of(bytearray(data), zero_source=True)
 
 
 @pytest.mark.parametrize(("key_size", "ciphertext"), FIPS_197)

@@ -1,0 +1,328 @@
+"""Making bindings: a new token for a volume key, written, read back and proven; enroll, remove, persist-srk.
+
+Every write goes through libcryptsetup, in an order that leaves at least the old ways in after an
+interruption at any point; every new token is read back and made to recover the key before success
+is reported; a token that cannot be verified is kept beside the working ones and says so; and nothing
+removes the last way into a volume unless forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import secrets
+from pathlib import Path
+from typing import Any
+
+from . import derive
+from .cryptsetup import CryptsetupError, Device, open_device, write_error
+from .errors import DEAD_CAUSES, Cause, ExitCode, LuksTpmError, die
+from .model import FENCE_PCR, DerivedToken, Mode, Parent, PcrPolicy, SealedToken, Token, to_json, utc_now
+from .output import TEXT_ONLY, Report, progress
+from .prompt import NewPinSource, PassphraseSource
+from .secret import Secret
+from .settings import Enrollment
+from .tpm import Tpm
+from .tpm import keys as tpm_keys
+from .tpm import pcr as tpm_pcr
+from .tpm import srk as tpm_srk
+from .tpm.keyuse import KeyUse
+from .unlock import PinSource, Recovery, luks_tpm_tokens
+
+# ---- header writes ------------------------------------------------------------------------------------
+
+
+def write_token(device: Device, token: Token) -> int:
+    if len(device.tokens()) >= 32:
+        die(
+            f"{device.path}: the LUKS2 header already holds 32 tokens, the most it can",
+            hint="remove unused tokens (`luks-tpm status`, `luks-tpm remove`)",
+            code=ExitCode.DEVICE,
+            cause=Cause.HEADER_FULL,
+        )
+    try:
+        return device.token_json_set(to_json(token))
+    except CryptsetupError as error:
+        raise write_error(device, error) from None
+
+
+def remove_token(device: Device, token_id: int) -> None:
+    try:
+        device.token_remove(token_id)
+    except CryptsetupError as error:
+        raise write_error(device, error) from None
+
+
+# ---- making tokens: one place per mode ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """What a new token is made under: the SRK, and the policy with its digest (None: TPM-only derived)."""
+
+    srk: Any
+    parent: Parent
+    policy: PcrPolicy | None
+    digest: bytes
+    endorsement: bytes | None
+
+    def fields(self, *, digest: int, key_size: int) -> dict[str, Any]:
+        """The token fields every mode shares."""
+        policy = self.policy
+        return {
+            "digest": digest,
+            "key_size": key_size,
+            "parent": self.parent,
+            "created": utc_now(),
+            "endorsement": self.endorsement,
+            "policy": self.digest,
+            "pcr_bank": policy.bank if policy else Enrollment(Mode.DERIVED).bank,
+            "pcrs": policy.pcrs if policy else (),
+            "pcr_values": dict(policy.values) if policy else {},
+            "fence": bool(policy and policy.fence),
+        }
+
+    def derived_key(self, keys: KeyUse, uuid: str, salt: bytes, length: int) -> Secret:
+        with keys.hmac(self.srk, derive.hmac_message(uuid, salt), self.policy, self.digest) as prk:
+            return derive.expand(prk, uuid, length)
+
+
+def prepare(tpm: Tpm, enrollment: Enrollment) -> Binding:
+    if enrollment.mode is Mode.DERIVED and enrollment.fence and tpm_pcr.fence_is_up(tpm):
+        die(
+            f"the fence is up (PCR {FENCE_PCR} is not zero), so the TPM cannot compute a fenced derived key now",
+            hint="enroll from the installer or the initramfs before the fence is raised, or use --mode sealed "
+            "--fence (sealed to PCR 15 = zeros, verified at the next boot)",
+            code=ExitCode.REFUSED,
+            cause=Cause.FENCE_UP,
+        )
+    if enrollment.persist_srk:
+        _persist_srk_if_free(tpm)
+    srk, parent = tpm_srk.current_srk(tpm)
+    values = tpm_pcr.pcr_values(tpm, enrollment.bank, enrollment.pcrs) if enrollment.pcrs else {}
+    values.update(enrollment.pcr_values)
+    policy = PcrPolicy(enrollment.bank, enrollment.pcrs, values, enrollment.pin, enrollment.fence)
+    endorsement = tpm_srk.endorsement_name(tpm)
+    if enrollment.mode is Mode.DERIVED and policy.empty:
+        return Binding(srk, parent, None, b"", endorsement)
+    return Binding(srk, parent, policy, tpm_pcr.policy_digest(tpm, policy), endorsement)
+
+
+def _persist_srk_if_free(tpm: Tpm) -> None:
+    """Store the standard SRK at 0x81000001 when that handle is free (as systemd-cryptenroll does), so
+    unlocking needs a ReadPublic instead of a CreatePrimary. Best effort: a TPM that refuses keeps
+    working with a transient SRK."""
+    if tpm_srk.persistent_handle_free(tpm):
+        try:
+            parent = tpm_srk.persist_srk(tpm)
+            progress(f"stored the standard SRK at {parent.handle:#x} (faster unlocks; --transient-srk avoids this)")
+        except LuksTpmError as error:
+            progress(f"could not store the SRK persistently ({error.message}); using a transient one")
+
+
+def _new_token(
+    tpm: Tpm, binding: Binding, mode: Mode, device: Device, key: Secret, pin: Secret | None, extra: dict[str, Any]
+) -> Token:
+    """A new token that yields `key` (derived: `key` wrapped under a fresh TPM-derived KEK)."""
+    fields = {**binding.fields(digest=device.default_digest(), key_size=len(key)), "extra": extra}
+    if mode is Mode.DERIVED:
+        salt = secrets.token_bytes(32)
+        with KeyUse(tpm) as keys, binding.derived_key(keys, device.uuid, salt, derive.KEK_SIZE) as kek:
+            return DerivedToken(**fields, salt=salt, wrapped_key=derive.wrap(kek, key))
+    blob = tpm_keys.seal(tpm, key, binding.srk, binding.digest, pin)
+    return SealedToken(**fields, pin=pin is not None, blob=blob)
+
+
+def verifiable_now(tpm: Tpm, token: Token, enrollment: Enrollment) -> bool:
+    """Whether the new token can be tested by recovering the key now: not when it is bound to given
+    (future) PCR values, nor when it is fenced and the fence is already up."""
+    if enrollment.pcr_values:
+        return False
+    return not (token.fence and tpm_pcr.fence_is_up(tpm))
+
+
+def add_verified(device: Device, tpm: Tpm, token: Token, key: Secret, pin: Secret | None, *, verify: bool) -> int:
+    """Write the token; when `verify`, prove it recovers `key` from a fresh read of the header, or take it
+    back. An unverifiable token is kept (it is an additional way in, not a replacement) and says so."""
+    token_id = write_token(device, token)
+    if not verify:
+        return token_id
+    pins: PinSource | None = None if pin is None else (lambda _token_id: Secret.copy_of(pin.view()))
+    try:
+        with open_device(device.path) as fresh, Recovery(tpm, pins) as recovery:
+            recovered = recovery.recover(fresh, token_id=token_id)
+            with recovered.key:
+                if not recovered.key.equals(key):
+                    die("the new binding recovered a different key", code=ExitCode.BUG)
+    except BaseException:
+        remove_token(device, token_id)
+        raise
+    return token_id
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    token: Token
+    token_id: int
+    verified: bool
+
+
+def bind(
+    device: Device,
+    tpm: Tpm,
+    key: Secret,
+    enrollment: Enrollment,
+    pin: Secret | None,
+    extra: dict[str, Any] | None = None,
+) -> Bound:
+    """Create, write and (when possible) verify a token for `key`. `extra`: unknown fields of the token
+    this one replaces, kept as the contract says."""
+    binding = prepare(tpm, enrollment)
+    token = _new_token(tpm, binding, enrollment.mode, device, key, pin, dict(extra or {}))
+    verify = verifiable_now(tpm, token, enrollment)
+    return Bound(token, add_verified(device, tpm, token, key, pin, verify=verify), verify)
+
+
+def unverified_note(enrollment: Enrollment) -> str:
+    if enrollment.pcr_values:
+        return "not verified: it is bound to the given PCR values, not the current ones"
+    return f"not verified: the fence is up (PCR {FENCE_PCR}); it will be usable before the fence at the next boot"
+
+
+def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> Secret:
+    with passphrase() as secret:
+        try:
+            _, key = device.volume_key_get(secret)
+        except CryptsetupError as error:
+            if error.errno == errno.EPERM:
+                die(
+                    "no keyslot opens with that passphrase or key file",
+                    code=ExitCode.UNLOCK_FAILED,
+                    cause=Cause.WRONG_KEY,
+                )
+            raise
+    return key
+
+
+# ---- enroll -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Enrolled:
+    device: str
+    token: int
+    mode: Mode
+    pcrs: tuple[int, ...]
+    fence: bool
+    verified: bool
+    summary: str = dataclasses.field(metadata=TEXT_ONLY)  # what the token is, and how it was checked
+
+    def lines(self) -> list[str]:
+        return [self.summary]
+
+
+def enroll(
+    tcti: str, device_path: Path, enrollment: Enrollment, passphrase: PassphraseSource, pin: NewPinSource
+) -> Report:
+    path = str(device_path)
+    with open_device(path, write=True) as device:
+        key = volume_key_with_passphrase(device, passphrase)
+        pin_secret = pin() if enrollment.pin else None
+        try:
+            with key, Tpm(tcti) as tpm:
+                bound = bind(device, tpm, key, enrollment, pin_secret)
+                warnings = tuple(tpm.warnings)
+        finally:
+            if pin_secret is not None:
+                pin_secret.close()
+    token = bound.token
+    checked = "verified by recovering the key" if bound.verified else unverified_note(enrollment)
+    line = f"{path}: token {bound.token_id} ({token.describe()}) enrolled, {checked}"
+    result = Enrolled(path, bound.token_id, token.mode, token.pcrs, token.fence, bound.verified, line)
+    return Report(result, warnings)
+
+
+# ---- remove -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Removed:
+    device: str
+    removed: int
+
+    def lines(self) -> list[str]:
+        return [f"{self.device}: token {self.removed} removed"]
+
+
+def ways_in(device: Device, tcti: str | None, *, except_token: int | None = None) -> tuple[list[int], list[int]]:
+    """(keyslots, luks-tpm tokens) that open the volume, or at least are not known to be dead."""
+    keyslots = device.keyslots()
+    entries = [e for e in luks_tpm_tokens(device) if e.token_id != except_token]
+    alive = []
+    tpm = None
+    with contextlib.suppress(LuksTpmError):  # no TPM now: tokens cannot be tried, so none is known to be dead
+        tpm = Tpm(tcti) if tcti is not None and any(e.token for e in entries) else None
+    try:
+        for entry in entries:
+            if entry.token is None:
+                continue
+            if tpm is None or _token_alive(device, tpm, entry.token_id):
+                alive.append(entry.token_id)
+    finally:
+        if tpm is not None:
+            tpm.close()
+    return keyslots, alive
+
+
+def _token_alive(device: Device, tpm: Tpm, token_id: int) -> bool:
+    try:
+        with Recovery(tpm) as recovery:
+            recovery.recover(device, token_id=token_id).key.close()
+    except LuksTpmError as error:
+        failures = getattr(error, "failures", [])
+        cause = failures[0].error.cause if failures else error.cause
+        return cause not in DEAD_CAUSES
+    return True
+
+
+def remove(tcti: str, device_path: Path, token_id: int, force: bool) -> Report:
+    path = str(device_path)
+    with open_device(path, write=True) as device:
+        if token_id not in [entry.token_id for entry in luks_tpm_tokens(device)]:
+            die(
+                f"{path} has no luks-tpm token {token_id}",
+                hint="`luks-tpm status` lists the tokens",
+                code=ExitCode.USAGE,
+                cause=Cause.USAGE,
+            )
+        keyslots, alive = ways_in(device, tcti, except_token=token_id)
+        if not keyslots and not alive and not force:
+            die(
+                f"token {token_id} is the last way into {path}: no keyslot, and no other token that can still "
+                "recover the key",
+                hint="add a passphrase first (`cryptsetup luksAddKey`), or pass --force to lose the data",
+                code=ExitCode.REFUSED,
+                cause=Cause.REFUSED,
+            )
+        remove_token(device, token_id)
+    return Report(Removed(path, token_id))
+
+
+# ---- persist-srk --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SrkPersisted:
+    handle: str
+    name: str
+
+    def lines(self) -> list[str]:
+        return [f"SRK persistent at {self.handle}, name {self.name}"]
+
+
+def persist_srk(tcti: str) -> Report:
+    with Tpm(tcti) as tpm:
+        parent = tpm_srk.persist_srk(tpm)
+    assert parent.handle is not None
+    return Report(SrkPersisted(f"{parent.handle:#x}", parent.name.hex()))
