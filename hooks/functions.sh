@@ -47,6 +47,69 @@ luks_tpm_crypttab() {
     }'
 }
 
+# luks_tpm_strip_crypttab FILE: crypttab FILE, in place, without the x-luks-tpm marker (the copy in the
+# image that cryptroot or systemd-cryptsetup reads: quiet about an option they do not know).
+luks_tpm_strip_crypttab() {
+    luks_tpm_crypttab strip <"$1" >"$1.luks-tpm" && mv "$1.luks-tpm" "$1"
+}
+
+# luks_tpm_list_files SYSROOT: print the files luks-tpm needs in a boot image (luks-tpm-files' list), as
+# listed by the interpreter luks-tpm is installed for. A development install first: $LUKS_TPM_PYTHON, or
+# PYTHON= in SYSROOT/etc/luks-tpm/initramfs.conf, an interpreter that imports luks_tpm from its own
+# site-packages or venv. Else the Debian package's runtime in $LUKS_TPM_LIBDIR/python, for Debian's
+# python3. Else the interpreter on the #! line of the luks-tpm command (pip install), or Debian's python3.
+# -I: no PYTHON* variables and no user site-packages, exactly like the boot-time run.
+luks_tpm_list_files() {
+    luks_tpm_python=${LUKS_TPM_PYTHON:-}
+    if [ -z "$luks_tpm_python" ] && [ -r "$1/etc/luks-tpm/initramfs.conf" ]; then
+        luks_tpm_python=$(sed -n 's/^PYTHON=//p' "$1/etc/luks-tpm/initramfs.conf" | tail -n1)
+    fi
+    if [ -z "$luks_tpm_python" ] && [ -d "$LUKS_TPM_LIBDIR/python/luks_tpm" ]; then
+        # -S: nothing from the system's site-packages; -B: no byte-code written into the package's files.
+        /usr/bin/python3 -I -S -B "$LUKS_TPM_LIBDIR/luks-tpm-files" --path "$LUKS_TPM_LIBDIR/python"
+        return
+    fi
+    if [ -z "$luks_tpm_python" ] && luks_tpm_launcher=$(command -v luks-tpm); then
+        luks_tpm_python=$(sed -n '1s/^#! *\([^ ]*\).*/\1/p' "$luks_tpm_launcher")
+    fi
+    "${luks_tpm_python:-/usr/bin/python3}" -I "$LUKS_TPM_LIBDIR/luks-tpm-files"
+}
+
+# luks_tpm_install_files LIST DESTDIR COPY_PYTHON COPY_EXEC COPY_FILE: copy what LIST (luks_tpm_list_files'
+# output, a file) names into the image at DESTDIR, through the builder's own copy functions (each called as
+# FUNCTION SRC DEST, failing with a non-zero status). The interpreter's path in the image goes to
+# luks_tpm_interpreter. pip wheels ship unstripped extension modules (debug info: megabytes): our copies
+# under $LUKS_TPM_LIBDIR are stripped.
+luks_tpm_install_files() {
+    luks_tpm_interpreter=""
+    luks_tpm_tab=$(printf '\t')
+    while IFS=$luks_tpm_tab read -r luks_tpm_kind luks_tpm_src luks_tpm_dest; do
+        case $luks_tpm_kind in
+        python) "$3" "$luks_tpm_src" "$luks_tpm_dest" && luks_tpm_interpreter=$luks_tpm_dest ;;
+        exec)
+            "$4" "$luks_tpm_src" "$luks_tpm_dest" || return 1
+            case $luks_tpm_dest in
+            "$LUKS_TPM_LIBDIR"/*) if command -v strip >/dev/null; then strip --strip-unneeded "$2$luks_tpm_dest"; fi ;;
+            esac
+            ;;
+        file) "$5" "$luks_tpm_src" "$luks_tpm_dest" ;;
+        dir) mkdir -p "$2$luks_tpm_dest" ;;
+        esac || { luks_tpm_say "cannot copy $luks_tpm_src"; return 1; }
+    done <"$1"
+    [ -n "$luks_tpm_interpreter" ] || { luks_tpm_say "the list names no interpreter"; return 1; }
+}
+
+# luks_tpm_write_launcher DESTDIR INTERPRETER: the luks-tpm command of a boot image: isolated (-I: no
+# PYTHON* variables, no cwd on sys.path), no site (-S: no venv, .pth), the runtime first on sys.path.
+luks_tpm_write_launcher() {
+    mkdir -p "$1/usr/sbin"
+    cat >"$1/usr/sbin/luks-tpm" <<LUKS_TPM_LAUNCHER
+#!/bin/sh
+exec $2 -I -S -c 'import sys; sys.path[:0] = ["$LUKS_TPM_LIBDIR/python"]; sys.argv[0] = "luks-tpm"; from luks_tpm.__main__ import main; main()' "\$@"
+LUKS_TPM_LAUNCHER
+    chmod 0755 "$1/usr/sbin/luks-tpm"
+}
+
 # luks_tpm_has_marked FILE: true if crypttab FILE has an entry marked x-luks-tpm.
 luks_tpm_has_marked() {
     [ -r "$1" ] && [ -n "$(luks_tpm_crypttab marked <"$1")" ]

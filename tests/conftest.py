@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures_luks",
     "tests.fixtures_keyring",
     "tests.fixtures_cli",
+    "tests.fixtures_files",
 ]

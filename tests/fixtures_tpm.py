@@ -153,6 +153,12 @@ def _own_swtpm(state: Path) -> Iterator[Swtpm]:
         swtpm.stop()
 
 
+@pytest.fixture(scope="module")
+def module_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A TPM shared by one module's tests (for modules that change its state as a whole)."""
+    yield from _own_swtpm(tmp_path_factory.mktemp("module-swtpm"))
+
+
 @pytest.fixture
 def fresh_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
     """A TPM of its own, for tests that clear it, extend PCRs or exhaust the DA counter."""

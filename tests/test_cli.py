@@ -30,13 +30,6 @@ def derived_image(swtpm: Swtpm, tmp_path: Path, passphrase: Path) -> Path:
     return image
 
 
-@pytest.fixture
-def passphrase(tmp_path: Path) -> Path:
-    path = tmp_path / "passphrase"
-    path.write_bytes(b"recovery passphrase")
-    return path
-
-
 # ---- global options anywhere ------------------------------------------------------------------------
 
 

@@ -40,13 +40,6 @@ OTHER_NV, OTHER_KEY = "0x01500016", "0x81000010"  # "other software's" NV index 
 
 
 @pytest.fixture
-def recovery_file(tmp_path: Path) -> Path:
-    path = tmp_path / "recovery.pass"
-    path.write_bytes(b"correct horse battery staple")
-    return path
-
-
-@pytest.fixture
 def no_crypttab(tmp_path: Path) -> Path:
     """An empty crypttab, so the machine's own /etc/crypttab does not join the test."""
     path = tmp_path / "crypttab"

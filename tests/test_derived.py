@@ -22,13 +22,6 @@ from .fixtures_tpm import Swtpm
 from .helpers import assert_one_line_error, format_derived, luks_tpm, luks_tpm_json
 
 
-@pytest.fixture
-def recovery_file(tmp_path: Path) -> Path:
-    path = tmp_path / "recovery.pass"
-    path.write_bytes(b"correct horse battery staple")
-    return path
-
-
 def _proc_keys(description: str) -> list[list[str]]:
     return [
         line.split(None, 8)

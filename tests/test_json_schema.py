@@ -64,13 +64,6 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def pin_file(tmp_path: Path) -> Path:
-    path = tmp_path / "pin"
-    path.write_bytes(b"2468")
-    return path
-
-
-@pytest.fixture
 def second_volume(tmp_path: Path) -> Iterator[LuksImage]:
     volume = make_luks_image(tmp_path / "second.img", uuid="0c1a9e6b-3d4f-4a51-8f2e-5b7d9c0e1f23")
     yield volume

@@ -86,17 +86,9 @@ def _check_refused(
     return failures
 
 
-@pytest.fixture(scope="module")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
-    swtpm = Swtpm(tmp_path_factory.mktemp("paths-tpm"))
-    swtpm.start()
-    yield swtpm
-    swtpm.stop()
-
-
 @pytest.fixture
-def passphrase(tmp_path: Path) -> Path:
-    return volumes.passphrase_file(tmp_path)
+def tpm(module_swtpm: Swtpm) -> Swtpm:
+    return module_swtpm
 
 
 def _works_everywhere(path: Path, passphrase: Path, cli: ForkedCli, tcti: str, data_device: str) -> None:

@@ -99,20 +99,6 @@ def volume_key(image: Path, passphrase: Path, tmp_path: Path) -> bytes:
     return volumes.dump_volume_key(image, passphrase, tmp_path / "volume-key.bin")
 
 
-@pytest.fixture
-def pin_file(tmp_path: Path) -> Path:
-    path = tmp_path / "pin"
-    path.write_bytes(b"2468")
-    return path
-
-
-@pytest.fixture
-def wrong_pin_file(tmp_path: Path) -> Path:
-    path = tmp_path / "wrong-pin"
-    path.write_bytes(b"1357")
-    return path
-
-
 # ---- 1. every PCR bank the TPM offers ------------------------------------------------------------------
 
 

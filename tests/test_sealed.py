@@ -35,20 +35,6 @@ TPMA_NODA = 0x400
 # ---- helpers ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pin_file(tmp_path: Path) -> Path:
-    path = tmp_path / "pin"
-    path.write_bytes(b"2468")
-    return path
-
-
-@pytest.fixture
-def wrong_pin_file(tmp_path: Path) -> Path:
-    path = tmp_path / "wrong-pin"
-    path.write_bytes(b"1357")
-    return path
-
-
 def enroll_sealed(image: Path, tcti: str, passphrase_file: Path, *extra: str | Path, pcrs: str = "7") -> int:
     args: list[str | Path] = ["enroll", image, "--mode", "sealed", "--unlock-key-file", passphrase_file]
     if pcrs:

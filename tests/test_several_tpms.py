@@ -5,21 +5,12 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import pytest
-
 from .fixtures_tpm import Swtpm
 from .helpers import format_derived, luks_tpm, luks_tpm_json
 from .tpm_proxy import HEADER, TpmProxy
 
 TPM_CC_CREATE_PRIMARY = 0x131
 TPM_RH_ENDORSEMENT = 0x4000000B
-
-
-@pytest.fixture
-def recovery_file(tmp_path: Path) -> Path:
-    path = tmp_path / "recovery.pass"
-    path.write_bytes(b"correct horse battery staple")
-    return path
 
 
 def test_unlock_uses_this_tpms_token_and_status_marks_the_others(

@@ -25,60 +25,19 @@ installkernel() {
     hostonly='' instmods -o tpm_tis tpm_crb dm_crypt
 }
 
-# The command that lists what to copy, in luks_tpm_lister (same rules as the initramfs-tools hook): a
-# development install's interpreter ($LUKS_TPM_PYTHON, PYTHON= in /etc/luks-tpm/initramfs.conf), else
-# the Debian package's runtime for Debian's python3, else the #! line of the luks-tpm command.
-luks_tpm_find_lister() {
-    local python=${LUKS_TPM_PYTHON:-} launcher
-    if [[ -z $python && -r $dracutsysrootdir/etc/luks-tpm/initramfs.conf ]]; then
-        python=$(sed -n 's/^PYTHON=//p' "$dracutsysrootdir/etc/luks-tpm/initramfs.conf" | tail -n1)
-    fi
-    # -I: ignore PYTHON* variables and the user's site-packages, exactly like the boot-time run.
-    luks_tpm_lister=("$python" -I "$LUKS_TPM_LIBDIR/luks-tpm-files")
-    if [[ -z $python && -d $LUKS_TPM_LIBDIR/python/luks_tpm ]]; then
-        # -S: nothing from the system's site-packages; -B: no byte-code written into the package's files.
-        luks_tpm_lister=(/usr/bin/python3 -I -S -B "$LUKS_TPM_LIBDIR/luks-tpm-files" --path "$LUKS_TPM_LIBDIR/python")
-        return 0
-    fi
-    if [[ -z $python ]] && launcher=$(command -v luks-tpm); then
-        python=$(sed -n '1s/^#! *\([^ ]*\).*/\1/p' "$launcher")
-    fi
-    luks_tpm_lister[0]=${python:-/usr/bin/python3}
-}
-
 install() {
-    local list kind src dest interpreter=""
-    local -a luks_tpm_lister
-    luks_tpm_find_lister
+    local list
+    list=$(mktemp "${TMPDIR:-/var/tmp}/luks-tpm-files.XXXXXX") || return 1
     # luks-tpm-files lists the interpreter, the modules luks-tpm imports, and every library it dlopens
-    # (libcryptsetup, libkeyutils, the TSS's TCTI, libgcc_s): see its docstring.
-    if ! list=$("${luks_tpm_lister[@]}"); then
-        derror "luks-tpm: ${luks_tpm_lister[0]} cannot import luks_tpm"
+    # (libcryptsetup, libkeyutils, libcrypto, the TSS and its TCTI, libgcc_s): see its docstring.
+    if ! luks_tpm_list_files "$dracutsysrootdir" >"$list"; then
+        derror "luks-tpm: cannot list what luks-tpm needs (does its interpreter import luks_tpm?)"
+        rm -f "$list"
         return 1
     fi
-    while IFS=$'\t' read -r kind src dest; do
-        case $kind in
-        python) inst_binary "$src" "$dest" && interpreter=$dest ;;
-        exec)
-            inst_library "$src" "$dest" || return 1
-            # pip wheels ship unstripped extension modules; strip our copies only.
-            if [[ $dest == "$LUKS_TPM_LIBDIR"/* ]] && command -v strip >/dev/null; then
-                strip --strip-unneeded "$initdir$dest"
-            fi
-            ;;
-        file) inst_simple "$src" "$dest" ;;
-        dir) mkdir -p "$initdir$dest" ;;
-        esac || { derror "luks-tpm: cannot install $src"; return 1; }
-    done <<<"$list"
-    [[ -n $interpreter ]] || return 1
-
-    # The command: isolated (-I), no site (-S): no venv, .pth or PYTHON* variables in the initramfs.
-    mkdir -p "$initdir/usr/sbin"
-    cat >"$initdir/usr/sbin/luks-tpm" <<LAUNCHER
-#!/bin/sh
-exec $interpreter -I -S -c 'import sys; sys.path[:0] = ["$LUKS_TPM_LIBDIR/python"]; sys.argv[0] = "luks-tpm"; from luks_tpm.__main__ import main; sys.exit(main())' "\$@"
-LAUNCHER
-    chmod 0755 "$initdir/usr/sbin/luks-tpm"
+    luks_tpm_install_files "$list" "$initdir" inst_binary inst_library inst_simple || { rm -f "$list"; return 1; }
+    rm -f "$list"
+    luks_tpm_write_launcher "$initdir" "$luks_tpm_interpreter"
     inst_simple "$LUKS_TPM_LIBDIR/functions" "$LUKS_TPM_LIBDIR/functions"
     inst_script "$moddir/luks-tpm-dracut.sh" /usr/sbin/luks-tpm-dracut
     inst_multiple -o awk sed grep sleep timeout
@@ -94,8 +53,7 @@ LAUNCHER
         luks_tpm_crypttab marked <"$dracutsysrootdir/etc/crypttab" >"$initdir$LUKS_TPM_CRYPTTAB"
     fi
     if [[ -f $initdir/etc/crypttab ]]; then
-        luks_tpm_crypttab strip <"$initdir/etc/crypttab" >"$initdir/etc/crypttab.luks-tpm"
-        mv "$initdir/etc/crypttab.luks-tpm" "$initdir/etc/crypttab"
+        luks_tpm_strip_crypttab "$initdir/etc/crypttab"
     fi
     while read -r name _ && IFS= read -r line <&3; do
         awk -v name="$name" '$1 == name { found = 1 } END { exit !found }' "$initdir/etc/crypttab" 2>/dev/null ||
