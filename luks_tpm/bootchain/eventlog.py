@@ -195,8 +195,6 @@ def parse(data: bytes) -> EventLog:
     events: list[Event] = []
     locality = 0
     while reader.remaining():
-        if not any(reader.data[reader.offset :]):
-            break  # zero padding after the last event (firmware-provided copies of the log have it)
         event = _parse_event(reader, len(events) + 1, sizes)
         if event.type == EventType.EV_NO_ACTION and event.data.startswith(_STARTUP_LOCALITY):
             if len(event.data) != len(_STARTUP_LOCALITY) + 1:
@@ -229,9 +227,7 @@ def replay(log: EventLog, events: Iterable[Event] | None = None) -> dict[str, di
     return values
 
 
-def check_replay(
-    log: EventLog, current: Mapping[str, Mapping[int, bytes]], pcrs: Iterable[int] = PRE_OS_PCRS
-) -> None:
+def check_replay(log: EventLog, current: Mapping[str, Mapping[int, bytes]], pcrs: Iterable[int] = PRE_OS_PCRS) -> None:
     """Raise ReplayMismatch naming every (bank, PCR) of `current` among `pcrs` that the replay does not give.
 
     A bank in `current` that the log lacks counts as differing. PCRs outside `pcrs` are ignored: the OS

@@ -146,7 +146,7 @@ class _Lexer:
                 self.pos += 2
             elif char == "$":
                 parts.append(self._variable(quoted=False))
-            elif char in "|&<>()":
+            elif char in "|&":
                 raise unmodelled(f"shell operator {char!r} in grub.cfg")
             else:
                 parts.append(Part(PartKind.LITERAL, char))

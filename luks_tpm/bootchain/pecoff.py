@@ -49,13 +49,23 @@ def _u32(data: bytes, offset: int, what: str) -> int:
     return value
 
 
-def _sections(data: bytes, table: int, count: int) -> tuple[Section, ...]:
+def _long_name(data: bytes, pe: int, name: str) -> str:
+    """Section names longer than 8 bytes are "/N": offset N in the COFF string table (after the symbols)."""
+    if not name.startswith("/") or not name[1:].isdigit():
+        return name
+    strings = _u32(data, pe + 12, "the symbol table") + 18 * _u32(data, pe + 16, "the symbol count")
+    start = strings + int(name[1:])
+    end = data.find(b"\0", start)
+    return data[start:end].decode("ascii", "replace") if 0 < strings < start < end else name
+
+
+def _sections(data: bytes, pe: int, table: int, count: int) -> tuple[Section, ...]:
     sections = []
     for i in range(count):
         entry = table + 40 * i
         if entry + 40 > len(data):
             raise PEFormatError(f"not a PE/COFF image: section table entry {i} lies beyond the file")
-        name = data[entry : entry + 8].rstrip(b"\0").decode("ascii", "replace")
+        name = _long_name(data, pe, data[entry : entry + 8].rstrip(b"\0").decode("ascii", "replace"))
         raw_size, raw_offset = _u32(data, entry + 16, "a section size"), _u32(data, entry + 20, "a section offset")
         if raw_size and raw_offset + raw_size > len(data):
             raise PEFormatError(f"PE section {name!r} lies beyond the end of the file")
@@ -90,7 +100,7 @@ def parse(data: bytes) -> PEImage:
         cert_offset, cert_size = _u32(data, security, "the certificate table"), _u32(data, security + 4, "it")
         if cert_size and (cert_offset < headers_size or cert_offset + cert_size > len(data)):
             raise PEFormatError("PE certificate table lies outside the file")
-    sections = _sections(data, optional + optional_size, section_count)
+    sections = _sections(data, pe, optional + optional_size, section_count)
     return PEImage(len(data), optional + 64, security, headers_size, sections, cert_offset, cert_size)
 
 
