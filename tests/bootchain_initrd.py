@@ -46,7 +46,24 @@ fi
 echo "LAB-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 """
-APPLETS = "sh mount cat echo ls insmod grep sed od base64 gzip poweroff cut head tr uname".split()
+APPLETS = [
+    "sh",
+    "mount",
+    "cat",
+    "echo",
+    "ls",
+    "insmod",
+    "grep",
+    "sed",
+    "od",
+    "base64",
+    "gzip",
+    "poweroff",
+    "cut",
+    "head",
+    "tr",
+    "uname",
+]
 DIRS = ("bin", "dev", "etc", "lib", "lib/modules", "proc", "run", "sys", "tmp")
 
 

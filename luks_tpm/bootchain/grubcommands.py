@@ -81,7 +81,7 @@ def parse_search(argv: Sequence[str]) -> Search:
     for arg in args:
         if arg in ("--fs-uuid", "-u"):
             by_uuid = True
-        elif arg == "--set" or arg == "-s":
+        elif arg in {"--set", "-s"}:
             variable = "root"
         elif arg.startswith("--set="):
             variable = arg.split("=", 1)[1]

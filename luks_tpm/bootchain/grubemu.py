@@ -26,11 +26,18 @@ from .errors import Reason, Unpredictable
 from .grubscript import Command, Entry, Function, If, Node, PartKind, Word
 
 # Variables GRUB 2.06 (x86_64-efi) sets before it reads any config; all exported.
-FEATURES = (
-    "feature_chainloader_bpb feature_ntldr feature_platform_search_hint feature_default_font_path "
-    "feature_all_video_module feature_menuentry_id feature_menuentry_options feature_200_final "
-    "feature_nativedisk_cmd feature_timeout_style"
-).split()
+FEATURES = [
+    "feature_chainloader_bpb",
+    "feature_ntldr",
+    "feature_platform_search_hint",
+    "feature_default_font_path",
+    "feature_all_video_module",
+    "feature_menuentry_id",
+    "feature_menuentry_options",
+    "feature_200_final",
+    "feature_nativedisk_cmd",
+    "feature_timeout_style",
+]
 _QUIET_COMMANDS = {"echo", "terminal_output", "terminal_input", "true"}
 
 

@@ -42,9 +42,9 @@ def certificate_subject(cert: bytes) -> bytes | None:
         tag, position, _ = _der(cert, start)  # TBSCertificate
         if tag != _CERT_SEQUENCE:
             return None
-        fields = []
+        fields: list[tuple[int, int, int]] = []
         while len(fields) < 6:
-            tag, contents, end = _der(cert, position)
+            tag, _contents, end = _der(cert, position)
             fields.append((tag, position, end))
             position = end
         if fields[0][0] != 0xA0:  # no explicit version: v1 certificate, fields shift by one
