@@ -63,7 +63,7 @@ APPLETS = [
     "head",
     "tr",
     "uname",
-,]
+]
 DIRS = ("bin", "dev", "etc", "lib", "lib/modules", "proc", "run", "sys", "tmp")
 
 

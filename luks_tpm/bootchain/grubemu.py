@@ -37,7 +37,7 @@ FEATURES = [
     "feature_200_final",
     "feature_nativedisk_cmd",
     "feature_timeout_style",
-,]
+]
 _QUIET_COMMANDS = {"echo", "terminal_output", "terminal_input", "true"}
 
 
