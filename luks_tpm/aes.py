@@ -1,8 +1,5 @@
-"""Single AES blocks from OpenSSL's libcrypto, for the RFC 3394 key wrap in derive.py.
-
-The only libcrypto user in luks-tpm. libcrypto.so.3 is on every system and in every initramfs that
-has libtss2-esys (it links it), so this costs nothing to ship, where the `cryptography` package costs
-megabytes and an import measured in tenths of a second at boot.
+"""AES from OpenSSL's libcrypto: single blocks for the RFC 3394 key wrap in derive.py, and CFB for the
+TPM 2.0 duplication format in duplication.py.
 
 The key and every block pass to libcrypto as pointers into `Secret`s; nothing is copied into Python
 objects. The one copy outside our locked memory is the key schedule in libcrypto's cipher context,
@@ -16,45 +13,17 @@ from errno import EIO, ENOMEM, ENOSYS
 from types import TracebackType
 from typing import Self
 
-from .clib import CLibrary, CLibraryError, Convention
+from .clib import CLibraryError
+from .libcrypto import call as _call
+from .libcrypto import libcrypto as _crypto
 from .secret import Secret
 
 BLOCK_SIZE = 16
 
-_p = ctypes.c_void_p
 _int = ctypes.c_int
 
-
-_crypto = CLibrary(
-    "libcrypto.so.3",
-    {
-        "EVP_aes_128_ecb": (_p, []),
-        "EVP_aes_192_ecb": (_p, []),
-        "EVP_aes_256_ecb": (_p, []),
-        "EVP_CIPHER_CTX_new": (_p, []),
-        "EVP_CIPHER_CTX_free": (None, [_p]),
-        # ctx, cipher, engine, key, iv, enc
-        "EVP_CipherInit_ex": (_int, [_p, _p, _p, _p, _p, _int]),
-        "EVP_CIPHER_CTX_set_padding": (_int, [_p, _int]),
-        # ctx, out, &outl, in, inl
-        "EVP_CipherUpdate": (_int, [_p, _p, ctypes.POINTER(_int), _p, _int]),
-        "ERR_clear_error": (None, []),
-    },
-    convention=Convention.ONE_IS_SUCCESS,
-    install_hint="install libssl3 (OpenSSL 3's libcrypto)",
-)
-
 _CIPHERS = {16: "EVP_aes_128_ecb", 24: "EVP_aes_192_ecb", 32: "EVP_aes_256_ecb"}
-
-
-def _call(name: str, *args: object) -> None:
-    try:
-        _crypto.call(name, *args)
-    except CLibraryError:
-        # The reason sits on libcrypto's per-thread error queue: leave nothing there for ESYS's own
-        # libcrypto calls in this thread to misread as theirs.
-        _crypto.function("ERR_clear_error")()
-        raise
+_CFB_CIPHERS = {16: "EVP_aes_128_cfb128", 24: "EVP_aes_192_cfb128", 32: "EVP_aes_256_cfb128"}
 
 
 class BlockCipher:
@@ -106,3 +75,28 @@ class BlockCipher:
 
     def __del__(self) -> None:
         self.close()
+
+
+def cfb_encrypt(key: Secret, data: Secret) -> None:
+    """AES-CFB with 128-bit feedback and an all-zero IV, in place: how TPM 2.0 encrypts a sensitive area
+    under a symmetric key derived for that one message (TPM 2.0 Part 1, "Symmetric Encryption"), so
+    the zero IV is safe there and nowhere else."""
+    name = _CFB_CIPHERS.get(len(key))
+    if name is None:
+        raise ValueError("an AES key is 16, 24 or 32 bytes")
+    ctx = _crypto.function("EVP_CIPHER_CTX_new")()
+    if ctx is None:
+        raise CLibraryError(ENOMEM, "EVP_CIPHER_CTX_new")
+    try:
+        cipher = _crypto.function(name)()
+        if cipher is None:
+            raise CLibraryError(ENOSYS, name)
+        _call("EVP_CipherInit_ex", ctx, cipher, None, key.as_ctypes(), bytes(BLOCK_SIZE), 1)
+        written = _int(0)
+        pointer = data.as_ctypes()
+        # CFB is a stream mode: in == out is allowed, and every byte comes out of the one update.
+        _call("EVP_CipherUpdate", ctx, pointer, ctypes.byref(written), pointer, len(data))
+        if written.value != len(data):
+            raise CLibraryError(EIO, "EVP_CipherUpdate")
+    finally:
+        _crypto.function("EVP_CIPHER_CTX_free")(ctx)  # cleanses the key schedule (see BlockCipher.close)
