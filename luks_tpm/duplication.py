@@ -20,8 +20,15 @@ KDFe in "Key Derivation Functions"), as libtpms implements it (Import.c, Object_
     duplicate = TPM2B( TPM2B(HMAC-SHA256(hmacKey, encrypted || name)) || encrypted )
 
 No inner wrapper (symmetricAlg NULL), so the object's attributes must leave encryptedDuplication
-clear, and TPM2_Import refuses fixedTPM or fixedParent: the imported object is a duplicable one. It
-stays in the TPM only as long as its policy forbids TPM2_Duplicate (see the tests' duplication proof).
+clear, and TPM2_Import refuses fixedTPM or fixedParent. Once imported, the object cannot be duplicated
+again under luks-tpm's policies (TPM2_Duplicate's DUP role needs PolicyCommandCode in the policy).
+
+The blob itself, though, is only as safe as its parent's USER authorization: TPM2_Rewrap(oldParent =
+the parent, newParent = TPM_RH_NULL) turns it into the plain sensitive area with no regard for the
+object's policy, and the standard SRK's USER role is open to anyone (empty auth, userWithAuth). So a
+blob wrapped to the standard SRK gives its key to anyone who can read it and talk to the target TPM;
+tests/test_duplication_tpm.py proves both this and the fix (a parent usable only through
+PolicyCommandCode(Import or Load)), which `wrap_for_import` supports with that parent's `SrkPublic`.
 
 Key material (the volume key, the PIN, seedValue, Z, seed, symKey, hmacKey, the plain sensitive area)
 lives only in `Secret`s; hash outputs holding it are scrubbed. Nothing here talks to a TPM.

@@ -33,8 +33,13 @@ SRK_PRIVATE = hashlib.sha256(b"luks-tpm test SRK v1").digest()  # a test SRK who
 EPHEMERAL_PRIVATE = hashlib.sha256(b"luks-tpm test ephemeral v1").digest()
 SEED_VALUE = bytes(range(0x40, 0x60))
 VOLUME_KEY = bytes(range(64))
-POLICY = bytes.fromhex("8b5682d81b29435d08d79278150611dc7e5923b2fefcce684a09577b40130a8b")  # PCR 7 at reset
 PIN = b"2468"
+# The policies (docs/policy.md): "sha256 PCR 7 at reset (zeros)", and the same followed by PolicyAuthValue.
+POLICIES = {
+    b"": bytes.fromhex("8b5682d81b29435d08d79278150611dc7e5923b2fefcce684a09577b40130a8b"),
+    PIN: bytes.fromhex("b8db92fae7c1e0c588e7352d2fc10f27c7b384e32f706a520cb10bf7ffee8970"),
+}
+POLICY = POLICIES[b""]
 
 # ---- the pinned outputs -----------------------------------------------------------------------------
 
@@ -62,13 +67,13 @@ BLOBS = {
         "000bf84978fb5419b32645e4e460ee9217865640d13d2279d09ce24189a2967ab92d",
     ),
     PIN: (
-        "17ec16b5e8c08837bc691acad136faf9",
-        "004e0008000b0000000000208b5682d81b29435d08d79278150611dc7e5923b2fefcce684a09577b40130a8b00100020719d5171df"
+        "5b0a0b20d57d201ff75421f944bb66f3",
+        "004e0008000b000000000020b8db92fae7c1e0c588e7352d2fc10f27c7b384e32f706a520cb10bf7ffee897000100020719d5171df"
         "edaddfb9c79d66ef5e789b0b2219fbd68bbb1d0f09a901cdfcce09",
-        "009000203806d1ace7cd72c75bbfdd06c249116e56a7f00203ea9e944e28b0ca2a0e5031e92e9f8695c9c20fe07cb58e3fca89db66"
-        "627414ed5dfadf08c463d863b3bb7f36976bd66e001356740deeef3f8ed17a9dcdb5eeeb3390227b68ea4ad1cdf0c84a07c0773726"
-        "cb97c63a15171c18b7f63e5291c49ec2016348afaa47c7b90dd5b2ee37d55a2781f417bca3d6d0e8",
-        "000b32bb9efb037fa5a1ce12c06c83ea56ea3c984f1ef2d9e20033014816ad43c4c1",
+        "00900020e021abb259f91886ad31a282564b05c38e1fc935c291971466284df0b858d62be75ae499b5825acb5c26d13705149d6f74"
+        "146a9b510546961284e7e68c80396868bd28979cdbb31279b84c31a8b0ef604a26a9d42554b6d4ff3c8f8c5cb33ce50752f1192c89"
+        "43becb6432c51aea1713fdae2a105fafc9f6731cbbd3accbcef4c8c3b3e2e1f8b05d3a3bdf09dad4",
+        "000bd742bf1b7eae6bbcf475daec8a38c5d6098350764ebdd175fcf0c327720204cf",
     ),
 }
 
@@ -122,7 +127,7 @@ def fixed_blob(pin: bytes) -> duplication.ImportBlob:
         return duplication.wrap_for_import(
             srk,
             secret(VOLUME_KEY),
-            POLICY,
+            POLICIES[pin],
             secret(pin) if pin else None,
             ephemeral=ephemeral,
             seed_value=secret(SEED_VALUE),
@@ -211,7 +216,7 @@ def test_the_test_srk_is_the_standard_template_with_its_point() -> None:
 @pytest.mark.parametrize("pin", [b"", PIN], ids=["no-pin", "pin"])
 def test_blob_vectors(pin: bytes) -> None:
     sym_key, public, duplicate, name = BLOBS[pin]
-    expected = ref.wrap(srk_point(), EPHEMERAL_PRIVATE, VOLUME_KEY, POLICY, pin, SEED_VALUE)
+    expected = ref.wrap(srk_point(), EPHEMERAL_PRIVATE, VOLUME_KEY, POLICIES[pin], pin, SEED_VALUE)
     assert (expected.z.hex(), expected.seed.hex(), expected.hmac_key.hex()) == (Z, SEED, HMAC_KEY)
     assert (expected.sym_key.hex(), expected.public.hex(), expected.duplicate.hex()) == (sym_key, public, duplicate)
     assert (expected.in_sym_seed.hex(), expected.name.hex()) == (IN_SYM_SEED, name)
@@ -232,7 +237,7 @@ def test_public_area_is_the_native_sealed_template_without_fixed_tpm_and_parent(
     fixedParent cleared and the unique field filled in, is byte for byte the blob's public area; and
     the TSS parses each part of the blob back to the same bytes."""
     blob = fixed_blob(PIN if pin else b"")
-    template = templates.sealed_object(POLICY, pin=pin)
+    template = templates.sealed_object(POLICIES[PIN if pin else b""], pin=pin)
     area = template.publicArea
     area.objectAttributes &= ~(lib.TPMA_OBJECT_FIXEDTPM | lib.TPMA_OBJECT_FIXEDPARENT)
     unique = hashlib.sha256(SEED_VALUE + VOLUME_KEY).digest()
