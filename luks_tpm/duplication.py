@@ -50,7 +50,6 @@ from .secret import Secret, scrub_bytes
 ALG_ECC, ALG_KEYEDHASH, ALG_SHA256, ALG_AES, ALG_CFB, ALG_NULL = 0x0023, 0x0008, 0x000B, 0x0006, 0x0043, 0x0010
 ECC_NIST_P256 = 0x0003
 NODA = 0x00000400
-FIXEDTPM, FIXEDPARENT, ENCRYPTEDDUPLICATION = 0x00000002, 0x00000010, 0x00000800
 # The standard SRK (docs/sealing.md): fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | noDA |
 # restricted | decrypt.
 SRK_ATTRIBUTES = 0x00030472
@@ -66,7 +65,9 @@ DUPLICATE, STORAGE, INTEGRITY = b"DUPLICATE", b"STORAGE", b"INTEGRITY"
 
 @dataclasses.dataclass(frozen=True)
 class SrkPublic:
-    """A target TPM's standard SRK, as its public area tells: the bytes, its TPM name, its public point."""
+    """The parent a blob is wrapped to, as its public area tells: the bytes, its TPM name, its public point.
+    `parse_srk_public` makes one only for the standard SRK; the wrap itself works for any ECC P-256 storage
+    key with nameAlg SHA-256 and AES-128-CFB (such as the policy-only import parent the tests propose)."""
 
     public: bytes  # the marshalled TPM2B_PUBLIC
     name: bytes  # 000b || SHA-256(TPMT_PUBLIC): what tokens record as parent.name
