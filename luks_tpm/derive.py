@@ -2,7 +2,7 @@
 
 PRK comes from the TPM (`TPM2_HMAC` with the derived primary over `hmac_message`); everything here
 is deterministic and is pinned by fixed test vectors. All key material stays in `Secret`s: HMAC and AES
-run in libcrypto on pointers into them (crypto.py).
+run in libcrypto on pointers into them (libcrypto.py, aes.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def hkdf_expand(prk: Secret, info: bytes, length: int) -> Secret:
     """HKDF-Expand-SHA256 (RFC 5869 section 2.3): T(i) = HMAC(PRK, T(i-1) || info || i). Every
     intermediate holding key bytes is a Secret: the HMAC input is built in one (T(i-1) in its first 32
     bytes, absent for T(1)) and each output lands in another."""
-    from .crypto import hmac_sha256  # here: libcrypto is loaded only when a key is derived
+    from .libcrypto import hmac_sha256  # here: libcrypto is loaded only when a key is derived
 
     if not 0 < length <= 255 * _HASH_SIZE:
         raise ValueError(f"cannot derive {length} bytes")
@@ -41,7 +41,7 @@ def hkdf_expand(prk: Secret, info: bytes, length: int) -> Secret:
         buffer[_HASH_SIZE : _HASH_SIZE + len(info)] = info
         for counter, offset in enumerate(range(0, length, _HASH_SIZE), start=1):
             buffer[-1] = counter
-            hmac_sha256(prk, buffer if counter > 1 else buffer[_HASH_SIZE:], out)
+            hmac_sha256(prk.view(), buffer if counter > 1 else buffer[_HASH_SIZE:], out)
             size = min(_HASH_SIZE, length - offset)
             okm.view()[offset : offset + size] = out[:size]
             buffer[:_HASH_SIZE] = out
@@ -86,7 +86,7 @@ def wrap(kek: Secret, key: Secret) -> bytes:
     first half of B (xor t) and R[i] the second, so only R[i] is copied in and out."""
     if len(key) % 8 or len(key) < 16:
         raise ValueError("AES key wrap needs a key of a multiple of 8 bytes, at least 16")
-    from .crypto import BlockCipher  # here: only wrapped keys need AES, and most are derived directly
+    from .aes import BlockCipher  # here: only wrapped keys need AES, and most are derived directly
 
     n = len(key) // 8
     with BlockCipher(kek, encrypt=True) as aes, Secret(16) as block, Secret(len(key)) as r:
@@ -106,7 +106,7 @@ def unwrap(kek: Secret, wrapped: bytes) -> Secret | None:
     """The key inside `wrapped`, or None when the integrity check fails (wrong KEK or damaged data)."""
     if len(wrapped) % 8 or len(wrapped) < 24:
         return None
-    from .crypto import BlockCipher
+    from .aes import BlockCipher
 
     n = len(wrapped) // 8 - 1
     r = Secret(8 * n)

@@ -1,5 +1,4 @@
-"""luks_tpm.crypto: libcrypto's AES blocks and HMAC-SHA256, RFC 3394 over them, and a key wrap that loads no
-`cryptography`."""
+"""luks_tpm.aes: libcrypto's AES blocks, RFC 3394 over them, and a key wrap that loads no `cryptography`."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import textwrap
 import pytest
 
 from luks_tpm import derive
-from luks_tpm.crypto import BlockCipher
+from luks_tpm.aes import BlockCipher, cfb_encrypt
 from luks_tpm.secret import Secret
 
 from .helpers import REPO
@@ -75,6 +74,26 @@ def test_block_cipher_refuses_bad_keys_blocks_and_use_after_close() -> None:
     aes.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         aes.apply(secret(bytes(16)))
+
+
+# AES-CFB128 with the all-zero IV TPM 2.0 uses, against pyca `cryptography`; the lengths cover partial blocks.
+@pytest.mark.parametrize("key_size", [16, 24, 32])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 64, 106])
+def test_cfb_matches_cryptography(key_size: int, length: int) -> None:
+    from cryptography.hazmat.decrepit.ciphers.modes import CFB
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    data = bytes((7 * i + 3) % 256 for i in range(length))
+    encryptor = Cipher(algorithms.AES(KEY_256[:key_size]), CFB(bytes(16))).encryptor()
+    expected = encryptor.update(data) + encryptor.finalize()
+    with secret(data) as buffer:
+        cfb_encrypt(secret(KEY_256[:key_size]), buffer)
+        assert bytes(buffer.view()) == expected
+
+
+def test_cfb_refuses_bad_keys() -> None:
+    with pytest.raises(ValueError, match="16, 24 or 32"):
+        cfb_encrypt(secret(bytes(20)), secret(bytes(16)))
 
 
 _NO_CRYPTOGRAPHY = textwrap.dedent(
