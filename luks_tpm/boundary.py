@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NoReturn, Protocol
 
 from .errors import ExitCode, LuksTpmError
-from .output import ErrorInfo, Report, write, write_error
+from .output import ErrorInfo, Report, printable, write, write_error
 
 INTERRUPTED = 130
 
@@ -67,7 +67,8 @@ class Console:
     def failed(self, error: ErrorInfo, cause: BaseException) -> int:
         shown = getattr(cause, "shown", None)  # a command line click refused: its own words, with usage
         if shown is not None and not self._presentation.json:
-            print(shown, end="", file=sys.stderr)
+            for line in shown.splitlines():
+                print(printable(line), file=sys.stderr)
         elif error.code == INTERRUPTED and not self._presentation.json:
             pass  # the terminal already shows ^C
         else:

@@ -11,8 +11,8 @@ from pathlib import Path
 from . import crypttab
 from .cryptsetup import header_facts, open_device
 from .errors import LuksTpmError
-from .model import TOKEN_TYPE
 from .settings import DEFAULT_CRYPTTAB
+from .tokenformat import TOKEN_TYPE
 
 
 @dataclasses.dataclass(frozen=True)

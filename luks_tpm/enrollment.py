@@ -18,11 +18,12 @@ from typing import Any
 from . import derive
 from .cryptsetup import CryptsetupError, Device, open_device, write_error
 from .errors import DEAD_CAUSES, Cause, ExitCode, LuksTpmError, die
-from .model import FENCE_PCR, DerivedToken, Mode, Parent, PcrPolicy, SealedToken, Token, to_json, utc_now
+from .model import FENCE_PCR, Mode, Parent, PcrPolicy
 from .output import TEXT_ONLY, Report, progress
 from .prompt import NewPinSource, PassphraseSource
 from .secret import Secret
 from .settings import Enrollment
+from .tokenformat import DerivedToken, SealedToken, Token, to_json, utc_now
 from .tpm import Tpm
 from .tpm import keys as tpm_keys
 from .tpm import pcr as tpm_pcr

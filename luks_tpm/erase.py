@@ -18,9 +18,9 @@ from pathlib import Path
 
 from .cryptsetup import CryptsetupError, Device, open_device, write_error
 from .errors import Cause, ExitCode, LuksTpmError, die
-from .model import TOKEN_TYPE, parse
 from .output import ABSENT, TEXT_ONLY, Absent, Report, progress
 from .prompt import Confirm
+from .tokenformat import TOKEN_TYPE, parse
 
 _WARNING = (
     "Erasing destroys every keyslot and every token; afterwards nothing opens these volumes (no passphrase, "

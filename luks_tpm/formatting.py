@@ -15,11 +15,11 @@ import uuid as uuid_module
 from .cryptsetup import CryptsetupError, Device, header_facts, open_device, write_error
 from .enrollment import Binding, add_verified, prepare
 from .errors import Cause, ExitCode, die
-from .model import DerivedToken
 from .output import Report, progress
 from .prompt import Confirm, PassphraseSource, generate_recovery_key
 from .secret import Secret
 from .settings import DIGEST_PBKDF, FormatSettings, Pbkdf, Recovery
+from .tokenformat import DerivedToken
 from .tpm import Tpm
 from .tpm import pcr as tpm_pcr
 from .tpm.keyuse import KeyUse

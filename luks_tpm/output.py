@@ -85,6 +85,26 @@ class TokenFailureInfo:
         return cls(token_id, error.message, error.hint, int(error.code), str(error.cause))
 
 
+def printable(text: str) -> str:
+    """`text` for a terminal: what would move the cursor, change colours or start a new line (a crafted
+    header's `created`, a crypttab's bytes) shown as escapes instead. Bytes that are not UTF-8 (kept as
+    surrogates when read) show as \\xNN. The JSON form needs none of this: JSON escapes them itself."""
+    if text.isprintable():
+        return text
+    shown = []
+    for char in text:
+        code = ord(char)
+        if char.isprintable():
+            shown.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:
+            shown.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            shown.append(f"\\x{code:02x}")
+        else:
+            shown.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(shown)
+
+
 def json_value(value: Any) -> Any:
     """A result (or any part of one) as JSON data: dataclasses field by field, enums by value."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -121,7 +141,7 @@ def write(report: Report, as_json: bool) -> None:
         _write(before.encode(), report.recovery_key, after.encode())
         return
     for line in report.result.lines():
-        print(line)
+        print(printable(line))
     if report.recovery_key is not None:
         progress("recovery key (shown once; write it down and keep it away from this machine):")
         _write(b"", report.recovery_key, b"\n")
@@ -133,9 +153,9 @@ def write_error(error: ErrorInfo, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"version": JSON_VERSION, "error": json_value(error)}, indent=2, sort_keys=True))
         return
-    print(f"luks-tpm: {error.message}", file=sys.stderr)
+    print(f"luks-tpm: {printable(error.message)}", file=sys.stderr)
     if error.hint:
-        print(f"luks-tpm: hint: {error.hint}", file=sys.stderr)
+        print(f"luks-tpm: hint: {printable(error.hint)}", file=sys.stderr)
 
 
 def _write(before: bytes, secret: Secret | None, after: bytes) -> None:
@@ -148,7 +168,7 @@ def _write(before: bytes, secret: Secret | None, after: bytes) -> None:
 
 
 def progress(message: str) -> None:
-    print(f"luks-tpm: {message}", file=sys.stderr, flush=True)
+    print(f"luks-tpm: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def configure_logging(verbose: int) -> None:

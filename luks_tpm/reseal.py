@@ -13,11 +13,12 @@ from pathlib import Path
 from .cryptsetup import Device, open_device
 from .enrollment import bind, remove_token, unverified_note, volume_key_with_passphrase
 from .errors import Cause, ExitCode, LuksTpmError, die
-from .model import Mode, Token
+from .model import Mode
 from .output import TEXT_ONLY, Report, progress
 from .prompt import NewPinSource, PassphraseSource
 from .secret import Secret
 from .settings import Enrollment, ResealSettings
+from .tokenformat import Token
 from .tpm import Tpm
 from .unlock import PinSource, Recovered, Recovery, TokenEntry, luks_tpm_tokens
 

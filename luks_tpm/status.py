@@ -14,8 +14,9 @@ from pathlib import Path
 from .cryptsetup import Device, open_device
 from .crypttab import Unresolved
 from .errors import Cause, ExitCode, LuksTpmError, UnlockFailed
-from .model import FENCE_PCR, Token
+from .model import FENCE_PCR
 from .output import OMIT_IF_NONE, ErrorInfo, Report
+from .tokenformat import Token
 from .tpm import Tpm
 from .tpm import pcr as tpm_pcr
 from .unlock import Recovery, TokenEntry, changed_pcrs, luks_tpm_tokens

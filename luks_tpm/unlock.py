@@ -10,8 +10,9 @@ from typing import Self
 from . import derive
 from .cryptsetup import Device
 from .errors import Cause, ExitCode, LuksTpmError, TokenFailure, UnlockFailed, die
-from .model import FENCE_PCR, TOKEN_TYPE, DerivedToken, SealedToken, Token, is_ours, parse
+from .model import FENCE_PCR
 from .secret import Secret
+from .tokenformat import TOKEN_TYPE, DerivedToken, SealedToken, Token, is_ours, parse
 from .tpm import Tpm, TpmError
 from .tpm import srk as tpm_srk
 from .tpm.keyuse import KeyUse

@@ -17,10 +17,11 @@ from pathlib import Path
 from .cryptsetup import Device, open_device
 from .discovery import Found, known_volumes
 from .errors import Cause, ExitCode, LuksTpmError, UnlockFailed, die
-from .model import TOKEN_TYPE, Mode
+from .model import Mode
 from .output import ABSENT, OMIT_IF_NONE, TEXT_ONLY, Absent, ErrorInfo, Report
 from .prompt import Confirm, read_file
 from .secret import Secret
+from .tokenformat import TOKEN_TYPE
 from .tpm import Tpm, owner
 from .tpm.srk import endorsement_name, srk_for
 from .unlock import Recovery, TokenEntry, luks_tpm_tokens

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from luks_tpm import cryptsetup, derive
-from luks_tpm.model import DerivedToken, SealedToken, Token, parse
 from luks_tpm.secret import Secret
+from luks_tpm.tokenformat import DerivedToken, SealedToken, Token, parse
 from luks_tpm.tpm import Tpm, esys
 from luks_tpm.tpm import keys as tpm_keys
 from luks_tpm.tpm import pcr as tpm_pcr

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from luks_tpm import cryptsetup, derive
-from luks_tpm.model import DerivedToken, parse
 from luks_tpm.secret import Secret
+from luks_tpm.tokenformat import DerivedToken, parse
 from luks_tpm.tpm import Tpm
 from luks_tpm.tpm import srk as tpm_srk
 from luks_tpm.tpm.keyuse import KeyUse
@@ -166,7 +166,7 @@ def _set_token(image: Path, token_id: int, text: str) -> None:
 @pytest.mark.parametrize(
     ("edit", "message", "code"),
     [
-        (lambda t: {**t, "version": 2}, "version 2", 8),
+        (lambda t: {**t, "version": 3}, "version 3", 8),
         (lambda t: {k: v for k, v in t.items() if k != "salt"}, "'salt' is missing", 3),
         (lambda t: {**t, "salt": "not base64!"}, "damaged", 3),
         (lambda t: {**t, "digest": 7}, "digest 7", 5),

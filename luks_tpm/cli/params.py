@@ -18,6 +18,7 @@ import click
 
 from ..errors import Cause, ExitCode, die
 from ..model import PCR_COUNT, Bank
+from ..output import printable
 from ..prompt import MAX_KEY_FILE, MAX_PIN, Confirm, NewPinSource, PassphraseSource, ask, check_pin, read_file
 from ..prompt import read_pin_file as _read_pin_file
 from ..secret import Secret
@@ -107,7 +108,7 @@ def yes_or_no(as_json: bool) -> Confirm:
 
     def confirm(lines: list[str], question: str) -> bool:
         for line in lines:
-            click.echo(line, err=as_json)
+            click.echo(printable(line), err=as_json)
         if not sys.stdin.isatty():
             die(
                 f"{question} (not asking: no terminal)",
@@ -127,7 +128,7 @@ def typed_yes(as_json: bool) -> Confirm:
     def confirm(lines: list[str], question: str) -> bool:
         stream = sys.stderr if as_json else sys.stdout  # with --json, stdout holds only the JSON result
         for line in lines:
-            print(line, file=stream)
+            print(printable(line), file=stream)
         stream.flush()
         if not sys.stdin.isatty():
             die(
