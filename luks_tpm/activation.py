@@ -18,10 +18,11 @@ from .cryptsetup import Device, open_device
 from .crypttab import Entry, resolve
 from .errors import Cause, ExitCode, LuksTpmError, die
 from .output import OMIT_IF_NONE, ErrorInfo, Report, progress
+from .prompt import PinSource
 from .secret import Secret
 from .settings import Activation
 from .tpm import Tpm
-from .unlock import PinSource, Recovery
+from .unlock import Recovery
 
 
 def key_description(device: Device, digest: int) -> str:

@@ -58,6 +58,35 @@ class SealedBlob:
 
 
 @dataclasses.dataclass(frozen=True)
+class Approver:
+    """The key whose signatures approve PCR states of the boot chain (docs/policy.md): an ECC P-256 signing
+    key of this TPM, its private part kept by the running system (luks_tpm.approver)."""
+
+    public: bytes  # a marshalled TPM2B_PUBLIC
+    name: bytes  # its TPM name: nameAlg (SHA-256) and the hash of the public area
+
+    @staticmethod
+    def name_of(public: bytes) -> bytes:
+        return bytes.fromhex("000b") + hashlib.sha256(public[2:]).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Approval:
+    """One approved state: PCR values of a token's bank and PCRs, and the approver's signature."""
+
+    values: dict[int, bytes]
+    signature: bytes  # a marshalled TPMT_SIGNATURE (ECDSA, SHA-256) over approval_digest(approved policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApprovedState:
+    """The approval a policy session is to be authorized with."""
+
+    approver: Approver
+    approval: Approval
+
+
+@dataclasses.dataclass(frozen=True)
 class PcrPolicy:
     """What a binding's policy requires (docs/policy.md): PCR values of one bank, or any state of them that
     an approver signed; the fence; a PIN."""

@@ -13,39 +13,28 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 import re
 from typing import Any
 
 from .errors import Cause, ExitCode, LuksTpmError, die
-from .model import PCR_COUNT, PERSISTENT_FIRST, PERSISTENT_LAST, Bank, Mode, Parent, PcrPolicy, SealedBlob
+from .model import (
+    PCR_COUNT,
+    PERSISTENT_FIRST,
+    PERSISTENT_LAST,
+    Approval,
+    Approver,
+    Bank,
+    Mode,
+    Parent,
+    PcrPolicy,
+    SealedBlob,
+)
 
 TOKEN_TYPE = "luks-tpm"
 VERSION = 2  # the highest this release reads and writes
 VERSIONS = (1, 2)
 MAX_APPROVALS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Approver:
-    """The key whose signatures approve PCR states of the boot chain (docs/policy.md): an ECC P-256 signing
-    key of this TPM, its private part kept by the running system (luks_tpm.approver)."""
-
-    public: bytes  # a marshalled TPM2B_PUBLIC
-    name: bytes  # its TPM name: nameAlg (SHA-256) and the hash of the public area
-
-    @staticmethod
-    def name_of(public: bytes) -> bytes:
-        return bytes.fromhex("000b") + hashlib.sha256(public[2:]).digest()
-
-
-@dataclasses.dataclass(frozen=True)
-class Approval:
-    """One approved state: PCR values of the token's bank and PCRs, and the approver's signature."""
-
-    values: dict[int, bytes]
-    signature: bytes  # a marshalled TPMT_SIGNATURE (ECDSA, SHA-256) over model.approval_digest
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,9 +231,9 @@ def run(args: list[str], globals_: Globals) -> Report | None:
 
 
 def _register() -> None:
-    from . import bind, decommission, system, unlock
+    from . import bind, bootchain, decommission, system, unlock
 
-    for module in (unlock, bind, decommission, system):
+    for module in (unlock, bind, bootchain, decommission, system):
         for command in module.COMMANDS:
             main.add_command(command)
 

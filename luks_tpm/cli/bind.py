@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from pathlib import Path
@@ -11,11 +12,13 @@ import click
 from ..model import Mode
 from ..output import Report
 from ..prompt import pin_source
-from ..settings import DEFAULT_CIPHER, Enrollment, FormatSettings, Pbkdf, Recovery, ResealSettings
+from ..settings import BOOT_CHAIN_PCRS, DEFAULT_CIPHER, Enrollment, FormatSettings, Pbkdf, Recovery, ResealSettings
 from . import command, options
 from .params import (
+    approver_option,
     bank,
     bank_option,
+    boot_chain_option,
     device_argument,
     fence_option,
     file_path,
@@ -39,19 +42,25 @@ from .params import (
 )
 
 
-def _enrollment(
-    mode: Mode,
-    pcrs: str | None,
-    bank_name: str | None,
-    values: tuple[str, ...],
-    pin: bool,
-    fence: bool,
-    transient: bool,
-) -> Enrollment:
-    chosen = bank(bank_name)
-    given = pcr_values(values, chosen)
-    bound = tuple(sorted(set(pcr_list(pcrs)) | set(given)))
-    return Enrollment(mode, chosen, bound, given, pin, fence, persist_srk=not transient)
+@dataclasses.dataclass(frozen=True)
+class _Binding:
+    """The binding options several commands share, as given."""
+
+    pcrs: str | None
+    bank: str | None
+    values: tuple[str, ...]
+    fence: bool
+    transient_srk: bool
+    boot_chain: bool
+    approver: Path
+
+    def enrollment(self, mode: Mode, *, pin: bool) -> Enrollment:
+        chosen = bank(self.bank)
+        given = pcr_values(self.values, chosen)
+        listed = pcr_list(self.pcrs) if self.pcrs is not None else BOOT_CHAIN_PCRS if self.boot_chain else ()
+        bound = tuple(sorted(set(listed) | set(given)))
+        approver = self.approver if self.boot_chain else None
+        return Enrollment(mode, chosen, bound, given, pin, self.fence, not self.transient_srk, approver)
 
 
 @command("format")
@@ -88,6 +97,8 @@ def _enrollment(
 @pcrs_option
 @bank_option
 @fence_option
+@boot_chain_option
+@approver_option
 @srk_option
 @yes_option
 def format_command(
@@ -105,6 +116,8 @@ def format_command(
     pcrs: str | None,
     pcr_bank: str | None,
     fence: bool,
+    boot_chain: bool,
+    approver_file: Path,
     transient_srk: bool,
     yes: bool,
 ) -> Report:
@@ -133,7 +146,9 @@ def format_command(
         sector_size=int(sector_size),
         label=label,
         uuid=str(volume_uuid) if volume_uuid else None,
-        binding=_enrollment(Mode.DERIVED, pcrs, pcr_bank, (), False, fence, transient_srk),
+        binding=_Binding(pcrs, pcr_bank, (), fence, transient_srk, boot_chain, approver_file).enrollment(
+            Mode.DERIVED, pin=False
+        ),
     )
     source = passphrase_source(passphrase_file, "Recovery passphrase: ", "--passphrase-file", twice=True)
     return format_volume(options().tcti, settings, None if yes else yes_or_no(options().json), source)
@@ -151,6 +166,8 @@ def format_command(
 @bank_option
 @pcr_value_option
 @fence_option
+@boot_chain_option
+@approver_option
 @click.option("--pin", is_flag=True, help="Sealed only: also require a PIN (asked twice; DA-protected).")
 @pin_file_option
 @srk_option
@@ -162,6 +179,8 @@ def enroll(
     pcr_bank: str | None,
     pcr_value: tuple[str, ...],
     fence: bool,
+    boot_chain: bool,
+    approver_file: Path,
     pin: bool,
     pin_file: Path | None,
     transient_srk: bool,
@@ -177,7 +196,8 @@ def enroll(
             "--pin and --pin-file apply to --mode sealed: a derived key's PIN would protect "
             "nothing (the TPM re-creates the key without it)"
         )
-    enrollment = _enrollment(chosen, pcrs, pcr_bank, pcr_value, with_pin, fence, transient_srk)
+    given = _Binding(pcrs, pcr_bank, pcr_value, fence, transient_srk, boot_chain, approver_file)
+    enrollment = given.enrollment(chosen, pin=with_pin)
     passphrase = passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file")
     new_pin = new_pin_source(pin_file, required=True, option="--pin-file")
     return run(options().tcti, device, enrollment, passphrase, new_pin)

@@ -53,15 +53,18 @@ FUNCTIONS = (
     "Esys_StartAuthSession", "Esys_PolicyPCR", "Esys_PolicyAuthValue", "Esys_PolicyRestart",
     "Esys_PolicyGetDigest", "Esys_HMAC", "Esys_Unseal", "Esys_PCR_Read", "Esys_PCR_Extend",
     "Esys_GetCapability", "Esys_EvictControl", "Esys_NV_ReadPublic", "Esys_Clear",
+    "Esys_LoadExternal", "Esys_VerifySignature", "Esys_PolicyAuthorize", "Esys_Sign",
     "Tss2_TctiLdr_Initialize", "Tss2_TctiLdr_Finalize", "Tss2_RC_Decode",
     "Tss2_MU_TPM2B_PUBLIC_Marshal", "Tss2_MU_TPM2B_PUBLIC_Unmarshal",
     "Tss2_MU_TPM2B_PRIVATE_Marshal", "Tss2_MU_TPM2B_PRIVATE_Unmarshal",
+    "Tss2_MU_TPMT_SIGNATURE_Marshal", "Tss2_MU_TPMT_SIGNATURE_Unmarshal",
 )  # fmt: skip
 TYPES = (
     "ESYS_CONTEXT *", "ESYS_TR", "TSS2_TCTI_CONTEXT *", "TSS2_SYS_CONTEXT *", "TPM2B_AUTH", "TPM2B_DATA",
     "TPM2B_DIGEST", "TPM2B_MAX_BUFFER", "TPM2B_NAME", "TPM2B_NV_PUBLIC", "TPM2B_PRIVATE", "TPM2B_PUBLIC",
     "TPM2B_SENSITIVE_CREATE", "TPM2B_SENSITIVE_DATA", "TPMA_SESSION", "TPMI_YES_NO", "TPML_DIGEST",
     "TPML_DIGEST_VALUES", "TPML_PCR_SELECTION", "TPMS_CAPABILITY_DATA", "TPMT_SYM_DEF",
+    "TPMT_SIGNATURE", "TPMT_TK_VERIFIED", "TPMT_TK_HASHCHECK", "TPMT_SIG_SCHEME",
 )  # fmt: skip
 CONSTANTS = (
     "ESYS_TR_NONE", "ESYS_TR_PASSWORD", "ESYS_TR_PCR0", "ESYS_TR_RH_ENDORSEMENT", "ESYS_TR_RH_LOCKOUT",
@@ -73,6 +76,7 @@ CONSTANTS = (
     "TPM2_SE_HMAC", "TPM2_SE_POLICY", "TPM2_SE_TRIAL", "TPMA_SESSION_CONTINUESESSION",
     "TPMA_SESSION_DECRYPT", "TPMA_SESSION_ENCRYPT", "TPMA_PERMANENT_DISABLECLEAR",
     "TPMA_PERMANENT_INLOCKOUT", "TPMA_PERMANENT_LOCKOUTAUTHSET",
+    "TPM2_ALG_ECDSA", "TPM2_ST_HASHCHECK", "TPM2_ST_VERIFIED", "TPM2_RH_NULL", "TPMA_OBJECT_SIGN_ENCRYPT",
 )  # fmt: skip
 
 
@@ -183,7 +187,7 @@ def marshal(kind: str, value: Any) -> bytes:
 def tpm2b(kind: str, data: bytes = b"") -> Any:
     value = ffi.new(f"{kind} *")
     value.size = len(data)
-    ffi.memmove(value.buffer, data, len(data))
+    ffi.memmove(value.name if kind == "TPM2B_NAME" else value.buffer, data, len(data))
     return value
 
 
@@ -341,3 +345,38 @@ class Esys:
 
     def clear(self, auth: int) -> None:
         check(lib.Esys_Clear(self.context, auth, PASSWORD, NONE, NONE))
+
+    def load_external(self, public: Any, hierarchy: int) -> int:
+        """TPM2_LoadExternal of a public area alone (a signature-checking key)."""
+        return self._handle("Esys_LoadExternal", NONE, NONE, NONE, ffi.NULL, public, hierarchy)
+
+    def verify_signature(self, key: int, digest: bytes, signature: Any) -> Any:
+        """TPM2_VerifySignature: the TPMT_TK_VERIFIED ticket that PolicyAuthorize takes."""
+        ticket = self._out("TPMT_TK_VERIFIED")
+        check(
+            lib.Esys_VerifySignature(
+                self.context, key, NONE, NONE, NONE, tpm2b("TPM2B_DIGEST", digest), signature, ticket
+            )
+        )
+        return owned(ticket[0])
+
+    def policy_authorize(self, session: int, approved: bytes, reference: bytes, key_name: bytes, ticket: Any) -> None:
+        check(
+            lib.Esys_PolicyAuthorize(
+                self.context, session, NONE, NONE, NONE, tpm2b("TPM2B_DIGEST", approved),
+                tpm2b("TPM2B_NONCE", reference), tpm2b("TPM2B_NAME", key_name), ticket,
+            )
+        )  # fmt: skip
+
+    def sign(self, key: int, digest: bytes, scheme: Any) -> bytes:
+        """TPM2_Sign of a digest with an unrestricted key (a NULL hash-check ticket): the marshalled
+        TPMT_SIGNATURE."""
+        validation = ffi.new("TPMT_TK_HASHCHECK *")
+        validation.tag, validation.hierarchy = lib.TPM2_ST_HASHCHECK, lib.TPM2_RH_NULL
+        signature = self._out("TPMT_SIGNATURE")
+        check(
+            lib.Esys_Sign(
+                self.context, key, PASSWORD, NONE, NONE, tpm2b("TPM2B_DIGEST", digest), scheme, validation, signature
+            )
+        )
+        return marshal("TPMT_SIGNATURE", owned(signature[0]))

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from contextlib import ExitStack, closing
 from typing import Any, Self
 
-from ..model import Bank, Parent, PcrPolicy, SealedBlob
+from ..model import ApprovedState, Bank, Parent, PcrPolicy, SealedBlob
 from ..secret import Secret
 from . import keys, pcr, srk
+from .authorize import Tickets
 from .context import Tpm
 from .sessions import Sessions
 
@@ -28,6 +29,7 @@ class KeyUse:
         self._sessions = self._stack.enter_context(closing(Sessions(tpm, reuse=many_volumes)))
         self._primaries: dict[bytes, Any] = {}  # policy digest -> derived primary
         self._pcrs: dict[tuple[Bank, tuple[int, ...]], dict[int, bytes]] = {}
+        self._tickets = Tickets(tpm)
 
     def __enter__(self) -> Self:
         return self
@@ -62,16 +64,36 @@ class KeyUse:
             self._primaries[policy_digest] = self._stack.enter_context(keys.derived_primary(self.tpm, policy_digest))
         return self._primaries[policy_digest]
 
-    def hmac(self, srk_handle: Any, message: bytes, policy: PcrPolicy | None, policy_digest: bytes = b"") -> Secret:
+    def _ticket(self, policy: PcrPolicy, approved: ApprovedState | None) -> Any:
+        if policy.approver is None:
+            return None
+        assert approved is not None, "a policy with an approver is satisfied with an approval"
+        return self._tickets.ticket(approved.approver.public, approved.approval, policy.approved_digest())
+
+    def hmac(
+        self,
+        srk_handle: Any,
+        message: bytes,
+        policy: PcrPolicy | None,
+        policy_digest: bytes = b"",
+        approved: ApprovedState | None = None,
+    ) -> Secret:
         """TPM2_HMAC of `message` by the derived primary whose template carries `policy_digest`, in a
         salted session (a policy session satisfying `policy`, when the primary has one)."""
         primary = self._primary(policy_digest)
         if policy is None:
             with self._sessions.hmac(srk_handle) as session:
                 return keys.hmac(self.tpm, primary, message, session)
-        with self._sessions.policy(srk_handle, policy) as session:
+        with self._sessions.policy(srk_handle, policy, self._ticket(policy, approved)) as session:
             return keys.hmac(self.tpm, primary, message, session)
 
-    def unseal(self, srk_handle: Any, blob: SealedBlob, policy: PcrPolicy, pin: Secret | None) -> Secret:
-        with self._sessions.policy(srk_handle, policy) as session:
+    def unseal(
+        self,
+        srk_handle: Any,
+        blob: SealedBlob,
+        policy: PcrPolicy,
+        pin: Secret | None,
+        approved: ApprovedState | None = None,
+    ) -> Secret:
+        with self._sessions.policy(srk_handle, policy, self._ticket(policy, approved)) as session:
             return keys.unseal(self.tpm, blob, srk_handle, pin, session)

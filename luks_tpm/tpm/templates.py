@@ -83,6 +83,28 @@ def sealed_object(policy: bytes, *, pin: bool) -> Any:
     return template
 
 
+def approver() -> Any:
+    """docs/policy.md: the approver, an ECC P-256 ECDSA-SHA256 signing key under the SRK that signs the
+    approved states of the boot chain. Bound to this TPM (fixedTPM, fixedParent), usable by whoever
+    holds its blob (userWithAuth, empty auth), never counting towards dictionary-attack lockout."""
+    attributes = (
+        lib.TPMA_OBJECT_FIXEDTPM
+        | lib.TPMA_OBJECT_FIXEDPARENT
+        | lib.TPMA_OBJECT_SENSITIVEDATAORIGIN
+        | lib.TPMA_OBJECT_USERWITHAUTH
+        | lib.TPMA_OBJECT_SIGN_ENCRYPT
+        | lib.TPMA_OBJECT_NODA
+    )
+    template = _public(lib.TPM2_ALG_ECC, attributes, b"")
+    detail = template.publicArea.parameters.eccDetail
+    detail.symmetric.algorithm = lib.TPM2_ALG_NULL
+    detail.scheme.scheme = lib.TPM2_ALG_ECDSA
+    detail.scheme.details.ecdsa.hashAlg = lib.TPM2_ALG_SHA256
+    detail.curveID = lib.TPM2_ECC_NIST_P256
+    detail.kdf.scheme = lib.TPM2_ALG_NULL
+    return template
+
+
 def srk() -> Any:
     """The standard ECC P-256 storage root key (TCG provisioning guidance), as systemd and tpm2-tools make it."""
     return _ecc_p256_storage(SRK_ATTRIBUTES, b"", 0)
