@@ -41,9 +41,10 @@ class ApproverKey:
 
 def _damaged(path: Path, what: str) -> LuksTpmError:
     return LuksTpmError(
-        f"{path}: {what}",
-        hint="restore it from a backup, or re-enroll the volumes with a new approver (`enroll --boot-chain`)",
-        code=ExitCode.DEVICE,
+        f"--approver {path}: {what}",
+        hint="give the approver key's file, restore it from a backup, or re-enroll the volumes with a new "
+        "approver (`enroll --boot-chain`)",
+        code=ExitCode.USAGE,
         cause=Cause.NO_APPROVER,
     )
 
@@ -86,7 +87,7 @@ def required(path: Path) -> ApproverKey:
     found = load(path)
     if found is None:
         die(
-            f"no approver key at {path}: approved boot states cannot be signed on this system",
+            f"--approver {path}: no approver key there: approved boot states cannot be signed on this system",
             hint="enroll with --boot-chain on this system (it makes one), or give --approver FILE",
             code=ExitCode.USAGE,
             cause=Cause.NO_APPROVER,

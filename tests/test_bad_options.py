@@ -199,6 +199,10 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("reseal", "--new-pin-file"): _file_values(f, *unreadable, "pin-65", "pin-1000"),
         ("reseal", "--unlock-key-file"): _file_values(f, *unreadable),
         ("remove", "--token-id"): [*token_ids, ("absent", "20")],
+        ("format", "--approver"): _file_values(f, "dir"),
+        ("enroll", "--approver"): _file_values(f, "dir"),
+        ("rebind", "--approver"): _file_values(f, "dir", "missing", "crypttab-garbage"),
+        ("rebind", "--pcr-value"): pcr_values,
     }
 
 
@@ -216,6 +220,8 @@ NO_BAD_VALUE = {
     "--allow-discards",
     "--force",
     "--fence",
+    "--boot-chain",
+    "--approve-current",
     "--transient-srk",
     "--json",
     "--verbose",
@@ -223,7 +229,9 @@ NO_BAD_VALUE = {
     "--batch-mode",
     "--tcti",
 }
-COMMANDS = ["format", "enroll", "load-key", "open", "status", "reseal", "remove", "doctor", "persist-srk"]
+COMMANDS = [
+    "format", "enroll", "load-key", "open", "status", "reseal", "remove", "doctor", "persist-srk", "predict", "rebind",
+]  # fmt: skip
 
 
 def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
@@ -248,6 +256,8 @@ def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
         return ["reseal", s.volume, *token, *pin, *extra]
     if command == "remove":
         return ["remove", s.volume]
+    if command == "rebind":
+        return ["rebind", s.volume]
     raise AssertionError(command)
 
 
