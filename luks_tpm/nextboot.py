@@ -38,6 +38,7 @@ class BootChain:
     esp: Path = ESP
     boot: Path = BOOT
     snapshots: Path = BOOT_FILES  # the booted config files, kept at each boot
+    uuids: Mapping[str, str] | None = None  # fs UUID -> GRUB device; None: read the mounted superblocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,8 @@ def boot_files(log: eventlog.EventLog, chain: BootChain) -> BootFiles:
         files = BootFiles.from_log(log, esp=chain.esp, boot=chain.boot, snapshots=chain.snapshots)
     except Unpredictable as error:
         raise _unpredictable(error.message, error.hint) from None
+    if chain.uuids is not None:
+        return dataclasses.replace(files, uuids=dict(chain.uuids))
     uuids = {}
     for device, directory in files.devices.items():
         found = _fs_uuid(directory)

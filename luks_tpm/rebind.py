@@ -162,9 +162,10 @@ class _Target:
     given: dict[int, bytes] | None
     approve_current: bool
 
-    def later(self, token: Token) -> dict[int, bytes] | None:
+    def later(self, token: Token, now: dict[int, bytes]) -> dict[int, bytes] | None:
+        """The state to approve beside `now`: the given values over the current ones, or the prediction."""
         if self.given is not None:
-            return self.given
+            return {index: self.given.get(index, value) for index, value in now.items()}
         return self.next_boot.state(token.pcr_bank, token.pcrs) if self.next_boot else None
 
 
@@ -192,7 +193,7 @@ def _token(device: Device, tpm: Tpm, target: _Target, token_id: int, token: Toke
     if not target.approve_current and all(approval.values != now for approval in token.approvals):
         skipped = "this boot is not in an approved state (it came up with the passphrase?): it approves nothing"
         return TokenRebound(token_id, token_id, len(token.approvals), 0, 0, False, skipped)
-    later = target.later(token)
+    later = target.later(token, now)
     wanted = [now] + ([later] if later is not None and later != now else [])
     kept = [approval for approval in token.approvals if approval.values in wanted]
     added: list[Approval] = []
