@@ -54,7 +54,6 @@ def test_prediction_is_the_next_boots_pcrs(tmp_path: Path, scenario: str) -> Non
     assert prediction.changes[-1] == (f"PCRs that change: {', '.join(map(str, moved))}" if moved else "no PCR changes")
 
 
-
 def test_the_emulation_reproduces_every_booted_log(tmp_path: Path) -> None:
     """Each updated boot's own log, predicted from itself with its own files: the emulation is exact."""
     for scenario, run in SCENARIOS.items():
