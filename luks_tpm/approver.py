@@ -10,9 +10,12 @@ swap) has no such file: the genuine root's file system was never opened for it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import Cause, ExitCode, LuksTpmError, die
@@ -93,6 +96,18 @@ def required(path: Path) -> ApproverKey:
             cause=Cause.NO_APPROVER,
         )
     return found
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """One approving run at a time (the update hooks, the path unit and the boot service may overlap):
+    each rewrites tokens whole, and two at once would leave a token twice."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _save(path: Path, key: ApproverKey) -> None:

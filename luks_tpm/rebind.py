@@ -127,7 +127,7 @@ def rebind(
     """Approve {now (if approved already, or `approve_current`), the next boot (or `given`)} for every
     boot-chain token of `devices`; drop every other state."""
     key = approver_file.required(approver)
-    with Tpm(tcti) as tpm:
+    with approver_file.exclusive(approver), Tpm(tcti) as tpm:
         next_boot, problem = _next_boot(tpm, chain) if given is None else (None, None)
         target = _Target(key, next_boot, given, approve_current)
         volumes = tuple(_volume(tpm, target, path) for path in devices)
