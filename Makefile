@@ -23,7 +23,8 @@ INITRAMFS_SCRIPTS := local-top/luks-tpm local-bottom/luks-tpm panic/luks-tpm
 # The boot-chain update hooks (docs/boot-chain.md): one script, run by thin hooks of the kernel packages
 # (after zz-update-grub) and initramfs-tools, by the package's triggers, and by a service and path unit.
 REBIND_UNITS := luks-tpm-rebind.service luks-tpm-rebind.path
-DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm-fence.sh luks-tpm.service \
+DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm-fence.sh luks-tpm-emergency.sh \
+	luks-tpm.service \
 	luks-tpm-fence.service
 
 .PHONY: install uninstall deb

@@ -56,6 +56,7 @@ class Cause(enum.StrEnum):
     UNPREDICTABLE = "unpredictable"  # the next boot's PCRs cannot be computed from the event log and files
     NO_EVENT_LOG = "no-event-log"  # no TCG event log to predict from (not a UEFI measured boot)
     NO_APPROVER = "no-approver"  # this system has no approver key for the tokens' approved states
+    GUARD = "cross-volume-guard"  # recovered, but not used: another volume of the pass did not open from the TPM
 
 
 # Failures that prove a binding can never recover its key again (on this TPM): such a token is not a
