@@ -9,7 +9,7 @@ from typing import Any, Self
 from . import derive
 from .cryptsetup import Device
 from .errors import Cause, ExitCode, LuksTpmError, TokenFailure, UnlockFailed, die
-from .model import FENCE_PCR, Approval, ApprovedState, PcrPolicy
+from .model import FENCE_PCR, Approval, ApprovedState, ImportedSeal, PcrPolicy
 from .prompt import PinSource
 from .secret import Secret
 from .tokenformat import TOKEN_TYPE, DerivedToken, SealedToken, Token, is_ours, parse
@@ -117,7 +117,8 @@ class Recovery:
     def precheck(self, token: Token) -> Prepared:
         """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs, and
         for a token with an approver the approved state the PCRs are in now."""
-        srk = self.keys.srk(token.parent, token.endorsement)
+        imported = isinstance(token, SealedToken) and isinstance(token.blob, ImportedSeal)
+        srk = self.keys.srk(token.parent, token.endorsement, imported=imported)
         if token.fence and self.keys.fence_is_up():
             die(
                 f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot completes",

@@ -264,7 +264,8 @@ def _specific(
     yield from [
         (("version",), "0", 0, c),
         (("version",), "2 without an approver", 2, c),
-        (("version",), "3 (newer)", 3, frozenset({8})),
+        (("version",), "3 without an import blob", 3, c),
+        (("version",), "4 (newer)", 4, frozenset({8})),
         (("version",), "99", 99, frozenset({8})),
         (("version",), "-1", -1, c),
         (("version",), "2**31", 2**31, frozenset({3, 8})),

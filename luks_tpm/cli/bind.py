@@ -171,6 +171,13 @@ def format_command(
 @click.option("--pin", is_flag=True, help="Sealed only: also require a PIN (asked twice; DA-protected).")
 @pin_file_option
 @srk_option
+@click.option(
+    "--for-tpm",
+    "target_file",
+    type=file_path,
+    help="Sealed only: seal for the TPM of another machine, from the file `luks-tpm --json srk-public` "
+    "wrote there (every bound PCR needs --pcr-value); no TPM is used here.",
+)
 @unlock_key_option
 def enroll(
     device: Path,
@@ -184,11 +191,15 @@ def enroll(
     pin: bool,
     pin_file: Path | None,
     transient_srk: bool,
+    target_file: Path | None,
     unlock_key_file: Path | None,
 ) -> Report:
-    """Bind an existing LUKS2 volume to the TPM (other keyslots and tokens are kept)."""
-    from ..enrollment import enroll as run
+    """Bind an existing LUKS2 volume to the TPM (other keyslots and tokens are kept).
 
+    \b
+    With --for-tpm, bind it to another machine's TPM instead (an image build host
+    preparing disks): the key is sealed in TPM2_Import's format to that TPM's
+    import parent, and that TPM alone can load it (docs/sealing.md)."""
     chosen = Mode(mode)
     with_pin = pin or pin_file is not None
     if chosen is Mode.DERIVED and with_pin:
@@ -196,10 +207,21 @@ def enroll(
             "--pin and --pin-file apply to --mode sealed: a derived key's PIN would protect "
             "nothing (the TPM re-creates the key without it)"
         )
+    if target_file is not None and (chosen is Mode.DERIVED or boot_chain):
+        raise click.UsageError(
+            "--for-tpm makes sealed tokens bound to given PCR values: a derived key or approved boot states "
+            "need the target TPM itself (enroll there)"
+        )
     given = _Binding(pcrs, pcr_bank, pcr_value, fence, transient_srk, boot_chain, approver_file)
     enrollment = given.enrollment(chosen, pin=with_pin)
     passphrase = passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file")
     new_pin = new_pin_source(pin_file, required=True, option="--pin-file")
+    if target_file is not None:
+        from ..provisioning import enroll_for
+
+        return enroll_for(target_file, device, enrollment, passphrase, new_pin)
+    from ..enrollment import enroll as run
+
     return run(options().tcti, device, enrollment, passphrase, new_pin)
 
 
@@ -270,4 +292,19 @@ def persist_srk() -> Report:
     return run(options().tcti)
 
 
-COMMANDS = (format_command, enroll, reseal, remove, persist_srk)
+@command("srk-public")
+def srk_public() -> Report:
+    """Show this TPM's identity for provisioning; with --json, the provisioning file.
+
+    \b
+    `luks-tpm --json srk-public > target.json` on the target machine; then, on an
+    image build host, `luks-tpm enroll DISK --mode sealed --for-tpm target.json
+    --pcrs 7 --pcr-value 7=HEX` seals the disk's key for this TPM alone. The file
+    holds public keys only: the standard SRK, the import parent blobs are wrapped
+    to, and the endorsement key's name (docs/sealing.md)."""
+    from ..provisioning import export
+
+    return export(options().tcti)
+
+
+COMMANDS = (format_command, enroll, reseal, remove, persist_srk, srk_public)

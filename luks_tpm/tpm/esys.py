@@ -54,10 +54,12 @@ FUNCTIONS = (
     "Esys_PolicyGetDigest", "Esys_HMAC", "Esys_Unseal", "Esys_PCR_Read", "Esys_PCR_Extend",
     "Esys_GetCapability", "Esys_EvictControl", "Esys_NV_ReadPublic", "Esys_Clear",
     "Esys_LoadExternal", "Esys_VerifySignature", "Esys_PolicyAuthorize", "Esys_Sign",
+    "Esys_Import", "Esys_PolicyCommandCode", "Esys_PolicyOR",
     "Tss2_TctiLdr_Initialize", "Tss2_TctiLdr_Finalize", "Tss2_RC_Decode",
     "Tss2_MU_TPM2B_PUBLIC_Marshal", "Tss2_MU_TPM2B_PUBLIC_Unmarshal",
     "Tss2_MU_TPM2B_PRIVATE_Marshal", "Tss2_MU_TPM2B_PRIVATE_Unmarshal",
     "Tss2_MU_TPMT_SIGNATURE_Marshal", "Tss2_MU_TPMT_SIGNATURE_Unmarshal",
+    "Tss2_MU_TPM2B_ENCRYPTED_SECRET_Unmarshal",
 )  # fmt: skip
 TYPES = (
     "ESYS_CONTEXT *", "ESYS_TR", "TSS2_TCTI_CONTEXT *", "TSS2_SYS_CONTEXT *", "TPM2B_AUTH", "TPM2B_DATA",
@@ -65,6 +67,7 @@ TYPES = (
     "TPM2B_SENSITIVE_CREATE", "TPM2B_SENSITIVE_DATA", "TPMA_SESSION", "TPMI_YES_NO", "TPML_DIGEST",
     "TPML_DIGEST_VALUES", "TPML_PCR_SELECTION", "TPMS_CAPABILITY_DATA", "TPMT_SYM_DEF",
     "TPMT_SIGNATURE", "TPMT_TK_VERIFIED", "TPMT_TK_HASHCHECK", "TPMT_SIG_SCHEME",
+    "TPM2B_ENCRYPTED_SECRET", "TPMT_SYM_DEF_OBJECT",
 )  # fmt: skip
 CONSTANTS = (
     "ESYS_TR_NONE", "ESYS_TR_PASSWORD", "ESYS_TR_PCR0", "ESYS_TR_RH_ENDORSEMENT", "ESYS_TR_RH_LOCKOUT",
@@ -77,6 +80,7 @@ CONSTANTS = (
     "TPMA_SESSION_DECRYPT", "TPMA_SESSION_ENCRYPT", "TPMA_PERMANENT_DISABLECLEAR",
     "TPMA_PERMANENT_INLOCKOUT", "TPMA_PERMANENT_LOCKOUTAUTHSET",
     "TPM2_ALG_ECDSA", "TPM2_ST_HASHCHECK", "TPM2_ST_VERIFIED", "TPM2_RH_NULL", "TPMA_OBJECT_SIGN_ENCRYPT",
+    "TPM2_CC_Import", "TPM2_CC_Load", "TPMA_OBJECT_ADMINWITHPOLICY",
 )  # fmt: skip
 
 
@@ -280,8 +284,32 @@ class Esys:
         )  # fmt: skip
         return marshal("TPM2B_PUBLIC", owned(public[0])), marshal("TPM2B_PRIVATE", owned(private[0]))
 
-    def load(self, parent: int, private: Any, public: Any) -> int:
-        return self._handle("Esys_Load", parent, PASSWORD, NONE, NONE, private, public)
+    def load(self, parent: int, private: Any, public: Any, session: int = PASSWORD) -> int:
+        return self._handle("Esys_Load", parent, session, NONE, NONE, private, public)
+
+    def import_(self, parent: int, session: int, public: Any, duplicate: Any, seed: Any) -> bytes:
+        """TPM2_Import with no inner wrapper (symmetricAlg NULL): the object's private area under `parent`."""
+        symmetric = ffi.new("TPMT_SYM_DEF_OBJECT *")
+        symmetric.algorithm = lib.TPM2_ALG_NULL
+        private = self._out("TPM2B_PRIVATE")
+        check(
+            lib.Esys_Import(
+                self.context, parent, session, NONE, NONE, ffi.new("TPM2B_DATA *"), public, duplicate, seed,
+                symmetric, private,
+            )
+        )  # fmt: skip
+        return marshal("TPM2B_PRIVATE", owned(private[0]))
+
+    def policy_command_code(self, session: int, code: int) -> None:
+        check(lib.Esys_PolicyCommandCode(self.context, session, NONE, NONE, NONE, code))
+
+    def policy_or(self, session: int, branches: tuple[bytes, ...]) -> None:
+        digests = ffi.new("TPML_DIGEST *")
+        digests.count = len(branches)
+        for index, branch in enumerate(branches):
+            digests.digests[index].size = len(branch)
+            ffi.memmove(digests.digests[index].buffer, branch, len(branch))
+        check(lib.Esys_PolicyOR(self.context, session, NONE, NONE, NONE, digests))
 
     def start_auth_session(self, salt_key: int, kind: int, symmetric: Any) -> int:
         return self._handle(

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from contextlib import ExitStack, closing
 from typing import Any, Self
 
-from ..model import ApprovedState, Bank, Parent, PcrPolicy, SealedBlob
+from ..model import ApprovedState, Bank, ImportedSeal, Parent, PcrPolicy, SealedBlob
 from ..secret import Secret
-from . import keys, pcr, srk
+from . import importparent, keys, pcr, srk
 from .authorize import Tickets
 from .context import Tpm
 from .sessions import Sessions
@@ -30,6 +30,7 @@ class KeyUse:
         self._primaries: dict[bytes, Any] = {}  # policy digest -> derived primary
         self._pcrs: dict[tuple[Bank, tuple[int, ...]], dict[int, bytes]] = {}
         self._tickets = Tickets(tpm)
+        self._import_parent: tuple[Any, Parent] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -41,9 +42,21 @@ class KeyUse:
         self._stack.close()
         self._primaries.clear()
 
-    def srk(self, parent: Parent, endorsement: bytes | None) -> Any:
-        """The SRK a binding was made with (srk.srk_for)."""
-        return srk.srk_for(self.tpm, parent, endorsement)
+    def srk(self, parent: Parent, endorsement: bytes | None, *, imported: bool = False) -> Any:
+        """The parent a binding was made with: the SRK (srk.srk_for), or for a token sealed elsewhere for
+        this TPM the import parent; refuses another TPM's or a cleared one's."""
+        if not imported:
+            return srk.srk_for(self.tpm, parent, endorsement)
+        handle, found = self.import_parent()
+        if found.name != parent.name:
+            raise srk.mismatch(self.tpm, endorsement)
+        return handle
+
+    def import_parent(self) -> tuple[Any, Parent]:
+        """This TPM's import parent, made once per pass."""
+        if self._import_parent is None:
+            self._import_parent = importparent.create(self.tpm)
+        return self._import_parent
 
     def pcr_values(self, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
         """PCR values, read once per pass over many volumes (they mostly share their PCRs). Only used to
@@ -90,7 +103,7 @@ class KeyUse:
     def unseal(
         self,
         srk_handle: Any,
-        blob: SealedBlob,
+        blob: SealedBlob | ImportedSeal,
         policy: PcrPolicy,
         pin: Secret | None,
         approved: ApprovedState | None = None,

@@ -1,5 +1,7 @@
 """The public areas luks-tpm asks the TPM to create keys from. The derived primary's is a contract
-(docs/derivation.md): its bytes decide the HMAC key, so they must never change. The SRK and EK are the
+(docs/derivation.md): its bytes decide the HMAC key, so they must never change; so is the import
+parent's (docs/sealing.md): its bytes decide the key that tokens sealed for this TPM elsewhere are
+wrapped to. The SRK and EK are the
 TCG's standard ECC P-256 templates, which other tools create too. tests/test_templates.py checks each
 against tpm2-pytss's own template builders, byte for byte.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from ..model import IMPORT_PARENT_ATTRIBUTES, IMPORT_PARENT_POLICY
 from .esys import ffi, lib
 
 DERIVED_PRIMARY_UNIQUE = hashlib.sha256(b"luks-tpm derived primary v1").digest()
@@ -108,6 +111,16 @@ def approver() -> Any:
 def srk() -> Any:
     """The standard ECC P-256 storage root key (TCG provisioning guidance), as systemd and tpm2-tools make it."""
     return _ecc_p256_storage(SRK_ATTRIBUTES, b"", 0)
+
+
+def import_parent() -> Any:
+    """docs/sealing.md (contract): the primary that tokens sealed for this TPM on another machine are
+    wrapped to. The standard SRK's template with userWithAuth cleared, adminWithPolicy set and the
+    Import-or-Load policy: a blob wrapped to it can only be imported and loaded, never rewrapped."""
+    assert (
+        IMPORT_PARENT_ATTRIBUTES == (SRK_ATTRIBUTES & ~lib.TPMA_OBJECT_USERWITHAUTH) | lib.TPMA_OBJECT_ADMINWITHPOLICY
+    )
+    return _ecc_p256_storage(IMPORT_PARENT_ATTRIBUTES, IMPORT_PARENT_POLICY, 0)
 
 
 def endorsement_key() -> Any:
