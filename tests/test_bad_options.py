@@ -201,6 +201,7 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("remove", "--token-id"): [*token_ids, ("absent", "20")],
         ("format", "--approver"): _file_values(f, "dir"),
         ("enroll", "--approver"): _file_values(f, "dir"),
+        ("enroll", "--for-tpm"): _file_values(f, *unreadable, "crypttab-garbage"),
         ("rebind", "--approver"): _file_values(f, "dir", "missing", "crypttab-garbage"),
         ("rebind", "--pcr-value"): pcr_values,
     }
@@ -231,6 +232,7 @@ NO_BAD_VALUE = {
 }
 COMMANDS = [
     "format", "enroll", "load-key", "open", "status", "reseal", "remove", "doctor", "persist-srk", "predict", "rebind",
+    "srk-public",
 ]  # fmt: skip
 
 

@@ -297,11 +297,11 @@ def srk_public() -> Report:
     """Show this TPM's identity for provisioning; with --json, the provisioning file.
 
     \b
-    `luks-tpm --json srk-public > target.json` on the target machine; then, on an
-    image build host, `luks-tpm enroll DISK --mode sealed --for-tpm target.json
-    --pcrs 7 --pcr-value 7=HEX` seals the disk's key for this TPM alone. The file
-    holds public keys only: the standard SRK, the import parent blobs are wrapped
-    to, and the endorsement key's name (docs/sealing.md)."""
+    `luks-tpm --json srk-public > target.json` on the target machine; then on an
+    image build host `luks-tpm enroll DISK --mode sealed --for-tpm target.json`
+    (with the target's PCR values) seals the disk's key for this TPM alone. The
+    file holds public keys only: the standard SRK, the import parent blobs are
+    wrapped to, and the endorsement key's name (docs/sealing.md)."""
     from ..provisioning import export
 
     return export(options().tcti)
