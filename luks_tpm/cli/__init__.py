@@ -211,7 +211,7 @@ def main() -> None:
     unavailable, 5 unlock failed (status: some volume would not unlock), 6 TPM in
     lockout, 7 refused (would lose data, or declined), 8 unsupported, 9 wipe or
     erase done but its check found something left, 10 the next boot cannot be
-    predicted (predict, rebind, status).
+    predicted (predict, rebind).
 
     \b
     Servers: `enroll --mode sealed --boot-chain --fence` binds to shim, GRUB,
