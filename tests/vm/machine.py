@@ -7,6 +7,7 @@ Kernel and initramfs builds are cached under .work/vm by images/ (keyed by input
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -66,6 +67,8 @@ SCENARIOS = {
     # volumes are attached; the attacker's init tries to recover their keys from the TPM
     "root-swap": Scenario(mksystem=("--root-swap",)),
 }
+# Two boots at a time (one per core of a CI runner); LUKS_TPM_VM_JOBS=1 on a machine shared with others.
+VM_JOBS = int(os.environ.get("LUKS_TPM_VM_JOBS", "2"))
 BOOT_TIMEOUT = 300  # a hang guard: a boot takes 40-90 s on a quiet machine, several times that on a busy one
 VOLUMES = ("cryptroot", "data1", "data2")
 DISKS = ("vda", "vdb", "vdc", "vdd")  # vdd: "spare", unfenced, in no crypttab (images/mksystem)
@@ -125,7 +128,7 @@ class VmRunner:
     def __init__(self, kernel_dir: Path, wanted: set[tuple[str, str]]) -> None:
         self.kernel = next((kernel_dir / "boot").glob("vmlinuz-*"))
         self.wanted = wanted
-        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.pool = ThreadPoolExecutor(max_workers=VM_JOBS)
         self.initrds: dict[str, Future[Path]] = {}
         self.systems: dict[tuple[str, ...], Future[Path]] = {}
         self.boots: dict[tuple[str, str], Future[Boot]] = {}
