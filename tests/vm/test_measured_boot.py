@@ -10,7 +10,7 @@ import hashlib
 
 import pytest
 
-from .machine import BUILDER_APPEND, SCENARIOS, WORK, Boot, VmRunner
+from .machine import BUILDER_APPEND, FIRMWARE, SCENARIOS, WORK, Boot, Machine, VmRunner
 from .measurements import Measurements
 
 pytestmark = pytest.mark.vm
@@ -89,3 +89,28 @@ def test_probe_predicts_the_boot_chain_pcrs(vm: VmRunner, boot: Boot) -> None:
     for bank, values in probe.pcrs.items():
         for pcr in BOOT_CHAIN_PCRS:
             assert values[pcr] == actual[bank][pcr], f"{bank} PCR {pcr}: probe {values[pcr]}, boot {actual[bank][pcr]}"
+
+
+def test_a_machine_boots_again_with_the_same_boot_chain_pcrs(vm: VmRunner) -> None:
+    # One machine, two boots in a row: the variable store the first boot wrote, the same TPM state, and
+    # writable disks whose writes (data1's mount) stay. What the firmware, shim and GRUB measure does not
+    # change from one boot to the next: what sealing to PCRs 0-9 and 14 relies on.
+    disk, system = vm.boot_disk("initramfs-tools", SCENARIOS["unattended"].config), vm.system(())
+
+    def twice() -> tuple[Machine, list[Boot]]:
+        machine = Machine.create(WORK / "machines" / "reboot", system.result(), writable=True)
+        boots = [
+            machine.boot(disk.result(), f"reboot-{n}", "LUKSTPM-RESULT", "reboot", "initramfs-tools") for n in (1, 2)
+        ]
+        return machine, boots
+
+    machine, boots = vm.pool.submit(twice).result()
+    for boot in boots:
+        boot.expect(r"^LUKSTPM-RESULT: PASS", "the boot did not pass")
+        boot.expect(r"luks-tpm: unlock pass took [0-9.]+s \(exit 0\)", "the TPM did not unlock the disks")
+    assert (machine.directory / "vars.fd").read_bytes() != FIRMWARE[1].read_bytes(), "the firmware wrote no variable"
+    assert (machine.directory / "vdb.img").read_bytes() != (machine.system / "vdb.img").read_bytes()
+    first, second = (measured(boot).pcrs for boot in boots)
+    for bank in first:
+        for pcr in BOOT_CHAIN_PCRS:
+            assert first[bank][pcr] == second[bank][pcr], f"{bank} PCR {pcr} changed between two boots"
