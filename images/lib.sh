@@ -27,17 +27,44 @@ unpack_luks_tpm() {
     /usr/bin/python3 -m compileall -q -d /usr/lib/luks-tpm/python "$2/usr/lib/luks-tpm/python" >/dev/null
 }
 
-# The kernel the test VM boots: the one the linux-image-amd64 metapackage points at today.
+# kernel_version [base|update|VERSION]: the kernel ABI (e.g. 6.1.0-56-amd64). "base" (the default, or $KV)
+# is the second newest linux-image-6.1.0-N-amd64 the mirror offers: what the test system boots. "update"
+# is the newest (what linux-image-amd64 points at): what a later scenario installs. Chosen from apt-cache
+# every time, because old ABIs drop off the mirror.
 kernel_version() {
-    if [[ -z ${KV:-} ]]; then
-        KV=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: linux-image-\(.*\)$/\1/p' | head -n1)
-        if [[ -z $KV ]]; then  # a fresh machine may have no package lists yet
-            apt-get update -qq >&2 || true
-            KV=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: linux-image-\(.*\)$/\1/p' | head -n1)
-        fi
-        [[ -n $KV ]] || die "cannot find the kernel version of linux-image-amd64 (apt-get update?)"
+    local which=${1:-${KV:-base}} versions
+    case $which in
+    base | update) ;;
+    *)
+        printf '%s\n' "$which"
+        return
+        ;;
+    esac
+    versions=$(kernel_versions)
+    if [[ -z $versions ]]; then  # a fresh machine may have no package lists yet
+        apt-get update -qq >&2 || true
+        versions=$(kernel_versions)
     fi
-    printf '%s\n' "$KV"
+    (($(wc -l <<<"$versions") >= 2)) || die "apt-cache offers fewer than two linux-image-6.1.0-N-amd64 (apt-get update?)"
+    if [[ $which == update ]]; then tail -n1 <<<"$versions"; else tail -n2 <<<"$versions" | head -n1; fi
+}
+kernel_versions() {
+    apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' 2>/dev/null |
+        sed -n 's/^linux-image-\(6\.1\.0-[0-9]*-amd64\) .*/\1/p' | sort -V
+}
+
+# fetch_deb PACKAGE: the path of PACKAGE's .deb, downloaded once into $WORK/debs (never installed).
+fetch_deb() {
+    local deb
+    deb=$(compgen -G "$WORK/debs/${1}_*.deb" | head -n1) || true
+    if [[ -z $deb ]]; then
+        log "downloading $1"
+        mkdir -p "$WORK/debs"
+        # apt warns that it cannot drop privileges to _apt for a directory _apt cannot write; harmless.
+        (cd "$WORK/debs" && apt-get download -q "$1" 2>&1 | { grep -v '^W: Download is performed unsandboxed' || true; } >&2)
+        deb=$(compgen -G "$WORK/debs/${1}_*.deb" | head -n1) || die "apt-get download $1 failed"
+    fi
+    printf '%s\n' "$deb"
 }
 
 # Short content hash of files/directories (names and contents), for cache keys.
@@ -53,3 +80,8 @@ hash_inputs() {
         fi
     done | sha256sum | cut -c1-16
 }
+
+# The root filesystem's UUID (in cryptroot, images/mksystem): fixed, because grub-mkconfig writes it into
+# grub.cfg (images/mkboot), which GRUB measures.
+# shellcheck disable=SC2034
+ROOT_FS_UUID=7e57f500-0000-4000-8000-000000000001

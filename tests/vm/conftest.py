@@ -20,8 +20,8 @@ def _selected_boots(session: pytest.Session) -> set[tuple[str, str]]:
 
 @pytest.fixture(scope="session")
 def vm(request: pytest.FixtureRequest) -> Iterator[VmRunner]:
-    kernel_dir = requirements_or_skip()
-    runner = VmRunner(kernel_dir, _selected_boots(request.session))
+    requirements_or_skip()
+    runner = VmRunner(_selected_boots(request.session))
     runner.start()
     yield runner
     runner.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,4 +1,5 @@
-"""Boot a real Debian kernel under QEMU with swtpm as its TPM and our initramfs integration.
+"""Boot a real Debian system under QEMU with swtpm as its TPM and our initramfs integration, through UEFI
+Secure Boot (OVMF, Debian's signed shim, GRUB and kernel; the test's kernel arguments are in grub.cfg).
 
 Each case is (scenario, builder): see machine.SCENARIOS and machine.BUILDERS. The test system has three
 LUKS2 volumes marked x-luks-tpm in crypttab, all fenced (root `cryptroot` and data1 with derived tokens,
