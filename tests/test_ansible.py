@@ -229,6 +229,7 @@ def lab(
 def test_check_mode_before_install_changes_nothing(lab: Lab) -> None:
     before = lab.digests()
     run = lab.playbook("--check")
+    print(f"check mode before the install: {run.seconds:.1f} s")
     assert run.rc == 0 and run.failed == 0, run.output[-4000:]
     assert run.changed >= 1  # the package would be copied and installed
     assert "would be installed first: check mode cannot ask it about the volumes yet" in run.output
@@ -304,6 +305,7 @@ def test_check_mode_on_new_volumes_changes_nothing(lab: Lab) -> None:
     ]
     before, initrd, keys = lab.digests(), lab.initrd.stat(), sorted(lab.keys.iterdir())
     run = lab.playbook("--check", "--diff", extra={"luks_tpm_volumes": volumes})
+    print(f"check mode with new volumes: {run.seconds:.1f} s")
     assert run.rc == 0 and run.failed == 0, run.output[-6000:]
     assert run.changed >= 2
     assert f"would enroll {lab.image('new')}" in run.output
