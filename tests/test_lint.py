@@ -39,6 +39,7 @@ PYTHON = (
     "hooks/initramfs/luks-tpm-files",
     "packaging/clidoc.py",
     "packaging/luks-tpm.launcher",
+    "ansible/roles/luks_tpm/filter_plugins",
 )
 
 

@@ -8,7 +8,6 @@ whatever happens; it takes a lock so that two test runs on one machine do not tr
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.util
 import json
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +25,7 @@ import pytest
 
 from luks_tpm.errors import ExitCode
 
+from .fixtures_package import apt_get, installed
 from .fixtures_tpm import Swtpm
 from .helpers import REPO
 
@@ -221,21 +220,6 @@ def test_completion_script_passes_shellcheck(completion: Path) -> None:
 # --- the package ---------------------------------------------------------------------------------------
 
 
-def _needs(*tools: str) -> None:
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"building the package needs {', '.join(missing)} (scripts/bootstrap installs them)")
-
-
-@pytest.fixture(scope="module")
-def deb() -> Path:
-    """dist/luks-tpm_<version>_<arch>.deb, built now unless it is up to date (packaging/build-deb)."""
-    _needs("dpkg-deb", "dpkg-shlibdeps", "gcc", "pkg-config")
-    result = subprocess.run([str(PACKAGING / "build-deb")], capture_output=True, text=True, check=False, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return REPO / result.stdout.strip().splitlines()[-1]
-
-
 def _contents(deb: Path) -> set[str]:
     """The package's files and symlinks (not its directories), as absolute paths."""
     listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
@@ -336,38 +320,6 @@ exit 0
 """
 
 
-def _apt(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(
-        ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-
-
-def _installed(package: str) -> bool:
-    result = subprocess.run(
-        ["dpkg-query", "-W", "-f", "${Status}", package], capture_output=True, text=True, check=False
-    )
-    return result.returncode == 0 and "installed" in result.stdout.split()
-
-
-@pytest.fixture
-def machine_lock() -> Iterator[None]:
-    """Root, apt, and no luks-tpm installed by someone else; one such test on the machine at a time."""
-    if os.geteuid() != 0:
-        pytest.skip("installing the package needs root")
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        pytest.skip("installing the package needs apt-get and dpkg (a Debian system)")
-    with open("/run/lock/luks-tpm-package-test.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _installed("luks-tpm"):
-            pytest.skip("luks-tpm is already installed on this machine: not replacing it")
-        yield
-
-
 def _probe(tmp_path: Path, record: Path) -> Path:
     """A package interested in the update-initramfs trigger, as initramfs-tools and dracut are."""
     root = tmp_path / "probe"
@@ -382,7 +334,7 @@ def _probe(tmp_path: Path, record: Path) -> Path:
     return deb
 
 
-def _run_installed(*args: str, tcti: str) -> Any:
+def _runinstalled(*args: str, tcti: str) -> Any:
     """The installed command from /, with nothing at all in its environment."""
     result = subprocess.run(
         ["env", "-i", "/usr/sbin/luks-tpm", "--tcti", tcti, "--json", *args],
@@ -400,10 +352,10 @@ def test_install_run_purge(deb: Path, machine_lock: None, swtpm: Swtpm, tmp_path
     probe = _probe(tmp_path, record)
     files = _contents(deb)
     try:
-        assert _apt("install", str(probe)).returncode == 0
-        result = _apt("install", str(deb))  # a path, not a name: apt installs that file and its Depends
+        assert apt_get("install", str(probe)).returncode == 0
+        result = apt_get("install", str(deb))  # a path, not a name: apt installs that file and its Depends
         assert result.returncode == 0, result.stdout + result.stderr
-        assert _installed("luks-tpm")
+        assert installed("luks-tpm")
         assert "update-initramfs" in record.read_text(), "installing did not trigger update-initramfs"
         tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
         compiled = Path(RUNTIME, "luks_tpm", "__pycache__", f"activation.{tag}.pyc")
@@ -417,7 +369,7 @@ def test_install_run_purge(deb: Path, machine_lock: None, swtpm: Swtpm, tmp_path
         passphrase.write_bytes(b"package test passphrase")
         with open(image, "wb") as handle:
             handle.truncate(32 << 20)
-        _run_installed(
+        _runinstalled(
             "format",
             str(image),
             "--passphrase-file",
@@ -428,7 +380,7 @@ def test_install_run_purge(deb: Path, machine_lock: None, swtpm: Swtpm, tmp_path
             "1000",
             tcti=swtpm.tcti,
         )
-        status = _run_installed("status", str(image), tcti=swtpm.tcti)
+        status = _runinstalled("status", str(image), tcti=swtpm.tcti)
         assert status["volumes"][0]["tokens"][0]["unlocks"] is True, status
 
         page = subprocess.run(
@@ -450,10 +402,10 @@ def test_install_run_purge(deb: Path, machine_lock: None, swtpm: Swtpm, tmp_path
         subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", "-o", "2", f"{RUNTIME}/luks_tpm"], check=True)
     finally:
         record.write_text("")
-        purge = _apt("purge", "luks-tpm")
-        _apt("purge", "luks-tpm-test-trigger-probe")
+        purge = apt_get("purge", "luks-tpm")
+        apt_get("purge", "luks-tpm-test-trigger-probe")
     assert purge.returncode == 0, purge.stdout + purge.stderr
-    assert not _installed("luks-tpm")
+    assert not installed("luks-tpm")
     assert "update-initramfs" in record.read_text(), "removing did not trigger update-initramfs"
     left = sorted(p for p in files if os.path.lexists(p))
     assert not left, f"left behind after purge: {left}"
