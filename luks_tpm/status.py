@@ -21,7 +21,7 @@ from .errors import DEAD_CAUSES, Cause, ExitCode, LuksTpmError, UnlockFailed
 from .model import FENCE_PCR
 from .nextboot import NextBoot, predict_next_boot
 from .output import OMIT_IF_NONE, ErrorInfo, Report
-from .tokenformat import Token
+from .tokenformat import Token, format_version
 from .tpm import Tpm
 from .tpm import pcr as tpm_pcr
 from .unlock import Recovery, TokenEntry, changed_pcrs, luks_tpm_tokens
@@ -32,6 +32,7 @@ class TokenStatus:
     id: int
     damaged: bool
     mode: str
+    version: int  # the token format's (docs/token-format.md): 2 bound to the boot chain, 3 sealed elsewhere
     pcr_bank: str
     pcrs: tuple[int, ...]
     pin: bool
@@ -237,6 +238,7 @@ def _now(
         id=entry.token_id,
         damaged=False,
         mode=str(token.mode),
+        version=format_version(token),
         pcr_bank=str(token.pcr_bank),
         pcrs=token.pcrs,
         pin=token.pin,

@@ -120,7 +120,7 @@ def to_json(token: Token) -> str:
     fields: dict[str, Any] = {
         "type": TOKEN_TYPE,
         "keyslots": [],
-        "version": _version(token),
+        "version": format_version(token),
         "mode": str(token.mode),
         "digest": token.digest,
         "key_size": token.key_size,
@@ -159,7 +159,8 @@ def to_json(token: Token) -> str:
     return "{" + ",".join(unknown + known) + "}"
 
 
-def _version(token: Token) -> int:
+def format_version(token: Token) -> int:
+    """The `version` this token is written with: 3 sealed elsewhere for import, 2 bound through approvals, 1."""
     if isinstance(token, SealedToken) and isinstance(token.blob, ImportedSeal):
         return 3
     return 2 if token.approver is not None else 1

@@ -45,8 +45,10 @@ def _token(**fields: Any) -> dict[str, Any]:
 
 
 def _plan(token: dict[str, Any], volume: dict[str, Any], version: int = 1) -> list[dict[str, Any]]:
-    status = {"volumes": [{"device": "/dev/sdb", "uuid": UUID, "error": None, "tokens": [token]}]}
-    plan: list[dict[str, Any]] = decisions.luks_tpm_plan([volume], status, {"/dev/sdb": {token["id"]: version}})
+    status = {
+        "volumes": [{"device": "/dev/sdb", "uuid": UUID, "error": None, "tokens": [{**token, "version": version}]}]
+    }
+    plan: list[dict[str, Any]] = decisions.luks_tpm_plan([volume], status)
     return plan
 
 
@@ -97,7 +99,7 @@ def test_a_device_status_could_not_read_stops_with_its_message() -> None:
     error = {"message": "/dev/sdz: no such file or device", "code": 3, "cause": "device", "hint": None}
     status: dict[str, Any] = {"volumes": [{"device": "/dev/sdz", "uuid": None, "error": error, "tokens": []}]}
     with pytest.raises(decisions.RoleError, match=r"/dev/sdz: no such file or device \[luks-tpm exit 3\]"):
-        decisions.luks_tpm_plan([{"device": "/dev/sdz"}], status, {})
+        decisions.luks_tpm_plan([{"device": "/dev/sdz"}], status)
     with pytest.raises(decisions.RoleError, match="mode must be derived or sealed"):
         decisions.luks_tpm_binding({"device": "/dev/sdb", "mode": "tpm"})
     with pytest.raises(decisions.RoleError, match="PCR indices are 0 to 23"):

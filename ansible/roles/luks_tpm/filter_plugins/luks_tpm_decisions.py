@@ -73,25 +73,7 @@ def luks_tpm_public(volumes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return [{k: v for k, v in volume.items() if k not in SECRET_KEYS} for volume in volumes]
 
 
-def luks_tpm_header_versions(dumps: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, int]]:
-    """{device: {token id: version}} of the luks-tpm tokens, from `cryptsetup luksDump --dump-json-metadata`
-    results (registered by a loop over devices). `status --json` does not say which tokens are bound to
-    the boot chain (version 2); the header does."""
-    versions: dict[str, dict[int, int]] = {}
-    for result in dumps:
-        if result.get("skipped") or "stdout" not in result:
-            continue
-        metadata = json.loads(result["stdout"])
-        item = result["item"]
-        versions[str(item["device"] if isinstance(item, Mapping) else item)] = {
-            int(token_id): int(token.get("version", 1))
-            for token_id, token in metadata.get("tokens", {}).items()
-            if token.get("type") == "luks-tpm"
-        }
-    return versions
-
-
-def _works(token: Mapping[str, Any], wanted: Mapping[str, Any], version: int | None) -> bool:
+def _works(token: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """A token of the wanted kind that recovers the key now (or would, but for the fence being up)."""
     if token.get("damaged") or token.get("other_tpm") or token.get("pin"):
         return False
@@ -100,7 +82,7 @@ def _works(token: Mapping[str, Any], wanted: Mapping[str, Any], version: int | N
         and sorted(token.get("pcrs", [])) == wanted["pcrs"]
         and token.get("pcr_bank") == wanted["pcr_bank"]
         and bool(token.get("fence")) == wanted["fence"]
-        and (version == BOOT_CHAIN_VERSION) == wanted["boot_chain"]
+        and (token.get("version") == BOOT_CHAIN_VERSION) == wanted["boot_chain"]
     )
     fenced_off = wanted["fence"] and token.get("cause") == "fence-up"
     return same and (token.get("unlocks") is True or fenced_off)
@@ -143,7 +125,6 @@ def luks_tpm_format_args(volume: Mapping[str, Any], approver: str = "/var/lib/lu
 def luks_tpm_plan(
     volumes: Sequence[Mapping[str, Any]],
     status: Mapping[str, Any],
-    headers: Mapping[str, Mapping[int, int]],
     approver: str = "/var/lib/luks-tpm/approver.json",
     skip: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
@@ -163,8 +144,7 @@ def luks_tpm_plan(
         if seen.get("error"):
             error = seen["error"]
             raise RoleError(f"{device}: {error.get('message')} [luks-tpm exit {error.get('code')}]")
-        versions = headers.get(device, {})
-        if any(_works(token, wanted, versions.get(token.get("id", -1))) for token in seen.get("tokens", [])):
+        if any(_works(token, wanted) for token in seen.get("tokens", [])):
             continue
         has_key = bool(volume.get("unlock_key"))
         plan.append(
@@ -340,7 +320,6 @@ class FilterModule:
         return {
             "luks_tpm_binding": luks_tpm_binding,
             "luks_tpm_public": luks_tpm_public,
-            "luks_tpm_header_versions": luks_tpm_header_versions,
             "luks_tpm_plan": luks_tpm_plan,
             "luks_tpm_format_args": luks_tpm_format_args,
             "luks_tpm_generated_keys": luks_tpm_generated_keys,
