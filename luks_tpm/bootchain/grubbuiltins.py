@@ -1,12 +1,14 @@
-"""GRUB 2.06 commands as the emulation models them: what each reads (and so measures) and what it sets."""
+"""GRUB 2.06 commands as the emulation models them: what each reads (and so measures) and what it sets;
+and `emulate`, the emulator (grubemu) running GRUB's configuration with them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from . import grubcommands
+from .bootfiles import BootFiles
 from .errors import Reason, Unpredictable
-from .grubemu import Emulator, Kind
+from .grubemu import Booted, Emulator, Kind, Measurement, Reader
 
 
 def _set(emu: Emulator, argv: list[str]) -> int:
@@ -159,3 +161,17 @@ COMMANDS: dict[str, Callable[[Emulator, list[str]], int]] = {
     "true": _quiet,
     "false": _false,
 }
+
+
+def emulate(
+    files: BootFiles, reader: Reader, stub: str, modules: frozenset[str] | None, prefix: str
+) -> list[Measurement]:
+    """The measurements from GRUB's `source STUB` (its built-in config's last command) to the boot."""
+    emulator = Emulator(files, reader, modules, files.esp_device, COMMANDS)
+    emulator.set("prefix", prefix)
+    emulator.context.exported.add("prefix")
+    try:
+        emulator.config(stub, new_context=False)
+    except Booted:
+        return emulator.measurements
+    raise Unpredictable(Reason.UNMODELLED_CONFIG, "GRUB's configs end without booting a kernel")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import grubcommands, grubscript
@@ -75,8 +75,16 @@ class _Context:
 class Emulator:
     """Runs GRUB scripts against a `BootFiles` view, collecting the measurements in order."""
 
-    def __init__(self, files: BootFiles, reader: Reader, modules: frozenset[str] | None, esp_device: str) -> None:
+    def __init__(
+        self,
+        files: BootFiles,
+        reader: Reader,
+        modules: frozenset[str] | None,
+        esp_device: str,
+        commands: Mapping[str, Callable[[Emulator, list[str]], int]],
+    ) -> None:
         self.files = files
+        self.commands = commands  # grubbuiltins.COMMANDS
         self.reader = reader
         self.modules = modules
         self.measurements: list[Measurement] = []
@@ -187,9 +195,7 @@ class Emulator:
         if not argv:
             return 0
         self.measure(Kind.COMMAND, " ".join(argv))
-        from . import grubbuiltins  # the command table; it imports this module's types
-
-        handler = grubbuiltins.COMMANDS.get(argv[0])
+        handler = self.commands.get(argv[0])
         if handler is not None:
             status = handler(self, argv)
         elif argv[0] in self.functions:
@@ -254,17 +260,3 @@ class Emulator:
             if key in (args.entry_id, args.positional[0]):
                 return entry, argv
         raise Unpredictable(Reason.UNMODELLED_CONFIG, f"default entry {key!r} is not in the menu")
-
-
-def emulate(
-    files: BootFiles, reader: Reader, stub: str, modules: frozenset[str] | None, prefix: str
-) -> list[Measurement]:
-    """The measurements from GRUB's `source STUB` (its built-in config's last command) to the boot."""
-    emulator = Emulator(files, reader, modules, files.esp_device)
-    emulator.set("prefix", prefix)
-    emulator.context.exported.add("prefix")
-    try:
-        emulator.config(stub, new_context=False)
-    except Booted:
-        return emulator.measurements
-    raise Unpredictable(Reason.UNMODELLED_CONFIG, "GRUB's configs end without booting a kernel")

@@ -24,7 +24,7 @@ import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import authenticode, grubemu, grubimage, secureboot
+from . import authenticode, grubbuiltins, grubemu, grubimage, secureboot
 from .bootfiles import BootFiles, case_insensitive
 from .errors import Reason, Unpredictable
 from .eventlog import Event, EventLog, EventType, make_event, replay
@@ -213,7 +213,7 @@ def _emulate(
 ) -> list[Measurement]:
     modules, _prefix = grubimage.modules(grub)
     prefix = layout.stub_name.rsplit("/", 1)[0]  # GRUB's built-in config sources $prefix/grub.cfg
-    return grubemu.emulate(files, reader, layout.stub_name, modules, prefix)
+    return grubbuiltins.emulate(files, reader, layout.stub_name, modules, prefix)
 
 
 def _kernel_digests(log: EventLog, layout: _Layout, data: bytes, name: str) -> dict[str, bytes]:
