@@ -8,7 +8,6 @@ removes the last way into a volume unless forced.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import secrets
@@ -24,11 +23,12 @@ from .prompt import NewPinSource, PassphraseSource
 from .secret import Secret
 from .settings import Enrollment
 from .tokenformat import DerivedToken, SealedToken, Token, to_json, utc_now
-from .tpm import Tpm
+from .tpm import Tpm, TpmError
 from .tpm import keys as tpm_keys
 from .tpm import pcr as tpm_pcr
 from .tpm import srk as tpm_srk
 from .tpm.keyuse import KeyUse
+from .tpm.owner import owner_authorization
 from .unlock import PinSource, Recovery, luks_tpm_tokens
 
 # ---- header writes ------------------------------------------------------------------------------------
@@ -107,7 +107,15 @@ def prepare(tpm: Tpm, enrollment: Enrollment) -> Binding:
     endorsement = tpm_srk.endorsement_name(tpm)
     if enrollment.mode is Mode.DERIVED and policy.empty:
         return Binding(srk, parent, None, b"", endorsement)
-    return Binding(srk, parent, policy, tpm_pcr.policy_digest(tpm, policy), endorsement)
+    digest = tpm_pcr.policy_digest(tpm, policy)
+    if digest != policy.digest():  # a token is read back with this check: never write one that fails it
+        raise TpmError(
+            "the TPM computed another policy digest than its inputs give (computing the policy digest)",
+            hint="the TPM, or what is between luks-tpm and it, is not working right: `luks-tpm doctor`",
+            code=ExitCode.TPM_UNAVAILABLE,
+            cause=Cause.TPM_FAILED,
+        )
+    return Binding(srk, parent, policy, digest, endorsement)
 
 
 def _persist_srk_if_free(tpm: Tpm) -> None:
@@ -191,7 +199,18 @@ def unverified_note(enrollment: Enrollment) -> str:
     return f"not verified: the fence is up (PCR {FENCE_PCR}); it will be usable before the fence at the next boot"
 
 
+def _no_keyslot(device: Device) -> LuksTpmError:
+    return LuksTpmError(
+        f"no keyslot opens with that key: {device.path} has no keyslot (formatted with --no-recovery, or erased)",
+        hint="such a volume opens only with its luks-tpm tokens (`luks-tpm status`); `luks-tpm reseal` re-binds one",
+        code=ExitCode.UNLOCK_FAILED,
+        cause=Cause.WRONG_KEY,
+    )
+
+
 def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> Secret:
+    if not device.keyslots():  # before asking for a passphrase that nothing could check
+        raise _no_keyslot(device)
     with passphrase() as secret:
         try:
             _, key = device.volume_key_get(secret)
@@ -202,6 +221,8 @@ def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> 
                     code=ExitCode.UNLOCK_FAILED,
                     cause=Cause.WRONG_KEY,
                 )
+            if error.errno == errno.ENOENT:  # the last keyslot went meanwhile (an erase)
+                raise _no_keyslot(device) from None
             raise
     return key
 
@@ -262,8 +283,11 @@ def ways_in(device: Device, tcti: str | None, *, except_token: int | None = None
     entries = [e for e in luks_tpm_tokens(device) if e.token_id != except_token]
     alive = []
     tpm = None
-    with contextlib.suppress(LuksTpmError):  # no TPM now: tokens cannot be tried, so none is known to be dead
+    try:
         tpm = Tpm(tcti) if tcti is not None and any(e.token for e in entries) else None
+    except LuksTpmError as error:  # no TPM now: tokens cannot be tried, so none is known to be dead
+        if error.code is ExitCode.USAGE:  # but a TCTI that is refused is the command line's mistake
+            raise
     try:
         for entry in entries:
             if entry.token is None:
@@ -322,8 +346,11 @@ class SrkPersisted:
         return [f"SRK persistent at {self.handle}, name {self.name}"]
 
 
-def persist_srk(tcti: str) -> Report:
-    with Tpm(tcti) as tpm:
+def persist_srk(tcti: str, owner_auth: Secret | None = None) -> Report:
+    """`owner_auth`: the owner hierarchy's authorization, when it has one (creating and persisting the
+    SRK need it; nothing else of luks-tpm's sealed bindings does afterwards)."""
+    with Tpm(tcti) as tpm, owner_authorization(tpm, owner_auth):
         parent = tpm_srk.persist_srk(tpm)
+        warnings = tuple(tpm.warnings)
     assert parent.handle is not None
-    return Report(SrkPersisted(f"{parent.handle:#x}", parent.name.hex()))
+    return Report(SrkPersisted(f"{parent.handle:#x}", parent.name.hex()), warnings)

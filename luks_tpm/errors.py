@@ -52,6 +52,7 @@ class Cause(enum.StrEnum):
     REFUSED = "refused"
     CLEAR_DISABLED = "clear-disabled"  # TPM2_Clear refused: disableClear is set
     WRONG_AUTH = "wrong-auth"  # a hierarchy's authorization (e.g. the lockout's) was wrong
+    OWNER_AUTH = "owner-auth"  # the owner hierarchy has an authorization luks-tpm was not given
 
 
 # Failures that prove a binding can never recover its key again (on this TPM): such a token is not a

@@ -113,9 +113,11 @@ def status(tcti: str, devices: Sequence[Path | Unresolved]) -> Report:
     try:
         tpm = Tpm(tcti)
     except LuksTpmError as error:
+        if error.code is ExitCode.USAGE:  # a TCTI refused before use: the command line's mistake
+            raise
         tpm_error = error
     try:
-        fence_up = tpm_pcr.fence_is_up(tpm) if tpm is not None else None
+        fence_up = _fence_up(tpm) if tpm is not None else None
         volumes = [
             _volume_status(path, tpm, tpm_error, alone=len(devices) == 1)
             if isinstance(path, Path)
@@ -129,6 +131,16 @@ def status(tcti: str, devices: Sequence[Path | Unresolved]) -> Report:
     every = all(volume.unlocks for volume in volumes)
     code = ExitCode.OK if every else ExitCode.UNLOCK_FAILED
     return Report(StatusReport(tuple(volumes), fence_up, every), warnings, exit_code=code)
+
+
+def _fence_up(tpm: Tpm) -> bool | None:
+    """None also for a TPM without the fence's bank: it has no fence (fenced tokens say so each)."""
+    try:
+        return tpm_pcr.fence_is_up(tpm)
+    except LuksTpmError as error:
+        if error.cause is not Cause.UNSUPPORTED:
+            raise
+        return None
 
 
 def _unreadable(device: str, error: LuksTpmError) -> VolumeStatus:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures_keyring",
     "tests.fixtures_cli",
     "tests.fixtures_files",
+    "tests.fixtures_upcall",
 ]

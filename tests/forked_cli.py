@@ -104,10 +104,12 @@ TIMEOUT = -999  # returncode of a command that had to be killed after its timeou
 class ForkedCli:
     """`run(*args)` behaves like `helpers.luks_tpm` (same result type, same `expect` check)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, environment: dict[str, str] | None = None) -> None:
+        """`environment`: variables set for every command (the server's, read by the package at run time)."""
         self.workdir = workdir
         self.count = 0
-        environment = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
+        inherited = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
+        environment = {**inherited, **(environment or {})}
         requests_read, self._requests = os.pipe()
         self._replies_fd, replies_write = os.pipe()
         self._process = subprocess.Popen(

@@ -199,6 +199,7 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("reseal", "--new-pin-file"): _file_values(f, *unreadable, "pin-65", "pin-1000"),
         ("reseal", "--unlock-key-file"): _file_values(f, *unreadable),
         ("remove", "--token-id"): [*token_ids, ("absent", "20")],
+        ("persist-srk", "--owner-auth-file"): _file_values(f, "dir", "through-file", "missing", "zero", "big", "null"),
     }
 
 
@@ -248,6 +249,8 @@ def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
         return ["reseal", s.volume, *token, *pin, *extra]
     if command == "remove":
         return ["remove", s.volume]
+    if command == "persist-srk":
+        return ["persist-srk"]
     raise AssertionError(command)
 
 

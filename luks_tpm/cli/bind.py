@@ -28,6 +28,7 @@ from .params import (
     pcrs_option,
     pin_file_check,
     pin_file_option,
+    secret_file_check,
     srk_option,
     token_option,
     unlock_key_option,
@@ -239,15 +240,29 @@ def remove(device: Path, token_id: int, force: bool) -> Report:
 
 
 @command("persist-srk")
-def persist_srk() -> Report:
+@click.option(
+    "--owner-auth-file",
+    type=file_path,
+    callback=secret_file_check(64, allow_empty=True),
+    help="The TPM owner hierarchy's authorization, when it has one (exact bytes; - for stdin): creating and "
+    "persisting the SRK need it.",
+)
+def persist_srk(owner_auth_file: Path | None) -> Report:
     """Store the standard SRK at 0x81000001 so later commands need not re-create it.
 
     format and enroll do this by default when the handle is free. Bindings record
     which SRK they use; a binding made with the persistent SRK keeps working if
-    it is evicted (the SRK is re-created from its template, with a warning)."""
+    it is evicted (the SRK is re-created from its template, with a warning).
+    Refuses (exit 7) when another key holds 0x81000001. With an owner
+    authorization set, give it here once: sealed bindings under the persistent
+    SRK need it no more."""
     from ..enrollment import persist_srk as run
+    from ..prompt import read_file
 
-    return run(options().tcti)
+    if owner_auth_file is None or (str(owner_auth_file) != "-" and owner_auth_file.stat().st_size == 0):
+        return run(options().tcti)
+    with read_file(owner_auth_file, what="owner authorization", option="--owner-auth-file", limit=64) as auth:
+        return run(options().tcti, auth)
 
 
 COMMANDS = (format_command, enroll, reseal, remove, persist_srk)

@@ -16,6 +16,8 @@ be checked. A wrong lockout authorization blocks it for the TPM's lockout recove
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..errors import Cause, ExitCode, LuksTpmError
 from ..secret import Secret
@@ -167,6 +169,29 @@ def nv_indices(tpm: Tpm) -> tuple[list[NvIndex], list[NvIndex]]:
     """(the NV indices TPM2_Clear deletes, the platform-created ones it keeps: EK certificates and the like)."""
     every = [_nv_public(tpm, index) for index in _handles(tpm, NV_FIRST, 0x01FFFFFF)]
     return [nv for nv in every if not nv.platform_created], [nv for nv in every if nv.platform_created]
+
+
+@contextmanager
+def owner_authorization(tpm: Tpm, auth: Secret | None) -> Iterator[None]:
+    """Commands authorized by the owner hierarchy (creating and persisting the SRK) use `auth` within the
+    block; ESYS's copy is overwritten afterwards. None: the empty authorization, as TPMs ship."""
+    if auth is None:
+        yield
+        return
+    value = ffi.new("TPM2B_AUTH *")
+    try:
+        fill_tpm2b(value, auth, "owner authorization")
+        tpm.esys.tr_set_auth(lib.ESYS_TR_RH_OWNER, value)
+        yield
+    finally:
+        zero_c(value)
+        tpm.esys.tr_set_auth(lib.ESYS_TR_RH_OWNER, ffi.new("TPM2B_AUTH *"))
+
+
+def owner_auth_set(tpm: Tpm) -> bool:
+    """TPMA_PERMANENT.ownerAuthSet: the owner hierarchy's authorization was changed from empty."""
+    permanent = tpm.properties(lib.TPM2_PT_PERMANENT, 1).get(lib.TPM2_PT_PERMANENT, 0)
+    return bool(permanent & lib.TPMA_PERMANENT_OWNERAUTHSET)
 
 
 def clear(tpm: Tpm, lockout_auth: Secret | None, state: ClearState) -> None:
