@@ -245,19 +245,30 @@ class Enrolled:
 
 
 def enroll(
-    tcti: str, device_path: Path, enrollment: Enrollment, passphrase: PassphraseSource, pin: NewPinSource
+    tcti: str,
+    device_path: Path,
+    enrollment: Enrollment,
+    passphrase: PassphraseSource,
+    pin: NewPinSource,
+    owner_auth: Secret | None = None,
 ) -> Report:
+    """`owner_auth`: the owner hierarchy's authorization, when it has one (proving the persistent SRK
+    re-creates the SRK there); closed here."""
     path = str(device_path)
-    with open_device(path, write=True) as device:
-        key = volume_key_with_passphrase(device, passphrase)
-        pin_secret = pin() if enrollment.pin else None
-        try:
-            with key, Tpm(tcti) as tpm:
-                bound = bind(device, tpm, key, enrollment, pin_secret)
-                warnings = tuple(tpm.warnings)
-        finally:
-            if pin_secret is not None:
-                pin_secret.close()
+    try:
+        with open_device(path, write=True) as device:
+            key = volume_key_with_passphrase(device, passphrase)
+            pin_secret = pin() if enrollment.pin else None
+            try:
+                with key, Tpm(tcti) as tpm, owner_authorization(tpm, owner_auth):
+                    bound = bind(device, tpm, key, enrollment, pin_secret)
+                    warnings = tuple(tpm.warnings)
+            finally:
+                if pin_secret is not None:
+                    pin_secret.close()
+    finally:
+        if owner_auth is not None:
+            owner_auth.close()
     token = bound.token
     checked = "verified by recovering the key" if bound.verified else unverified_note(enrollment)
     line = f"{path}: token {bound.token_id} ({token.describe()}) enrolled, {checked}"
@@ -349,8 +360,12 @@ class SrkPersisted:
 def persist_srk(tcti: str, owner_auth: Secret | None = None) -> Report:
     """`owner_auth`: the owner hierarchy's authorization, when it has one (creating and persisting the
     SRK need it; nothing else of luks-tpm's sealed bindings does afterwards)."""
-    with Tpm(tcti) as tpm, owner_authorization(tpm, owner_auth):
-        parent = tpm_srk.persist_srk(tpm)
-        warnings = tuple(tpm.warnings)
+    try:
+        with Tpm(tcti) as tpm, owner_authorization(tpm, owner_auth):
+            parent = tpm_srk.persist_srk(tpm)
+            warnings = tuple(tpm.warnings)
+    finally:
+        if owner_auth is not None:
+            owner_auth.close()
     assert parent.handle is not None
     return Report(SrkPersisted(f"{parent.handle:#x}", parent.name.hex()), warnings)

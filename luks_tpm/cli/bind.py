@@ -21,6 +21,8 @@ from .params import (
     file_path,
     key_file_check,
     new_pin_source,
+    owner_auth,
+    owner_auth_option,
     passphrase_source,
     pcr_list,
     pcr_value_option,
@@ -28,7 +30,6 @@ from .params import (
     pcrs_option,
     pin_file_check,
     pin_file_option,
-    secret_file_check,
     srk_option,
     token_option,
     unlock_key_option,
@@ -155,6 +156,7 @@ def format_command(
 @click.option("--pin", is_flag=True, help="Sealed only: also require a PIN (asked twice; DA-protected).")
 @pin_file_option
 @srk_option
+@owner_auth_option
 @unlock_key_option
 def enroll(
     device: Path,
@@ -166,6 +168,7 @@ def enroll(
     pin: bool,
     pin_file: Path | None,
     transient_srk: bool,
+    owner_auth_file: Path | None,
     unlock_key_file: Path | None,
 ) -> Report:
     """Bind an existing LUKS2 volume to the TPM (other keyslots and tokens are kept)."""
@@ -178,10 +181,15 @@ def enroll(
             "--pin and --pin-file apply to --mode sealed: a derived key's PIN would protect "
             "nothing (the TPM re-creates the key without it)"
         )
+    if chosen is Mode.DERIVED and owner_auth_file is not None:
+        raise click.UsageError(
+            "--owner-auth-file applies to --mode sealed: a derived binding re-creates its key in the owner "
+            "hierarchy at every unlock, so it needs that hierarchy's authorization to be empty"
+        )
     enrollment = _enrollment(chosen, pcrs, pcr_bank, pcr_value, with_pin, fence, transient_srk)
     passphrase = passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file")
     new_pin = new_pin_source(pin_file, required=True, option="--pin-file")
-    return run(options().tcti, device, enrollment, passphrase, new_pin)
+    return run(options().tcti, device, enrollment, passphrase, new_pin, owner_auth(owner_auth_file))
 
 
 @command()
@@ -198,6 +206,7 @@ def enroll(
     help="The new binding's PIN (default: the old PIN, once verified).",
 )
 @click.option("--force", is_flag=True, help="Replace the old token even if the new one cannot be verified now.")
+@owner_auth_option
 @unlock_key_option
 def reseal(
     device: Path,
@@ -208,6 +217,7 @@ def reseal(
     pin_file: Path | None,
     new_pin_file: Path | None,
     force: bool,
+    owner_auth_file: Path | None,
     unlock_key_file: Path | None,
 ) -> Report:
     """Re-bind a PCR-bound token to new PCR values; the old token is removed only after the new one is
@@ -223,7 +233,7 @@ def reseal(
     )
     passphrase = passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file")
     new_pin = new_pin_source(new_pin_file, required=False, option="--new-pin-file")
-    return run(options().tcti, device, settings, passphrase, pin_source(pin_file), new_pin)
+    return run(options().tcti, device, settings, passphrase, pin_source(pin_file), new_pin, owner_auth(owner_auth_file))
 
 
 @command()
@@ -240,13 +250,7 @@ def remove(device: Path, token_id: int, force: bool) -> Report:
 
 
 @command("persist-srk")
-@click.option(
-    "--owner-auth-file",
-    type=file_path,
-    callback=secret_file_check(64, allow_empty=True),
-    help="The TPM owner hierarchy's authorization, when it has one (exact bytes; - for stdin): creating and "
-    "persisting the SRK need it.",
-)
+@owner_auth_option
 def persist_srk(owner_auth_file: Path | None) -> Report:
     """Store the standard SRK at 0x81000001 so later commands need not re-create it.
 
@@ -257,12 +261,8 @@ def persist_srk(owner_auth_file: Path | None) -> Report:
     authorization set, give it here once: sealed bindings under the persistent
     SRK need it no more."""
     from ..enrollment import persist_srk as run
-    from ..prompt import read_file
 
-    if owner_auth_file is None or (str(owner_auth_file) != "-" and owner_auth_file.stat().st_size == 0):
-        return run(options().tcti)
-    with read_file(owner_auth_file, what="owner authorization", option="--owner-auth-file", limit=64) as auth:
-        return run(options().tcti, auth)
+    return run(options().tcti, owner_auth(owner_auth_file))
 
 
 COMMANDS = (format_command, enroll, reseal, remove, persist_srk)

@@ -139,6 +139,7 @@ class Tpm:
         self.tcti = tcti
         self._flush: list[Any] = []
         self.srks: dict[int | None, tuple[Any, Parent]] = {}
+        self.proven_srks: set[bytes] = set()  # names of keys proven to be the standard SRK (see srk.py)
         self.warnings: list[str] = []  # said once per command by the caller (e.g. a missing persistent SRK)
         self.endorsement: bytes | None = None  # the EK name, once computed (see srk.endorsement_name)
         self.endorsement_checked = False

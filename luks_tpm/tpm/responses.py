@@ -111,9 +111,9 @@ _RC_TABLE[(lib.TPM2_RC_BAD_AUTH, LOCKOUT)] = _RC_TABLE[(lib.TPM2_RC_AUTH_FAIL, L
 # protection (TPM 2.0 Part 1, "Dictionary Attack Protection"), so trying costs nothing.
 OWNER = "owner"
 OWNER_AUTH_HINT = (
-    "store the storage root key once with the owner authorization (`luks-tpm persist-srk --owner-auth-file "
-    "FILE`): sealed bindings then need no owner authorization; derived bindings re-create their key in the "
-    "owner hierarchy at every unlock and need its authorization to be empty (`tpm2_changeauth -c o -p OLD`)"
+    "creating the SRK needs it: give it with --owner-auth-file (persist-srk, enroll --mode sealed, reseal); "
+    "sealed bindings under the persistent SRK then unlock without it. Derived bindings re-create their key "
+    "in the owner hierarchy at every unlock: they need the owner authorization empty (`tpm2_changeauth -c o -p OLD`)"
 )
 _RC_TABLE[(lib.TPM2_RC_BAD_AUTH, OWNER)] = (
     Cause.OWNER_AUTH,

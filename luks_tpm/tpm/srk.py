@@ -113,28 +113,36 @@ def _forget_transient(tpm: Tpm) -> None:
 
 def _proven(tpm: Tpm, occupant: Occupant) -> bool:
     """Whether the key at 0x81000001 is the standard SRK: its name is that of the SRK re-created now."""
+    if occupant.name in tpm.proven_srks:
+        return True
     if not occupant.srk_shape:
         return False
     had_transient = None in tpm.srks
     _, transient = _transient_srk(tpm)
-    if transient.name == occupant.name and not had_transient:
+    if transient.name != occupant.name:
+        return False
+    if not had_transient:
         _forget_transient(tpm)
-    return transient.name == occupant.name
+    tpm.proven_srks.add(occupant.name)
+    return True
 
 
 def current_srk(tpm: Tpm) -> tuple[Any, Parent]:
     """The SRK new bindings are made with: the persistent key at 0x81000001 when it is proven to be the
     standard SRK, else the standard SRK created transiently (with a warning when another key holds the
     handle, saying what it is)."""
-    if SRK_PERSISTENT_HANDLE in tpm.srks:
-        return tpm.srks[SRK_PERSISTENT_HANDLE]
-    occupant = _occupant(tpm, SRK_PERSISTENT_HANDLE)
+    cached = tpm.srks.get(SRK_PERSISTENT_HANDLE)  # found by a binding's name, or for a session: SRK-shaped
+    if cached is not None:
+        occupant: Occupant | None = Occupant(cached[0], cached[1].name, "an ECC key", srk_shape=True)
+    else:
+        occupant = _occupant(tpm, SRK_PERSISTENT_HANDLE)
     if occupant is None:
         return _transient_srk(tpm)
     if _proven(tpm, occupant):
         tpm.srks[SRK_PERSISTENT_HANDLE] = (occupant.esys, Parent(SRK_PERSISTENT_HANDLE, occupant.name))
         return tpm.srks[SRK_PERSISTENT_HANDLE]
-    tpm.esys.tr_close(occupant.esys)
+    if cached is None:
+        tpm.esys.tr_close(occupant.esys)
     _warn(
         tpm,
         f"{SRK_PERSISTENT_HANDLE:#x} holds {occupant.describe()}; luks-tpm uses the standard SRK, re-created "
@@ -190,7 +198,7 @@ def persist_srk(tpm: Tpm) -> Parent:
     with tpm_errors("persisting the storage root key", OWNER):
         persisted = tpm.esys.evict_control(lib.ESYS_TR_RH_OWNER, esys, SRK_PERSISTENT_HANDLE)
     _forget_transient(tpm)  # the persistent copy serves from now on
-    # The very key just created from the template: its name is the proof.
+    tpm.proven_srks.add(transient.name)  # the very key just created from the template
     parent = Parent(SRK_PERSISTENT_HANDLE, transient.name)
     tpm.srks[SRK_PERSISTENT_HANDLE] = (persisted, parent)
     return parent
@@ -204,20 +212,21 @@ def _warn(tpm: Tpm, warning: str) -> None:
 def _find(tpm: Tpm, expected: Parent, *, create: bool) -> tuple[Any, bool] | None:
     """The SRK a binding names, if this TPM has it now: (handle, re-created from the template?).
 
-    By name alone, and nothing of the binding is loaded. First the key persisted at the binding's handle;
-    an equal name is the very key whose shape was checked at enrolment (the name hashes the whole public
-    area), so that costs one ReadPublic. Then, when `create` (or when it was already made on this
-    connection), the standard SRK re-created from its template: the same key on the same owner seed."""
-    if expected.handle is not None:
-        cached = tpm.srks.get(expected.handle)
-        if cached is None:
-            found = _at_handle(tpm, expected.handle)
-            if found is not None and found[1] == expected.name:
-                cached = tpm.srks[expected.handle] = (found[0], expected)
-            elif found is not None:
-                tpm.esys.tr_close(found[0])
-        if cached is not None and cached[1].name == expected.name:
-            return cached[0], False
+    By name alone, and nothing of the binding is loaded. First the key persisted at the binding's handle
+    (0x81000001 for a binding made with a transient SRK: persisted since, the same key serves); an equal
+    name is the very key, the name hashing the whole public area, so that costs one ReadPublic and no
+    owner authorization. Then, when `create` (or when it was already made on this connection), the
+    standard SRK re-created from its template: the same key on the same owner seed."""
+    handle = SRK_PERSISTENT_HANDLE if expected.handle is None else expected.handle
+    cached = tpm.srks.get(handle)
+    if cached is None:
+        found = _at_handle(tpm, handle)
+        if found is not None and found[1] == expected.name:
+            cached = tpm.srks[handle] = (found[0], Parent(handle, expected.name))
+        elif found is not None:
+            tpm.esys.tr_close(found[0])
+    if cached is not None and cached[1].name == expected.name:
+        return cached[0], False
     if None not in tpm.srks and not create:
         return None
     handle, transient = _transient_srk(tpm)
