@@ -183,13 +183,13 @@ class Outcome:
 
 def causes_in(data: Any) -> list[str]:
     """Every failure cause a JSON result carries: an error's and its tokens', or each volume's tokens'."""
-    if "error" in data:
+    if data.get("error") is not None:
         error = data["error"]
         found = [failure["cause"] for failure in error.get("failures", [])]
         return found or [error["cause"]]
     volumes_ = data.get("volumes", [])
     tokens = [token for volume in volumes_ for token in volume.get("tokens", [])]
-    errors = [cause for volume in volumes_ if "error" in volume for cause in causes_in(volume)]
+    errors = [cause for volume in volumes_ if volume.get("error") is not None for cause in causes_in(volume)]
     return [token["cause"] for token in tokens if token.get("cause") is not None] + errors
 
 
