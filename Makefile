@@ -12,13 +12,19 @@ INITRAMFS_TOOLS ?= $(PREFIX)/share/initramfs-tools
 DRACUT_MODULES ?= $(PREFIX)/lib/dracut/modules.d
 LIBDIR ?= $(PREFIX)/lib/luks-tpm
 REQUEST_KEY_D ?= /etc/request-key.d
+SYSCONFDIR ?= /etc
+SYSTEMD_UNITS ?= /lib/systemd/system
 # The program and the TPM written into request-key.d/luks-tpm.conf (the kernel's helper needs absolute paths).
 LUKS_TPM ?= $(PREFIX)/sbin/luks-tpm
 TCTI ?= device:/dev/tpmrm0
 
 # The hooks and boot scripts look for /usr/lib/luks-tpm/functions, i.e. the default LIBDIR.
 INITRAMFS_SCRIPTS := local-top/luks-tpm local-bottom/luks-tpm panic/luks-tpm
-DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm-fence.sh luks-tpm.service \
+# The boot-chain update hooks (docs/boot-chain.md): one script, run by thin hooks of the kernel packages
+# (after zz-update-grub) and initramfs-tools, by the package's triggers, and by a service and path unit.
+REBIND_UNITS := luks-tpm-rebind.service luks-tpm-rebind.path
+DRACUT_FILES := module-setup.sh luks-tpm-dracut.sh luks-tpm-queue.sh luks-tpm-fence.sh luks-tpm-emergency.sh \
+	luks-tpm.service \
 	luks-tpm-fence.service
 
 .PHONY: install uninstall deb
@@ -38,6 +44,11 @@ install:
 		case $$f in *.sh) mode=0755 ;; *) mode=0644 ;; esac; \
 		install -D -m $$mode dracut/90luks-tpm/$$f $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/$$f || exit 1; \
 	done
+	install -D -m 0755 hooks/rebind/luks-tpm-rebind $(DESTDIR)$(LIBDIR)/luks-tpm-rebind
+	install -D -m 0755 hooks/rebind/kernel $(DESTDIR)$(SYSCONFDIR)/kernel/postinst.d/zzz-luks-tpm
+	install -D -m 0755 hooks/rebind/kernel $(DESTDIR)$(SYSCONFDIR)/kernel/postrm.d/zzz-luks-tpm
+	install -D -m 0755 hooks/rebind/initramfs $(DESTDIR)$(SYSCONFDIR)/initramfs/post-update.d/luks-tpm
+	for f in $(REBIND_UNITS); do install -D -m 0644 systemd/$$f $(DESTDIR)$(SYSTEMD_UNITS)/$$f || exit 1; done
 	install -d $(DESTDIR)$(REQUEST_KEY_D)
 	sed -e 's|/usr/sbin/luks-tpm --tcti device:/dev/tpmrm0 |$(LUKS_TPM) --tcti $(TCTI) |' \
 		etc/request-key.d/luks-tpm.conf > $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf
@@ -47,7 +58,10 @@ uninstall:
 	rm -f $(DESTDIR)$(INITRAMFS_TOOLS)/hooks/luks-tpm
 	rm -f $(addprefix $(DESTDIR)$(INITRAMFS_TOOLS)/scripts/,$(INITRAMFS_SCRIPTS))
 	rm -f $(DESTDIR)$(LIBDIR)/functions $(DESTDIR)$(LIBDIR)/luks-tpm-files
-	-rmdir $(DESTDIR)$(LIBDIR) 2>/dev/null
 	rm -f $(addprefix $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm/,$(DRACUT_FILES))
 	-rmdir $(DESTDIR)$(DRACUT_MODULES)/90luks-tpm 2>/dev/null
 	rm -f $(DESTDIR)$(REQUEST_KEY_D)/luks-tpm.conf
+	rm -f $(DESTDIR)$(LIBDIR)/luks-tpm-rebind $(DESTDIR)$(SYSCONFDIR)/initramfs/post-update.d/luks-tpm
+	rm -f $(DESTDIR)$(SYSCONFDIR)/kernel/postinst.d/zzz-luks-tpm $(DESTDIR)$(SYSCONFDIR)/kernel/postrm.d/zzz-luks-tpm
+	rm -f $(addprefix $(DESTDIR)$(SYSTEMD_UNITS)/,$(REBIND_UNITS))
+	-rmdir $(DESTDIR)$(LIBDIR) 2>/dev/null

@@ -6,7 +6,8 @@
 # into its own shell, so nothing here runs at load time, exits, or uses a name without that prefix.
 # The kernel command line: luks_tpm=0 (or off) skips the unlock pass but never the fence;
 # luks_tpm.timeout= bounds the waits for the TPM and the disks (seconds, default 10);
-# luks_tpm.unlock_timeout= bounds each luks-tpm run (the unlock pass, the fence; default 120).
+# luks_tpm.unlock_timeout= bounds each luks-tpm run (the unlock pass, the fence; default 120);
+# luks_tpm.fence=optional boots on when the fence cannot be raised (the default stops the boot).
 
 LUKS_TPM=/usr/sbin/luks-tpm
 LUKS_TPM_LIBDIR=/usr/lib/luks-tpm
@@ -14,6 +15,10 @@ LUKS_TPM_LIBDIR=/usr/lib/luks-tpm
 # the image carries (the copy the other tools read has the marker stripped, so they stay quiet).
 LUKS_TPM_CRYPTTAB=$LUKS_TPM_LIBDIR/crypttab
 LUKS_TPM_TCTI=device:/dev/tpmrm0
+# What the unlock pass leaves for the fence: that it found the TPM, and the mappings it opened from it.
+LUKS_TPM_RUN=/run/luks-tpm
+LUKS_TPM_CMDLINE=/proc/cmdline
+LUKS_TPM_SYS_BLOCK=/sys/block
 
 luks_tpm_say() { echo "luks-tpm: $*" >&2; }
 
@@ -118,13 +123,14 @@ luks_tpm_has_marked() {
 # luks_tpm_cmdline: read the kernel command line into luks_tpm_enabled (1/0), luks_tpm_timeout and
 # luks_tpm_unlock_timeout. $luks_tpm_also_off: more arguments that mean "no unlock pass" (dracut: rd.luks=0).
 luks_tpm_cmdline() {
-    luks_tpm_enabled=1 luks_tpm_timeout=10 luks_tpm_unlock_timeout=120
-    read -r luks_tpm_args </proc/cmdline
+    luks_tpm_enabled=1 luks_tpm_timeout=10 luks_tpm_unlock_timeout=120 luks_tpm_fence_optional=0
+    read -r luks_tpm_args <"$LUKS_TPM_CMDLINE"
     for luks_tpm_arg in $luks_tpm_args; do
         case $luks_tpm_arg in
         luks_tpm=0 | luks_tpm=off) luks_tpm_enabled=0 ;;
         luks_tpm.timeout=*) luks_tpm_timeout=${luks_tpm_arg#luks_tpm.timeout=} ;;
         luks_tpm.unlock_timeout=*) luks_tpm_unlock_timeout=${luks_tpm_arg#luks_tpm.unlock_timeout=} ;;
+        luks_tpm.fence=optional) luks_tpm_fence_optional=1 ;;
         esac
         for luks_tpm_off in ${luks_tpm_also_off-}; do
             [ "$luks_tpm_arg" != "$luks_tpm_off" ] || luks_tpm_enabled=0
@@ -139,13 +145,13 @@ luks_tpm_wait_tpm() {
     modprobe -q tpm_tis 2>/dev/null
     modprobe -q tpm_crb 2>/dev/null
     luks_tpm_tenths=$((luks_tpm_timeout * 10))
-    [ ! -e /run/luks-tpm/no-tpm ] || luks_tpm_tenths=0
+    [ ! -e "$LUKS_TPM_RUN/no-tpm" ] || luks_tpm_tenths=0
     while [ ! -c /dev/tpmrm0 ] && [ "$luks_tpm_tenths" -gt 0 ]; do
         sleep 0.1
         luks_tpm_tenths=$((luks_tpm_tenths - 1))
     done
     [ -c /dev/tpmrm0 ] && return 0
-    mkdir -p /run/luks-tpm && : >/run/luks-tpm/no-tpm
+    mkdir -p "$LUKS_TPM_RUN" && : >"$LUKS_TPM_RUN/no-tpm"
     return 1
 }
 
@@ -183,13 +189,19 @@ luks_tpm_unlock() {
     luks_tpm_cmdline
     [ "$luks_tpm_enabled" = 1 ] || return 0
     modprobe -q dm_crypt 2>/dev/null
+    mkdir -p "$LUKS_TPM_RUN"
     if ! luks_tpm_wait_tpm; then
         luks_tpm_say "no TPM (/dev/tpmrm0) after ${luks_tpm_timeout}s; falling back to passphrase"
         return 0
     fi
     luks_tpm_wait_disks
     [ -d /run/cryptsetup ] || mkdir -m0700 /run/cryptsetup
+    : >"$LUKS_TPM_RUN/tpm-used"
+    luks_tpm_crypt_mappings >"$LUKS_TPM_RUN/before"
     luks_tpm_run open --all --crypttab "$LUKS_TPM_CRYPTTAB"
+    luks_tpm_crypt_mappings >"$LUKS_TPM_RUN/after"
+    awk 'NR == FNR { seen[$1]; next } !($1 in seen)' "$LUKS_TPM_RUN/before" "$LUKS_TPM_RUN/after" \
+        >"$LUKS_TPM_RUN/tpm-opened"
     luks_tpm_say "unlock pass took ${luks_tpm_took}s (exit $luks_tpm_rc)"
     case $luks_tpm_rc in
     0) ;;
@@ -199,25 +211,82 @@ luks_tpm_unlock() {
     return 0
 }
 
-# luks_tpm_fence: raise the PCR 15 fence once every volume is open (by the TPM or by passphrase) and
-# before the real root runs, or before an emergency shell. Always: also with luks_tpm=0, after a failed
-# unlock pass, and whether or not a token is fenced (headers can be unreadable, and a swapped root can
-# hide its markers). Without a TPM there is nothing to fence: say so and go on. Never fails the boot.
-luks_tpm_fence() {
-    luks_tpm_cmdline
+# luks_tpm_crypt_mappings: "DM-UUID NAME" of every dm-crypt mapping (libcryptsetup's CRYPT-* UUIDs).
+luks_tpm_crypt_mappings() {
+    for luks_tpm_dm in "$LUKS_TPM_SYS_BLOCK"/dm-*/dm; do
+        if [ ! -r "$luks_tpm_dm/uuid" ] || ! read -r luks_tpm_dm_uuid <"$luks_tpm_dm/uuid"; then
+            continue
+        fi
+        case $luks_tpm_dm_uuid in
+        CRYPT-*) read -r luks_tpm_dm_name <"$luks_tpm_dm/name" && echo "$luks_tpm_dm_uuid $luks_tpm_dm_name" ;;
+        esac
+    done
+}
+
+# luks_tpm_strangers: the names of the dm-crypt mappings the unlock pass did not open, when it opened
+# any from the TPM (a volume opened by passphrase beside TPM-opened ones: the cross-volume guard).
+luks_tpm_strangers() {
+    [ -s "$LUKS_TPM_RUN/tpm-opened" ] || return 0
+    luks_tpm_crypt_mappings >"$LUKS_TPM_RUN/now"
+    awk 'NR == FNR { ours[$1]; next } !($1 in ours) { print $2 }' "$LUKS_TPM_RUN/tpm-opened" "$LUKS_TPM_RUN/now" |
+        tr '\n' ' '
+}
+
+# luks_tpm_stop MESSAGE: the boot must not go on (docs/security.md): say why on the console, then power
+# off. Nothing after this runs, whatever happens to the power-off.
+luks_tpm_stop() {
+    luks_tpm_say "$*"
+    luks_tpm_say "STOPPING THE BOOT: powering off in 5 seconds (docs/security.md, 'The cross-volume guard')"
+    sleep 5
+    echo o >/proc/sysrq-trigger 2>/dev/null
+    poweroff -f 2>/dev/null
+    while :; do sleep 60; done
+}
+
+# luks_tpm_raise: run `luks-tpm fence`; true when PCR 15 was extended. luks_tpm_why says why not.
+luks_tpm_raise() {
     if [ ! -x "$LUKS_TPM" ]; then
-        luks_tpm_say "$LUKS_TPM is missing: fence NOT raised"
-        return 0
+        luks_tpm_why="$LUKS_TPM is missing"
+        return 1
     fi
     if ! luks_tpm_wait_tpm; then
-        luks_tpm_say "no TPM (/dev/tpmrm0): no fence to raise"
-        return 0
+        luks_tpm_why="no TPM (/dev/tpmrm0)"
+        return 1
     fi
     luks_tpm_run fence >/dev/null
-    if [ "$luks_tpm_rc" = 0 ]; then
+    luks_tpm_why="luks-tpm fence failed (exit $luks_tpm_rc)"
+    [ "$luks_tpm_rc" = 0 ]
+}
+
+# luks_tpm_fence [boot|emergency]: raise the PCR 15 fence once every volume is open (by the TPM or by
+# passphrase) and before the real root runs (boot), or before an emergency shell (emergency). Always:
+# also with luks_tpm=0, after a failed unlock pass, and whether or not a token is fenced (headers can be
+# unreadable, and a swapped root can hide its markers). Then the boot stops (luks_tpm_stop) when:
+# - the fence could not be raised although the unlock pass used the TPM (unless luks_tpm.fence=optional);
+# - a volume was opened by passphrase beside volumes the TPM opened (the cross-volume guard);
+# - an emergency shell would get volumes the TPM opened (luks_tpm=0 gives one, with passphrases).
+# Without a TPM, or with one the boot never used, a fence that cannot be raised is said, and the boot
+# goes on.
+luks_tpm_fence() {
+    luks_tpm_cmdline
+    luks_tpm_strangers=$(luks_tpm_strangers)
+    if luks_tpm_raise; then
         luks_tpm_say "fence raised (PCR 15) in ${luks_tpm_took}s"
+    elif [ ! -e "$LUKS_TPM_RUN/tpm-used" ]; then
+        luks_tpm_say "$luks_tpm_why: fence NOT raised (the unlock pass did not use the TPM)"
+    elif [ "$luks_tpm_fence_optional" = 1 ]; then
+        luks_tpm_say "$luks_tpm_why: fence NOT raised; booting on because of luks_tpm.fence=optional:" \
+            "keys of fenced tokens stay obtainable until reboot"
     else
-        luks_tpm_say "fence NOT raised (exit $luks_tpm_rc): keys of fenced tokens stay obtainable until reboot"
+        luks_tpm_stop "$luks_tpm_why: the fence is NOT raised and this boot used the TPM"
+    fi
+    if [ -n "$luks_tpm_strangers" ]; then
+        luks_tpm_stop "cross-volume guard: ${luks_tpm_strangers% } opened without the TPM beside volumes the" \
+            "TPM opened (a look-alike volume?); boot with luks_tpm=0 to open every volume by passphrase"
+    fi
+    if [ "${1:-boot}" = emergency ] && [ -s "$LUKS_TPM_RUN/tpm-opened" ]; then
+        luks_tpm_stop "no emergency shell while volumes the TPM opened are open; boot with luks_tpm=0 to" \
+            "get one, with passphrases"
     fi
     return 0
 }

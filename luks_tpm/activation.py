@@ -1,5 +1,5 @@
-"""Keys into the kernel: load-key (a logon key per volume) and open, open --all (dm-crypt mappings that
-reference the key in the keyring).
+"""Keys into the kernel: load-key (a logon key per volume) and open (a dm-crypt mapping that references the
+key in the keyring; `open --all` is luks_tpm.bootpass).
 
 The volume key goes from the TPM into a `Secret`, is verified against the LUKS2 digest, and then only
 into the kernel: a logon key `cryptsetup:<uuid>-d<digest>` (load-key) or a dm-crypt table that references
@@ -12,18 +12,18 @@ import dataclasses
 import os
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import cryptsetup, keyring
 from .cryptsetup import Device, open_device
-from .crypttab import Entry, resolve
 from .errors import Cause, ExitCode, LuksTpmError, die
 from .output import OMIT_IF_NONE, ErrorInfo, Report, progress
+from .prompt import PinSource
 from .secret import Secret
 from .settings import Activation
 from .tpm import Tpm
-from .unlock import PinSource, Recovery
+from .unlock import Recovery
 
 
 def key_description(device: Device, digest: int) -> str:
@@ -190,30 +190,6 @@ class Opened:
         return [f"{self.device}: opened as /dev/mapper/{self.name} (token {self.token})"]
 
 
-@dataclasses.dataclass(frozen=True)
-class EntryOpened:
-    """One crypttab entry of `open --all`: `device` as written in crypttab."""
-
-    name: str
-    device: str
-    opened: bool
-    token: int | None = dataclasses.field(default=None, metadata=OMIT_IF_NONE)
-    error: ErrorInfo | None = dataclasses.field(default=None, metadata=OMIT_IF_NONE)
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenedAll:
-    volumes: tuple[EntryOpened, ...]
-
-    def lines(self) -> list[str]:
-        return []  # progress went to stderr as it happened
-
-
-# Creating the dm-crypt mapping: the one step of open --all that needs device-mapper. Hosts without it
-# (the test machines) pass their own, which checks the key it is handed instead (a documented seam).
-Activate = Callable[[Device, str, Secret, Activation], None]
-
-
 def dm_crypt(device: Device, name: str, key: Secret, options: Activation) -> None:
     """Activate from a thread of its own: libcryptsetup leaves the logon key in the thread keyring,
     which the kernel drops when the thread exits."""
@@ -245,7 +221,7 @@ def dm_crypt(device: Device, name: str, key: Secret, options: Activation) -> Non
         raise error
 
 
-def _require_device_mapper() -> None:
+def require_device_mapper() -> None:
     if not cryptsetup.device_mapper_available():
         die(
             "device-mapper is not available here; use load-key",
@@ -257,37 +233,10 @@ def _require_device_mapper() -> None:
 def open_volume(
     tcti: str, device_path: Path, name: str, options: Activation, token_id: int | None, pins: PinSource
 ) -> Report:
-    _require_device_mapper()
+    require_device_mapper()
     with open_device(device_path) as device, Tpm(tcti) as tpm, Recovery(tpm, pins) as recovery:
         found = recovery.recover(device, token_id=token_id)
         with found.key:
             dm_crypt(device, name, found.key, options)
         warnings = tuple(tpm.warnings)
     return Report(Opened(str(device_path), name, found.token_id), warnings)
-
-
-def open_all(tcti: str, entries: Sequence[Entry], pins: PinSource, activate: Activate | None = None) -> Report:
-    """Unlock every entry in one TPM pass; failures are reported and left for the passphrase path."""
-    if activate is None:
-        _require_device_mapper()
-        activate = dm_crypt
-    results: list[EntryOpened] = []
-    with Tpm(tcti) as tpm, Recovery(tpm, pins, many_volumes=True) as recovery:
-        for entry in entries:
-            try:
-                with open_device(resolve(entry).device) as device:
-                    found = recovery.recover(device)
-                    with found.key:
-                        activate(device, entry.name, found.key, Activation(entry.readonly, entry.discard))
-                results.append(EntryOpened(entry.name, entry.device, True, token=found.token_id))
-                progress(f"{entry.name}: opened")
-            except LuksTpmError as error:
-                results.append(EntryOpened(entry.name, entry.device, False, error=ErrorInfo.of(error)))
-                progress(f"{entry.name}: {error.message}; falling back to passphrase")
-    failed = sum(not result.opened for result in results)
-    if failed:
-        progress(
-            f"{failed} of {len(results)} volumes could not be opened with the TPM; they are left for "
-            "the passphrase prompt"
-        )
-    return Report(OpenedAll(tuple(results)), exit_code=ExitCode.UNLOCK_FAILED if failed else ExitCode.OK)

@@ -27,8 +27,10 @@ The blob itself, though, is only as safe as its parent's USER authorization: TPM
 the parent, newParent = TPM_RH_NULL) turns it into the plain sensitive area with no regard for the
 object's policy, and the standard SRK's USER role is open to anyone (empty auth, userWithAuth). So a
 blob wrapped to the standard SRK gives its key to anyone who can read it and talk to the target TPM;
-tests/test_duplication_tpm.py proves both this and the fix (a parent usable only through
-PolicyCommandCode(Import or Load)), which `wrap_for_import` supports with that parent's `SrkPublic`.
+tests/test_duplication_tpm.py proves both this and the fix luks-tpm uses: blobs are wrapped to the
+import parent (tpm.importparent, docs/sealing.md), usable only through PolicyCommandCode(Import or Load).
+`parse_import_parent` checks a provisioning file's import parent; the wrap works for any ECC P-256 storage
+key with nameAlg SHA-256 and AES-128-CFB.
 
 Key material (the volume key, the PIN, seedValue, Z, seed, symKey, hmacKey, the plain sensitive area)
 lives only in `Secret`s (its hashes and MACs computed by libcrypto into them). Nothing here talks to a TPM.
@@ -43,6 +45,7 @@ import struct
 from . import aes, libcrypto
 from .ecdh import COORDINATE_SIZE, EphemeralKey, Point, is_on_curve
 from .errors import Cause, ExitCode, LuksTpmError
+from .model import IMPORT_PARENT_ATTRIBUTES, IMPORT_PARENT_POLICY
 from .secret import Secret
 
 # TPM 2.0 Part 2 constants.
@@ -95,13 +98,12 @@ def tpm_name(tpmt_public: bytes) -> bytes:
 # ---- the target's SRK ------------------------------------------------------------------------------
 
 
-def _bad_srk(why: str) -> LuksTpmError:
+def _bad_parent(what: str, why: str) -> LuksTpmError:
     # The public area is what the operator handed us (the target's provisioning file): a wrong one is a
     # usage error, like a bad option value, not a damaged disk or an absent TPM.
     return LuksTpmError(
-        f"not the target TPM's standard SRK: {why}",
-        hint="export the SRK public area on the target (ECC P-256, the TCG template luks-tpm uses, "
-        "at 0x81000001) and give that file unchanged",
+        f"not the target TPM's {what}: {why}",
+        hint="export it on the target with `luks-tpm srk-public` and give that file unchanged",
         code=ExitCode.USAGE,
         cause=Cause.USAGE,
     )
@@ -113,7 +115,7 @@ class _Reader:
 
     def take(self, size: int) -> bytes:
         if self.offset + size > len(self.data):
-            raise _bad_srk("the public area is truncated")
+            raise ValueError("the public area is truncated")
         chunk = self.data[self.offset : self.offset + size]
         self.offset += size
         return chunk
@@ -125,12 +127,8 @@ class _Reader:
         return self.take(self.uint(2))
 
 
-# What a standard SRK's public area holds besides its point: (field, size in bytes, required value).
-_SRK_FIELDS = (
-    ("type", 2, ALG_ECC),
-    ("nameAlg", 2, ALG_SHA256),
-    ("objectAttributes", 4, SRK_ATTRIBUTES),
-    ("authPolicy size", 2, 0),
+# What a parent's public area holds besides its attributes, policy and point: (field, size in bytes, value).
+_STORAGE_FIELDS = (
     ("symmetric algorithm", 2, ALG_AES),
     ("symmetric key bits", 2, SYM_KEY_BITS),
     ("symmetric mode", 2, ALG_CFB),
@@ -140,24 +138,48 @@ _SRK_FIELDS = (
 )
 
 
-def parse_srk_public(public: bytes) -> SrkPublic:
-    """Check that `public` (a marshalled TPM2B_PUBLIC) is the standard ECC P-256 SRK with a point on the
-    curve; LuksTpmError (exit code USAGE) naming the first field that is not."""
+def parse_parent_public(public: bytes, *, what: str, attributes: int, policy: bytes) -> SrkPublic:
+    """Check that `public` (a marshalled TPM2B_PUBLIC) is an ECC P-256 storage key with these attributes
+    and authPolicy and a point on the curve; LuksTpmError (exit code USAGE) naming the first field that
+    is not."""
     reader = _Reader(public)
-    if reader.uint(2) != len(public) - 2:
-        raise _bad_srk("the size field does not match the data")
-    for field, size, expected in _SRK_FIELDS:
-        value = reader.uint(size)
-        if value != expected:
-            raise _bad_srk(f"{field} is {value:#0{2 * size + 2}x}, the standard SRK's is {expected:#0{2 * size + 2}x}")
-    point = Point(reader.tpm2b(), reader.tpm2b())
-    if reader.offset != len(public):
-        raise _bad_srk("trailing bytes after the public area")
+    try:
+        if reader.uint(2) != len(public) - 2:
+            raise ValueError("the size field does not match the data")
+        fields = (("type", 2, ALG_ECC), ("nameAlg", 2, ALG_SHA256), ("objectAttributes", 4, attributes))
+        for field, size, expected in fields:
+            _expect(reader.uint(size), field, size, expected)
+        if reader.tpm2b() != policy:
+            raise ValueError("its authPolicy is not the expected one")
+        for field, size, expected in _STORAGE_FIELDS:
+            _expect(reader.uint(size), field, size, expected)
+        point = Point(reader.tpm2b(), reader.tpm2b())
+        if reader.offset != len(public):
+            raise ValueError("trailing bytes after the public area")
+    except ValueError as error:
+        raise _bad_parent(what, str(error)) from None
     if len(point.x) != COORDINATE_SIZE or len(point.y) != COORDINATE_SIZE:
-        raise _bad_srk("its public point does not have 32-byte coordinates")
+        raise _bad_parent(what, "its public point does not have 32-byte coordinates")
     if not is_on_curve(point):
-        raise _bad_srk("its public point is not on the P-256 curve")
+        raise _bad_parent(what, "its public point is not on the P-256 curve")
     return SrkPublic(public, tpm_name(public[2:]), point)
+
+
+def _expect(value: int, field: str, size: int, expected: int) -> None:
+    if value != expected:
+        raise ValueError(f"{field} is {value:#0{2 * size + 2}x}, expected {expected:#0{2 * size + 2}x}")
+
+
+def parse_srk_public(public: bytes) -> SrkPublic:
+    """The standard SRK (what a blob must NOT be wrapped to in production: module docstring)."""
+    return parse_parent_public(public, what="standard SRK", attributes=SRK_ATTRIBUTES, policy=b"")
+
+
+def parse_import_parent(public: bytes) -> SrkPublic:
+    """The import parent (templates.import_parent): what `enroll --for-tpm` wraps to."""
+    return parse_parent_public(
+        public, what="import parent", attributes=IMPORT_PARENT_ATTRIBUTES, policy=IMPORT_PARENT_POLICY
+    )
 
 
 # ---- key derivation (TPM 2.0 Part 1, "Key Derivation Functions") ------------------------------------
@@ -293,10 +315,9 @@ def wrap_for_import(
     return ImportBlob(_tpm2b(public), duplicate, _tpm2b(ecc_point(ephemeral.public)), name)
 
 
-def seal_for_import(srk_public: bytes, key: Secret, policy: bytes, pin: Secret | None = None) -> ImportBlob:
-    """Seal `key` for the TPM whose SRK public area (marshalled TPM2B_PUBLIC) is `srk_public`, under the
-    policy digest `policy` (docs/policy.md) and an optional PIN: a fresh ephemeral key and seedValue."""
-    srk = parse_srk_public(srk_public)
+def seal_for_import(parent: SrkPublic, key: Secret, policy: bytes, pin: Secret | None = None) -> ImportBlob:
+    """Seal `key` for the TPM whose parent (parse_import_parent) is `parent`, under the policy digest
+    `policy` (docs/policy.md) and an optional PIN: a fresh ephemeral key and seedValue."""
     with EphemeralKey() as ephemeral, Secret(DIGEST_SIZE) as seed_value:
         libcrypto.call("RAND_priv_bytes", seed_value.as_ctypes(), len(seed_value))  # straight into the Secret
-        return wrap_for_import(srk, key, policy, pin, ephemeral=ephemeral, seed_value=seed_value)
+        return wrap_for_import(parent, key, policy, pin, ephemeral=ephemeral, seed_value=seed_value)

@@ -14,12 +14,12 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from . import derive
+from . import approver, derive, nextboot
 from .cryptsetup import CryptsetupError, Device, open_device, write_error
 from .errors import DEAD_CAUSES, Cause, ExitCode, LuksTpmError, die
-from .model import FENCE_PCR, Mode, Parent, PcrPolicy
+from .model import FENCE_PCR, Approval, ApprovedState, Approver, Mode, Parent, PcrPolicy
 from .output import TEXT_ONLY, Report, progress
-from .prompt import NewPinSource, PassphraseSource
+from .prompt import NewPinSource, PassphraseSource, PinSource
 from .secret import Secret
 from .settings import Enrollment
 from .tokenformat import DerivedToken, SealedToken, Token, to_json, utc_now
@@ -29,7 +29,7 @@ from .tpm import pcr as tpm_pcr
 from .tpm import srk as tpm_srk
 from .tpm.keyuse import KeyUse
 from .tpm.owner import owner_authorization
-from .unlock import PinSource, Recovery, luks_tpm_tokens
+from .unlock import Recovery, luks_tpm_tokens
 
 # ---- header writes ------------------------------------------------------------------------------------
 
@@ -60,13 +60,25 @@ def remove_token(device: Device, token_id: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Binding:
-    """What a new token is made under: the SRK, and the policy with its digest (None: TPM-only derived)."""
+    """What a new token is made under: the SRK, and the policy with its digest (None: TPM-only derived);
+    bound to the boot chain, the approver and the states it approved (the current one among them, when
+    the PCRs are in one now: what the key is computed and verified with)."""
 
     srk: Any
     parent: Parent
     policy: PcrPolicy | None
     digest: bytes
     endorsement: bytes | None
+    approver: Approver | None = None
+    approvals: tuple[Approval, ...] = ()
+
+    @property
+    def approved_now(self) -> ApprovedState | None:
+        if self.approver is None or self.policy is None:
+            return None
+        current = self.policy.values
+        found = next((a for a in self.approvals if a.values == current), None)
+        return None if found is None else ApprovedState(self.approver, found)
 
     def fields(self, *, digest: int, key_size: int) -> dict[str, Any]:
         """The token fields every mode shares."""
@@ -80,12 +92,23 @@ class Binding:
             "policy": self.digest,
             "pcr_bank": policy.bank if policy else Enrollment(Mode.DERIVED).bank,
             "pcrs": policy.pcrs if policy else (),
-            "pcr_values": dict(policy.values) if policy else {},
+            "pcr_values": dict(policy.values) if policy and not self.approver else {},
             "fence": bool(policy and policy.fence),
+            "approver": self.approver,
+            "approvals": self.approvals,
         }
 
     def derived_key(self, keys: KeyUse, uuid: str, salt: bytes, length: int) -> Secret:
-        with keys.hmac(self.srk, derive.hmac_message(uuid, salt), self.policy, self.digest) as prk:
+        if self.approver is not None and self.approved_now is None:
+            die(
+                "a derived key bound to the boot chain can only be computed while the PCRs are in an approved "
+                "state: the given --pcr-value state is not the current one",
+                hint="use --mode sealed, or enroll on the machine itself, before the fence (initramfs, installer)",
+                code=ExitCode.USAGE,
+                cause=Cause.USAGE,
+            )
+        message = derive.hmac_message(uuid, salt)
+        with keys.hmac(self.srk, message, self.policy, self.digest, self.approved_now) as prk:
             return derive.expand(prk, uuid, length)
 
 
@@ -107,15 +130,41 @@ def prepare(tpm: Tpm, enrollment: Enrollment) -> Binding:
     endorsement = tpm_srk.endorsement_name(tpm)
     if enrollment.mode is Mode.DERIVED and policy.empty:
         return Binding(srk, parent, None, b"", endorsement)
+    if enrollment.approver is None:
+        return Binding(srk, parent, policy, _policy_digest(tpm, policy), endorsement)
+    key = approver.load_or_create(tpm, enrollment.approver)
+    policy = dataclasses.replace(policy, approver=key.approver.name)
+    states = [values] if enrollment.pcr_values else approvable_states(tpm, policy)
+    approvals = tuple(key.sign(tpm, dataclasses.replace(policy, values=state)) for state in states)
+    return Binding(srk, parent, policy, _policy_digest(tpm, policy), endorsement, key.approver, approvals)
+
+
+def approvable_states(tpm: Tpm, policy: PcrPolicy) -> list[dict[int, bytes]]:
+    """The boot chain's states to approve on the running system: the current one, and the next boot's
+    when it differs (a kernel installed and not yet booted). The next boot is left out, with a warning,
+    when it cannot be predicted (`luks-tpm rebind` says why and tries again)."""
+    states = [dict(policy.values)]
+    try:
+        predicted = nextboot.predict_next_boot(tpm).state(policy.bank, policy.pcrs)
+    except LuksTpmError as error:
+        if error.cause is not Cause.NO_EVENT_LOG:
+            progress(f"warning: the next boot is not approved: {error.message}")
+        return states
+    return states if predicted == states[0] else [*states, predicted]
+
+
+def _policy_digest(tpm: Tpm, policy: PcrPolicy) -> bytes:
+    """The policy's digest, as the TPM computes it; a token is read back with the software computation's
+    check (tokenformat), so a TPM that computes another one (or skips a command) writes no token."""
     digest = tpm_pcr.policy_digest(tpm, policy)
-    if digest != policy.digest():  # a token is read back with this check: never write one that fails it
+    if digest != policy.digest():
         raise TpmError(
             "the TPM computed another policy digest than its inputs give (computing the policy digest)",
             hint="the TPM, or what is between luks-tpm and it, is not working right: `luks-tpm doctor`",
             code=ExitCode.TPM_UNAVAILABLE,
             cause=Cause.TPM_FAILED,
         )
-    return Binding(srk, parent, policy, digest, endorsement)
+    return digest
 
 
 def _persist_srk_if_free(tpm: Tpm) -> None:

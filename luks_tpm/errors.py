@@ -23,6 +23,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 7  # the operation would lose a way into the volume, or the user declined
     UNSUPPORTED = 8  # LUKS1, a future token version, no device-mapper here, missing kernel feature
     INCOMPLETE = 9  # wipe/erase ran, but the check afterwards found a way in left or could not check
+    UNPREDICTABLE = 10  # the next boot's PCR values cannot be predicted (or no event log to predict from)
 
 
 class Cause(enum.StrEnum):
@@ -53,6 +54,10 @@ class Cause(enum.StrEnum):
     CLEAR_DISABLED = "clear-disabled"  # TPM2_Clear refused: disableClear is set
     WRONG_AUTH = "wrong-auth"  # a hierarchy's authorization (e.g. the lockout's) was wrong
     OWNER_AUTH = "owner-auth"  # the owner hierarchy has an authorization luks-tpm was not given
+    UNPREDICTABLE = "unpredictable"  # the next boot's PCRs cannot be computed from the event log and files
+    NO_EVENT_LOG = "no-event-log"  # no TCG event log to predict from (not a UEFI measured boot)
+    NO_APPROVER = "no-approver"  # this system has no approver key for the tokens' approved states
+    GUARD = "cross-volume-guard"  # recovered, but not used: another volume of the pass did not open from the TPM
 
 
 # Failures that prove a binding can never recover its key again (on this TPM): such a token is not a

@@ -27,7 +27,7 @@ Work = Callable[[], Report]
 def _open_all(tcti: str, crypttab: str) -> Work:
     def work() -> Report:
         from . import crypttab as tab
-        from .activation import open_all
+        from .bootpass import open_all
         from .prompt import pin_source
 
         return open_all(tcti, tab.read(Path(crypttab)), pin_source(None))

@@ -58,6 +58,45 @@ class SealedBlob:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImportedSeal:
+    """A sealed object made for a TPM that was not there (docs/sealing.md): TPM2_Import's inputs, which only
+    that TPM's import parent can turn into a loadable private area."""
+
+    public: bytes  # a marshalled TPM2B_PUBLIC: the sealed object's public area
+    duplicate: bytes  # a marshalled TPM2B_PRIVATE: the outer-wrapped sensitive area
+    seed: bytes  # a marshalled TPM2B_ENCRYPTED_SECRET: the ephemeral ECDH point
+
+
+@dataclasses.dataclass(frozen=True)
+class Approver:
+    """The key whose signatures approve PCR states of the boot chain (docs/policy.md): an ECC P-256 signing
+    key of this TPM, its private part kept by the running system (luks_tpm.approver)."""
+
+    public: bytes  # a marshalled TPM2B_PUBLIC
+    name: bytes  # its TPM name: nameAlg (SHA-256) and the hash of the public area
+
+    @staticmethod
+    def name_of(public: bytes) -> bytes:
+        return bytes.fromhex("000b") + hashlib.sha256(public[2:]).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Approval:
+    """One approved state: PCR values of a token's bank and PCRs, and the approver's signature."""
+
+    values: dict[int, bytes]
+    signature: bytes  # a marshalled TPMT_SIGNATURE (ECDSA, SHA-256) over approval_digest(approved policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApprovedState:
+    """The approval a policy session is to be authorized with."""
+
+    approver: Approver
+    approval: Approval
+
+
+@dataclasses.dataclass(frozen=True)
 class PcrPolicy:
     """What a binding's policy requires (docs/policy.md): PCR values of one bank, or any state of them that
     an approver signed; the fence; a PIN."""
@@ -118,3 +157,14 @@ def _policy_pcr(digest: bytes, part: PcrPolicy) -> bytes:
 _CC_POLICY_PCR, _CC_POLICY_AUTH_VALUE, _CC_POLICY_AUTHORIZE = 0x0000017F, 0x0000016B, 0x0000016A
 APPROVAL_REF = b"luks-tpm approved boot state v1"  # PolicyAuthorize's policyRef (docs/policy.md)
 FENCE_DOWN = PcrPolicy(FENCE_BANK, (FENCE_PCR,), {FENCE_PCR: bytes(FENCE_BANK.size)})  # fenced: PCR 15 = zeros
+
+
+# The import parent (docs/sealing.md, a contract): the standard SRK's attributes with userWithAuth
+# cleared and adminWithPolicy set (fixedTPM | fixedParent | sensitiveDataOrigin | adminWithPolicy | noDA |
+# restricted | decrypt), usable only through PolicyOR(PolicyCommandCode(Import), PolicyCommandCode(Load)).
+_CC_POLICY_COMMAND_CODE, _CC_POLICY_OR, _CC_IMPORT, _CC_LOAD = 0x0000016C, 0x00000171, 0x00000156, 0x00000157
+IMPORT_PARENT_ATTRIBUTES = 0x000304B2
+IMPORT_PARENT_BRANCHES = tuple(
+    _extend(bytes(32), _CC_POLICY_COMMAND_CODE, struct.pack(">I", code)) for code in (_CC_IMPORT, _CC_LOAD)
+)
+IMPORT_PARENT_POLICY = _extend(bytes(32), _CC_POLICY_OR, b"".join(IMPORT_PARENT_BRANCHES))

@@ -15,13 +15,13 @@ from .enrollment import bind, remove_token, unverified_note, volume_key_with_pas
 from .errors import Cause, ExitCode, LuksTpmError, die
 from .model import Mode
 from .output import TEXT_ONLY, Report, progress
-from .prompt import NewPinSource, PassphraseSource
+from .prompt import NewPinSource, PassphraseSource, PinSource
 from .secret import Secret
 from .settings import Enrollment, ResealSettings
 from .tokenformat import Token
 from .tpm import Tpm
 from .tpm.owner import owner_authorization
-from .unlock import PinSource, Recovered, Recovery, TokenEntry, luks_tpm_tokens
+from .unlock import Recovered, Recovery, TokenEntry, luks_tpm_tokens
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,15 @@ DEFAULT_CIPHER = "aes-xts-plain64"
 DEFAULT_KEY_SIZE = 64  # bytes: aes-xts-plain64 with two 256-bit keys
 DEFAULT_KEYRING = "@s"
 DEFAULT_BANK = Bank.SHA256
+# The boot chain (docs/boot-chain.md): the Secure Boot policy and the authorities used (7), shim, GRUB and
+# the kernel (4), GRUB's commands and the kernel command line (8), every file GRUB reads (9).
+BOOT_CHAIN_PCRS = (4, 7, 8, 9)
+# Kept by the running system, on its (encrypted) root: the approver key's blob and the boot files of the
+# booted boot chain (the event log records only their digests, and update-grub replaces grub.cfg).
+DEFAULT_APPROVER = Path("/var/lib/luks-tpm/approver.json")
+BOOT_FILES = Path("/var/lib/luks-tpm/boot-files")
+EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
+ESP, BOOT = Path("/boot/efi"), Path("/boot")
 
 
 def tcti_from_environment(option: str | None, environ: dict[str, str]) -> str:
@@ -55,6 +64,7 @@ class Enrollment:
     pin: bool = False
     fence: bool = False
     persist_srk: bool = True  # store the standard SRK at 0x81000001 when nothing is there
+    approver: Path | None = None  # bound to the boot chain: PCR states approved by the key kept in this file
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,8 @@ and the other volumes still work). Text is read strictly: ASCII digits only (Pyt
 any script's digits), base64 and hex in ASCII, numbers as JSON writes them. Unknown fields are kept and
 written back unchanged (their numbers as written, their strings byte for byte, even bytes that are not
 UTF-8, which json-c stores as they are). Version 1 is the token as first defined; version 2 adds the
-approver and its approved states (docs/policy.md); a higher version is refused. Nothing in a token is
+approver and its approved states (docs/policy.md); version 3 is a sealed token made for a TPM that was
+not there, its blob in TPM2_Import's form (docs/sealing.md); a higher version is refused. Nothing in a token is
 secret: derived tokens hold a salt and a wrapped key, sealed tokens a TPM-bound blob, approvals signatures.
 """
 
@@ -13,39 +14,29 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 import re
 from typing import Any
 
 from .errors import Cause, ExitCode, LuksTpmError, die
-from .model import PCR_COUNT, PERSISTENT_FIRST, PERSISTENT_LAST, Bank, Mode, Parent, PcrPolicy, SealedBlob
+from .model import (
+    PCR_COUNT,
+    PERSISTENT_FIRST,
+    PERSISTENT_LAST,
+    Approval,
+    Approver,
+    Bank,
+    ImportedSeal,
+    Mode,
+    Parent,
+    PcrPolicy,
+    SealedBlob,
+)
 
 TOKEN_TYPE = "luks-tpm"
-VERSION = 2  # the highest this release reads and writes
-VERSIONS = (1, 2)
+VERSION = 3  # the highest this release reads and writes
+VERSIONS = (1, 2, 3)
 MAX_APPROVALS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Approver:
-    """The key whose signatures approve PCR states of the boot chain (docs/policy.md): an ECC P-256 signing
-    key of this TPM, its private part kept by the running system (luks_tpm.approver)."""
-
-    public: bytes  # a marshalled TPM2B_PUBLIC
-    name: bytes  # its TPM name: nameAlg (SHA-256) and the hash of the public area
-
-    @staticmethod
-    def name_of(public: bytes) -> bytes:
-        return bytes.fromhex("000b") + hashlib.sha256(public[2:]).digest()
-
-
-@dataclasses.dataclass(frozen=True)
-class Approval:
-    """One approved state: PCR values of the token's bank and PCRs, and the approver's signature."""
-
-    values: dict[int, bytes]
-    signature: bytes  # a marshalled TPMT_SIGNATURE (ECDSA, SHA-256) over model.approval_digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +91,15 @@ _NO_BLOB = SealedBlob(b"", b"")
 
 @dataclasses.dataclass(frozen=True)
 class SealedToken(_Common):
-    blob: SealedBlob = _NO_BLOB
+    blob: SealedBlob | ImportedSeal = _NO_BLOB
     pin: bool = False
 
     mode = Mode.SEALED
 
     def describe(self) -> str:
         bound = self._bound_to() or " to the TPM only"
-        return f"sealed{bound}" + (" + PIN" if self.pin else "")
+        made = " (made elsewhere for this TPM's import parent)" if isinstance(self.blob, ImportedSeal) else ""
+        return f"sealed{bound}" + (" + PIN" if self.pin else "") + made
 
 
 Token = DerivedToken | SealedToken
@@ -128,7 +120,7 @@ def to_json(token: Token) -> str:
     fields: dict[str, Any] = {
         "type": TOKEN_TYPE,
         "keyslots": [],
-        "version": 2 if token.approver is not None else 1,
+        "version": _version(token),
         "mode": str(token.mode),
         "digest": token.digest,
         "key_size": token.key_size,
@@ -145,6 +137,9 @@ def to_json(token: Token) -> str:
     if isinstance(token, DerivedToken):
         fields["salt"] = _b64(token.salt)
         fields["wrapped_key"] = None if token.wrapped_key is None else _b64(token.wrapped_key)
+    elif isinstance(token.blob, ImportedSeal):
+        imported = {"duplicate": _b64(token.blob.duplicate), "seed": _b64(token.blob.seed)}
+        fields["blob"] = {"public": _b64(token.blob.public), "import": imported}
     else:
         fields["blob"] = {"public": _b64(token.blob.public), "private": _b64(token.blob.private)}
     if token.pcr_values:
@@ -162,6 +157,12 @@ def to_json(token: Token) -> str:
     # Unknown fields as they were read: their JSON text, numbers and bytes unchanged.
     unknown = [json.dumps(key, ensure_ascii=False) + ":" + text for key, text in token.extra.items()]
     return "{" + ",".join(unknown + known) + "}"
+
+
+def _version(token: Token) -> int:
+    if isinstance(token, SealedToken) and isinstance(token.blob, ImportedSeal):
+        return 3
+    return 2 if token.approver is not None else 1
 
 
 def utc_now() -> str:
@@ -323,7 +324,7 @@ def _pcr_values(values: object, key: str, bank: Bank, pcrs: tuple[int, ...]) -> 
 
 
 def _approver(raw: dict[str, Any], bank: Bank, pcrs: tuple[int, ...]) -> tuple[Approver | None, tuple[Approval, ...]]:
-    if raw["version"] == 1:
+    if raw["version"] != 2:
         if "approver" in raw or "approvals" in raw:
             raise _Damage("fields 'approver' and 'approvals' need version 2")
         return None, ()
@@ -381,12 +382,24 @@ def _token(raw: dict[str, Any], extra: dict[str, str]) -> Token:
     pin = _field(raw, "pin", bool, "true or false")
     _check_policy(Mode(mode), common, pin)
     if mode == Mode.DERIVED:
+        if raw["version"] == 3:
+            raise _Damage("version 3 is for sealed tokens only")
         return _derived(raw, common, pin)
+    return SealedToken(**common, pin=pin, blob=_blob(raw))
+
+
+def _blob(raw: dict[str, Any]) -> SealedBlob | ImportedSeal:
     blob = _field(raw, "blob", dict, "an object")
-    if "public" not in blob or "private" not in blob:
-        raise _Damage("field 'blob' needs 'public' and 'private'")
-    sealed = SealedBlob(_tpm2b(blob["public"], "blob.public"), _tpm2b(blob["private"], "blob.private"))
-    return SealedToken(**common, pin=pin, blob=sealed)
+    public = _tpm2b(blob.get("public"), "blob.public")
+    if raw["version"] != 3:
+        if "private" not in blob or "import" in blob:
+            raise _Damage("field 'blob' needs 'public' and 'private'")
+        return SealedBlob(public, _tpm2b(blob["private"], "blob.private"))
+    imported = blob.get("import")
+    if "private" in blob or not isinstance(imported, dict):
+        raise _Damage("field 'blob' of a version 3 token needs 'public' and 'import'")
+    duplicate = _tpm2b(imported.get("duplicate"), "blob.import.duplicate")
+    return ImportedSeal(public, duplicate, _tpm2b(imported.get("seed"), "blob.import.seed"))
 
 
 def _check_policy(mode: Mode, common: dict[str, Any], pin: bool) -> None:

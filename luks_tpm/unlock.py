@@ -4,20 +4,18 @@ whether that key really opens the volume. The TPM work itself is tpm.keyuse's.""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Self
+from typing import Any, Self
 
 from . import derive
 from .cryptsetup import Device
 from .errors import Cause, ExitCode, LuksTpmError, TokenFailure, UnlockFailed, die
-from .model import FENCE_PCR
+from .model import FENCE_PCR, Approval, ApprovedState, ImportedSeal, PcrPolicy
+from .prompt import PinSource
 from .secret import Secret
 from .tokenformat import TOKEN_TYPE, DerivedToken, SealedToken, Token, is_ours, parse
 from .tpm import Tpm, TpmError
 from .tpm import srk as tpm_srk
 from .tpm.keyuse import KeyUse
-
-PinSource = Callable[[int], Secret | None]  # token id -> PIN, or None when none can be had
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +55,18 @@ class Recovered:
     token_id: int
     token: Token
     key: Secret
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What a token's recovery uses: the SRK's handle, and the approved state (tokens with an approver)."""
+
+    srk: Any
+    approved: ApprovedState | None
+
+    def policy(self, token: Token, *, pin: bool = False) -> PcrPolicy:
+        """The policy to satisfy now: the token's, for the approved state the PCRs are in."""
+        return token.pcr_policy(pin=pin, values=self.approved.approval.values if self.approved else None)
 
 
 class Recovery:
@@ -104,10 +114,11 @@ class Recovery:
                 failures.append(TokenFailure(entry.token_id, error))
         raise UnlockFailed(device.path, failures)
 
-    def precheck(self, token: Token) -> object:
-        """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs.
-        Returns the SRK handle."""
-        srk = self.keys.srk(token.parent, token.endorsement)
+    def precheck(self, token: Token) -> Prepared:
+        """What can be checked without the key: the SRK (which TPM, cleared?), the fence, changed PCRs, and
+        for a token with an approver the approved state the PCRs are in now."""
+        imported = isinstance(token, SealedToken) and isinstance(token.blob, ImportedSeal)
+        srk = self.keys.srk(token.parent, token.endorsement, imported=imported)
         if token.fence and self.keys.fence_is_up():
             die(
                 f"the fence is up (PCR {FENCE_PCR} is not zero): this key can only be recovered before boot completes",
@@ -124,7 +135,26 @@ class Recovery:
                     code=ExitCode.UNLOCK_FAILED,
                     cause=Cause.PCR_CHANGED,
                 )
-        return srk
+        if token.approver is None:
+            return Prepared(srk, None)
+        return Prepared(srk, ApprovedState(token.approver, self._approval(token)))
+
+    def _approval(self, token: Token) -> Approval:
+        """The approval whose state the bound PCRs are in now (the TPM checks it again: this one only
+        names what changed)."""
+        current = self.keys.pcr_values(token.pcr_bank, token.pcrs)
+        for approval in token.approvals:
+            if approval.values == current:
+                return approval
+        differing = [i for i in token.pcrs if all(a.values.get(i) != current.get(i) for a in token.approvals)]
+        die(
+            f"PCR {', '.join(map(str, differing or token.pcrs))} ({token.pcr_bank}) match none of the "
+            f"{len(token.approvals)} approved boot states",
+            hint="`luks-tpm rebind` on the running system approves what boots next (the kernel hooks run it); "
+            "this boot needs the recovery key",
+            code=ExitCode.UNLOCK_FAILED,
+            cause=Cause.PCR_CHANGED,
+        )
 
     def _verified_key(self, device: Device, token_id: int, token: Token, digests: set[int]) -> Secret:
         if token.digest not in digests:
@@ -149,15 +179,16 @@ class Recovery:
 
     def key_from_token(self, uuid: str, token_id: int, token: Token) -> Secret:
         """The volume key the token yields (not yet verified), or a LuksTpmError saying why not."""
-        srk = self.precheck(token)
+        prepared = self.precheck(token)
         if isinstance(token, DerivedToken):
-            return self._derived(uuid, token, srk)
-        return self._unseal(token_id, token, srk)
+            return self._derived(uuid, token, prepared)
+        return self._unseal(token_id, token, prepared)
 
-    def _derived(self, uuid: str, token: DerivedToken, srk: object) -> Secret:
-        policy = token.pcr_policy() if token.pcrs or token.fence else None
+    def _derived(self, uuid: str, token: DerivedToken, prepared: Prepared) -> Secret:
+        policy = prepared.policy(token) if token.pcrs or token.fence else None
         length = token.key_size if token.wrapped_key is None else derive.KEK_SIZE
-        with self.keys.hmac(srk, derive.hmac_message(uuid, token.salt), policy, token.policy) as prk:
+        message = derive.hmac_message(uuid, token.salt)
+        with self.keys.hmac(prepared.srk, message, policy, token.policy, prepared.approved) as prk:
             okm = derive.expand(prk, uuid, length)
         if token.wrapped_key is None:
             return okm
@@ -172,7 +203,7 @@ class Recovery:
             )
         return key
 
-    def _unseal(self, token_id: int, token: SealedToken, srk: object) -> Secret:
+    def _unseal(self, token_id: int, token: SealedToken, prepared: Prepared) -> Secret:
         pin = None
         if token.pin:
             pin = self._pins(token_id) if self._pins else None
@@ -184,7 +215,8 @@ class Recovery:
                     cause=Cause.NEEDS_PIN,
                 )
         try:
-            key = self.keys.unseal(srk, token.blob, token.pcr_policy(pin=token.pin), pin)
+            policy = prepared.policy(token, pin=token.pin)
+            key = self.keys.unseal(prepared.srk, token.blob, policy, pin, prepared.approved)
         except TpmError as error:
             if pin is not None:
                 pin.close()

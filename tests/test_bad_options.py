@@ -203,6 +203,11 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("persist-srk", "--owner-auth-file"): _file_values(f, *owner_auth_files),
         ("enroll", "--owner-auth-file"): _file_values(f, *owner_auth_files),
         ("reseal", "--owner-auth-file"): _file_values(f, *owner_auth_files),
+        ("format", "--approver"): _file_values(f, "dir"),
+        ("enroll", "--approver"): _file_values(f, "dir"),
+        ("enroll", "--for-tpm"): _file_values(f, *unreadable, "crypttab-garbage"),
+        ("rebind", "--approver"): _file_values(f, "dir", "missing", "crypttab-garbage"),
+        ("rebind", "--pcr-value"): pcr_values,
     }
 
 
@@ -220,6 +225,8 @@ NO_BAD_VALUE = {
     "--allow-discards",
     "--force",
     "--fence",
+    "--boot-chain",
+    "--approve-current",
     "--transient-srk",
     "--json",
     "--verbose",
@@ -227,7 +234,10 @@ NO_BAD_VALUE = {
     "--batch-mode",
     "--tcti",
 }
-COMMANDS = ["format", "enroll", "load-key", "open", "status", "reseal", "remove", "doctor", "persist-srk"]
+COMMANDS = [
+    "format", "enroll", "load-key", "open", "status", "reseal", "remove", "doctor", "persist-srk", "predict", "rebind",
+    "srk-public",
+]  # fmt: skip
 
 
 def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
@@ -254,6 +264,8 @@ def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
         return ["remove", s.volume]
     if command == "persist-srk":
         return ["persist-srk"]
+    if command == "rebind":
+        return ["rebind", s.volume]
     raise AssertionError(command)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from luks_tpm import cryptsetup, derive
+from luks_tpm.model import SealedBlob
 from luks_tpm.secret import Secret
 from luks_tpm.tokenformat import DerivedToken, SealedToken, Token, parse
 from luks_tpm.tpm import Tpm, esys
@@ -79,7 +80,7 @@ def _plain_hmac(tcti: str, uuid: str, salt: bytes) -> bytes:
 
 def _plain_unseal(tcti: str, token: Token) -> bytes:
     """Unseal with an unsalted policy session that does not encrypt the response."""
-    assert isinstance(token, SealedToken)
+    assert isinstance(token, SealedToken) and isinstance(token.blob, SealedBlob)
     with Tpm(tcti) as tpm:
         parent = tpm_srk.srk_for(tpm, token.parent, None)
         sealed = tpm_keys.load_sealed(tpm, token.blob, parent)

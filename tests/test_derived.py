@@ -166,7 +166,7 @@ def _set_token(image: Path, token_id: int, text: str) -> None:
 @pytest.mark.parametrize(
     ("edit", "message", "code"),
     [
-        (lambda t: {**t, "version": 3}, "version 3", 8),
+        (lambda t: {**t, "version": 4}, "version 4", 8),
         (lambda t: {k: v for k, v in t.items() if k != "salt"}, "'salt' is missing", 3),
         (lambda t: {**t, "salt": "not base64!"}, "damaged", 3),
         (lambda t: {**t, "digest": 7}, "digest 7", 5),

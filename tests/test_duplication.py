@@ -253,8 +253,12 @@ def test_public_area_is_the_native_sealed_template_without_fixed_tpm_and_parent(
 
 
 def test_random_blobs_open_only_with_the_srk_and_hold_no_key_in_clear() -> None:
-    first = duplication.seal_for_import(SRK_PUBLIC, secret(VOLUME_KEY), POLICY, secret(PIN))
-    second = duplication.seal_for_import(SRK_PUBLIC, secret(VOLUME_KEY), POLICY, secret(PIN))
+    first = duplication.seal_for_import(
+        duplication.parse_srk_public(SRK_PUBLIC), secret(VOLUME_KEY), POLICY, secret(PIN)
+    )
+    second = duplication.seal_for_import(
+        duplication.parse_srk_public(SRK_PUBLIC), secret(VOLUME_KEY), POLICY, secret(PIN)
+    )
     assert first.seed != second.seed and first.duplicate != second.duplicate
     assert first.public != second.public  # a fresh seedValue makes a fresh unique, so the name moves too
     for blob in (first, second):
@@ -287,7 +291,7 @@ BAD_SRKS = [
     ("sha384", _field(4, ">H", 0x000C), "nameAlg is 0x000c"),
     ("no-userwithauth", _field(6, ">I", 0x00030432), "objectAttributes is 0x00030432"),
     ("not-fixedtpm", _field(6, ">I", 0x00030470), "objectAttributes"),
-    ("auth-policy", lambda p: struct.pack(">H", len(p)) + p[2:10] + b"\x00\x02ab" + p[12:], "authPolicy size"),
+    ("auth-policy", lambda p: struct.pack(">H", len(p)) + p[2:10] + b"\x00\x02ab" + p[12:], "authPolicy"),
     ("aes-256", _field(14, ">H", 256), "symmetric key bits is 0x0100"),
     ("cbc", _field(16, ">H", 0x0042), "symmetric mode"),
     ("ecdh-scheme", _field(18, ">H", 0x0019), "scheme is 0x0019"),
@@ -305,7 +309,7 @@ BAD_SRKS = [
 @pytest.mark.parametrize(("mutate", "fragment"), [case[1:] for case in BAD_SRKS], ids=[case[0] for case in BAD_SRKS])
 def test_anything_but_the_standard_srk_is_a_usage_error(mutate: Callable[[bytes], bytes], fragment: str) -> None:
     with pytest.raises(LuksTpmError) as raised:
-        duplication.seal_for_import(mutate(SRK_PUBLIC), secret(VOLUME_KEY), POLICY)
+        duplication.seal_for_import(duplication.parse_srk_public(mutate(SRK_PUBLIC)), secret(VOLUME_KEY), POLICY)
     error = raised.value
     assert error.code == ExitCode.USAGE and fragment in error.message and "\n" not in error.message
     assert error.message.startswith("not the target TPM's standard SRK") and error.hint
@@ -313,17 +317,21 @@ def test_anything_but_the_standard_srk_is_a_usage_error(mutate: Callable[[bytes]
 
 def test_input_limits() -> None:
     with pytest.raises(LuksTpmError, match="at most 32 bytes") as raised:
-        duplication.seal_for_import(SRK_PUBLIC, secret(VOLUME_KEY), POLICY, secret(b"9" * 33))
+        duplication.seal_for_import(
+            duplication.parse_srk_public(SRK_PUBLIC), secret(VOLUME_KEY), POLICY, secret(b"9" * 33)
+        )
     assert raised.value.code == ExitCode.USAGE
     with pytest.raises(LuksTpmError, match="too large") as raised:
-        duplication.seal_for_import(SRK_PUBLIC, secret(bytes(129)), POLICY)
+        duplication.seal_for_import(duplication.parse_srk_public(SRK_PUBLIC), secret(bytes(129)), POLICY)
     assert raised.value.code == ExitCode.UNSUPPORTED
     with pytest.raises(ValueError, match="policy"):
-        duplication.seal_for_import(SRK_PUBLIC, secret(VOLUME_KEY), bytes(20))
+        duplication.seal_for_import(duplication.parse_srk_public(SRK_PUBLIC), secret(VOLUME_KEY), bytes(20))
     srk = duplication.parse_srk_public(SRK_PUBLIC)
     with EphemeralKey() as ephemeral, pytest.raises(ValueError, match="seedValue"):
         duplication.wrap_for_import(srk, secret(VOLUME_KEY), POLICY, None, ephemeral=ephemeral, seed_value=secret(b"s"))
-    blob = duplication.seal_for_import(SRK_PUBLIC, secret(bytes(128)), POLICY, secret(b"9" * 32))  # both limits
+    blob = duplication.seal_for_import(
+        duplication.parse_srk_public(SRK_PUBLIC), secret(bytes(128)), POLICY, secret(b"9" * 32)
+    )  # both limits
     assert ref.unwrap(SRK_PRIVATE, blob.public, blob.duplicate, blob.seed).auth == b"9" * 32
 
 
@@ -334,7 +342,7 @@ _NO_CRYPTOGRAPHY = textwrap.dedent(
     from luks_tpm.secret import Secret
 
     public = bytes.fromhex(sys.argv[1])
-    duplication.seal_for_import(public, Secret.copy_of(bytearray(range(64))), bytes(32))
+    duplication.seal_for_import(duplication.parse_srk_public(public), Secret.copy_of(bytearray(range(64))), bytes(32))
     print(" ".join(sorted(name for name in sys.modules if name.partition(".")[0] in ("cryptography", "tpm2_pytss"))))
     """
 )
@@ -351,3 +359,11 @@ def test_sealing_loads_neither_cryptography_nor_the_tss() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"loaded by luks_tpm.duplication: {result.stdout.strip()}"
+
+
+def test_docs_quote_these_vectors() -> None:
+    """docs/sealing.md quotes the no-PIN case: the software half is a contract too."""
+    text = (REPO / "docs" / "sealing.md").read_text()
+    symmetric, public, duplicate, name = BLOBS[b""]
+    for value in (Z, SEED, HMAC_KEY, IN_SYM_SEED, symmetric, public, duplicate, name):
+        assert f"`{value}`" in text, value[:16]

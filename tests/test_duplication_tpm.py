@@ -67,7 +67,9 @@ def test_a_pcr_bound_blob_made_without_the_tpm_unseals_on_it(swtpm: Swtpm) -> No
     srk_public = target_srk_public(swtpm)
     policy = current_policy(swtpm, (0, 7))
     key = secret(os.urandom(64))
-    blob = duplication.seal_for_import(srk_public, key, policy.digest())  # the build host: no TPM here
+    blob = duplication.seal_for_import(
+        duplication.parse_srk_public(srk_public), key, policy.digest()
+    )  # the build host: no TPM here
     with Tpm(swtpm.tcti) as tpm:
         assert duplication.parse_srk_public(srk_public).name == tpm_srk.current_srk(tpm)[1].name
     with import_and_unseal(swtpm, blob, policy, None) as unsealed:
@@ -80,7 +82,7 @@ def test_a_pin_blob_for_the_persistent_srk_unseals_with_its_pin_only(fresh_swtpm
     srk_public = target_srk_public(fresh_swtpm)
     policy = current_policy(fresh_swtpm, (7,), pin=True)
     key = secret(os.urandom(32))
-    blob = duplication.seal_for_import(srk_public, key, policy.digest(), secret(PIN))
+    blob = duplication.seal_for_import(duplication.parse_srk_public(srk_public), key, policy.digest(), secret(PIN))
     with import_and_unseal(fresh_swtpm, blob, policy, secret(PIN)) as unsealed:
         assert unsealed.equals(key)
     with pytest.raises(TpmError) as raised:
@@ -91,7 +93,9 @@ def test_a_pin_blob_for_the_persistent_srk_unseals_with_its_pin_only(fresh_swtpm
 def test_a_fenced_blob_unseals_until_the_fence_goes_up(fresh_swtpm: Swtpm) -> None:
     policy = current_policy(fresh_swtpm, (7,), fence=True)
     key = secret(os.urandom(64))
-    blob = duplication.seal_for_import(target_srk_public(fresh_swtpm), key, policy.digest())
+    blob = duplication.seal_for_import(
+        duplication.parse_srk_public(target_srk_public(fresh_swtpm)), key, policy.digest()
+    )
     with import_and_unseal(fresh_swtpm, blob, policy, None) as unsealed:
         assert unsealed.equals(key)
     with Tpm(fresh_swtpm.tcti) as tpm:
@@ -137,7 +141,9 @@ def test_the_fixed_vectors_import_on_the_tpm(fresh_swtpm: Swtpm) -> None:
 
 def test_another_tpm_refuses_the_blob(swtpm: Swtpm, second_swtpm: Swtpm) -> None:
     """Another TPM's SRK derives another seed from the ephemeral point, so the outer HMAC fails."""
-    blob = duplication.seal_for_import(target_srk_public(swtpm), secret(os.urandom(64)), bytes(32))
+    blob = duplication.seal_for_import(
+        duplication.parse_srk_public(target_srk_public(swtpm)), secret(os.urandom(64)), bytes(32)
+    )
     with Tpm(second_swtpm.tcti) as tpm:
         srk, _ = tpm_srk.current_srk(tpm)
         rc, _ = ti.tpm_import(tpm, srk, blob)
@@ -170,7 +176,9 @@ DAMAGE = [
 
 @pytest.mark.parametrize(("part", "mutate", "rc"), [case[1:] for case in DAMAGE], ids=[case[0] for case in DAMAGE])
 def test_a_damaged_blob_is_refused(swtpm: Swtpm, part: str, mutate: Callable[[bytes], bytes], rc: int) -> None:
-    blob = duplication.seal_for_import(target_srk_public(swtpm), secret(os.urandom(64)), bytes(32))
+    blob = duplication.seal_for_import(
+        duplication.parse_srk_public(target_srk_public(swtpm)), secret(os.urandom(64)), bytes(32)
+    )
     parts = {"public": blob.public, "duplicate": blob.duplicate, "seed": blob.seed}
     parts[part] = mutate(parts[part])
     with Tpm(swtpm.tcti) as tpm:
@@ -181,7 +189,10 @@ def test_a_damaged_blob_is_refused(swtpm: Swtpm, part: str, mutate: Callable[[by
 
 def test_a_valid_point_from_another_blob_is_refused(swtpm: Swtpm) -> None:
     srk_public = target_srk_public(swtpm)
-    blob, other = (duplication.seal_for_import(srk_public, secret(os.urandom(64)), bytes(32)) for _ in range(2))
+    blob, other = (
+        duplication.seal_for_import(duplication.parse_srk_public(srk_public), secret(os.urandom(64)), bytes(32))
+        for _ in range(2)
+    )
     with Tpm(swtpm.tcti) as tpm:
         srk, _ = tpm_srk.current_srk(tpm)
         rc, _ = ti.tpm_import(tpm, srk, duplication.ImportBlob(blob.public, blob.duplicate, other.seed, blob.name))
@@ -204,7 +215,9 @@ def _with_values(swtpm: Swtpm, kind: str) -> PcrPolicy:
 
 
 def _loaded_import(tpm: Tpm, srk: Any, policy_digest: bytes, key: Secret, pin: Secret | None) -> Any:
-    blob = duplication.seal_for_import(ti.parent_of(tpm, srk).public, key, policy_digest, pin)
+    blob = duplication.seal_for_import(
+        duplication.parse_srk_public(ti.parent_of(tpm, srk).public), key, policy_digest, pin
+    )
     item = ti.load(tpm, srk, ti.imported(tpm, srk, blob))
     if pin is not None:
         ti.set_auth(tpm, item, pin)
@@ -260,7 +273,9 @@ def test_finding_rewrap_under_the_standard_srk_reveals_key_and_pin(swtpm: Swtpm)
     target TPM (root, or any OS booted on that machine) gets the key, whatever the PCRs, fence and PIN."""
     unreachable = PcrPolicy(Bank.SHA256, (7,), {7: b"\x55" * 32}, pin=True)
     key = secret(os.urandom(64))
-    blob = duplication.seal_for_import(target_srk_public(swtpm), key, unreachable.digest(), secret(PIN))
+    blob = duplication.seal_for_import(
+        duplication.parse_srk_public(target_srk_public(swtpm)), key, unreachable.digest(), secret(PIN)
+    )
     with Tpm(swtpm.tcti) as tpm:
         srk, _ = tpm_srk.current_srk(tpm)
         rc, out = ti.rewrap_to_null(tpm, srk, blob)

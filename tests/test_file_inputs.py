@@ -115,7 +115,10 @@ def argv(command: str, option: str, value: Path, s: Setup) -> list[str | Path]:
         + ([] if option == "--new-pin-file" else ["--new-pin-file", s.pin]),
         "wipe": ["wipe", "--dry-run", s.volume],
         "persist-srk": ["persist-srk"],
+        "rebind": ["rebind", s.volume],
     }
+    if option == "--approver" and command in ("format", "enroll"):  # read only for a boot-chain binding
+        lines[command] = [*lines[command], "--boot-chain"]
     return [*lines[command], option, value]
 
 
@@ -160,6 +163,8 @@ NOT_UTF8_CODES = {
     "--owner-auth-file": {0},  # ignored with a warning: this TPM has no owner authorization
     "--lockout-auth-file": {0},  # likewise for the lockout authorization
     "--crypttab": {0, 8},  # wipe lists the entry (its device cannot be read); open --all: no device-mapper
+    "--approver": {2},  # not an approver key file (the boot-chain commands say so, naming --approver)
+    "--for-tpm": {2},  # not a provisioning file
 }
 
 

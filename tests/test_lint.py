@@ -60,3 +60,20 @@ def test_shellcheck() -> None:
     scripts = _shell_scripts()
     assert any(p.parts[-2:] == ("scripts", "bootstrap") for p in scripts), scripts
     _run("shellcheck", "-x", *map(str, scripts))
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """One concern per module, one job per function: modules under 500 lines, functions under 60."""
+    import ast
+
+    too_big = []
+    for path in sorted((REPO / "luks_tpm").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") >= 500:
+            too_big.append(f"{path.relative_to(REPO)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length >= 60:
+                    too_big.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {length} lines")
+    assert not too_big, "\n".join(too_big)

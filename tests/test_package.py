@@ -294,6 +294,18 @@ def test_package_declares_its_debian_dependencies_and_the_initramfs_trigger(deb:
     subprocess.run(["dpkg-deb", "-e", str(deb), str(tmp_path / "control")], check=True)
     triggers = (tmp_path / "control" / "triggers").read_text()
     assert re.search(r"^activate-noawait update-initramfs$", triggers, re.MULTILINE), triggers
+    # shim and GRUB updates approve the next boot (docs/boot-chain.md), as do the kernel and initramfs hooks
+    for watched in ("/usr/lib/shim", "/usr/lib/grub/x86_64-efi-signed"):
+        assert re.search(rf"^interest-noawait {watched}$", triggers, re.MULTILINE), triggers
+    assert "luks-tpm-rebind trigger" in (tmp_path / "control" / "postinst").read_text()
+    for hook in (
+        "/etc/kernel/postinst.d/zzz-luks-tpm",
+        "/etc/kernel/postrm.d/zzz-luks-tpm",
+        "/etc/initramfs/post-update.d/luks-tpm",
+        "/lib/systemd/system/luks-tpm-rebind.service",
+        "/lib/systemd/system/luks-tpm-rebind.path",
+    ):
+        assert hook in _contents(deb), hook
     conffiles = tmp_path / "control" / "conffiles"
     etc = {p for p in _contents(deb) if p.startswith("/etc/")}
     assert set(conffiles.read_text().split() if conffiles.exists() else []) == etc

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import pytest
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
-from tpm2_pytss.types import TPML_PCR_SELECTION
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_SE, TPM2_ST
+from tpm2_pytss.types import TPM2B_DIGEST, TPM2B_NAME, TPM2B_NONCE, TPML_PCR_SELECTION, TPMT_TK_VERIFIED
 
-from luks_tpm.model import Bank, PcrPolicy
+from luks_tpm.model import Bank, PcrPolicy, approval_digest
 
 from .fixtures_tpm import Swtpm
 from .helpers import REPO
@@ -28,6 +28,11 @@ from .helpers import REPO
 # TPM 2.0 Part 2: TPM_CC and TPM_ALG_ID values.
 TPM_CC_POLICY_AUTH_VALUE = 0x0000016B
 TPM_CC_POLICY_PCR = 0x0000017F
+TPM_CC_POLICY_AUTHORIZE = 0x0000016A
+# docs/policy.md: PolicyAuthorize's policyRef for approved boot states, and a fixed approver name
+# (nameAlg SHA-256 and a digest) for the vectors.
+POLICY_REF = b"luks-tpm approved boot state v1"
+APPROVER = bytes.fromhex("000b") + hashlib.sha256(b"luks-tpm test approver").digest()
 ALGORITHMS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C}
 PCR_SELECT_SIZE = 3  # 24 PCRs: the size every TSS (and luks-tpm) sends
 FENCE_PCR = 15
@@ -67,10 +72,11 @@ class Case:
     values: dict[int, bytes]
     fence: bool = False
     pin: bool = False
+    approver: bytes | None = None  # version 2: `values` are an approved state, not part of the digest
 
     def steps(self) -> list[tuple[str, dict[int, bytes]]]:
         steps: list[tuple[str, dict[int, bytes]]] = []
-        if self.values:
+        if self.values and self.approver is None:
             steps.append((self.bank, self.values))
         if self.fence:
             steps.append(("sha256", {FENCE_PCR: bytes(32)}))
@@ -78,6 +84,9 @@ class Case:
 
     def reference(self) -> bytes:
         digest = bytes(32)  # a policy session starts from zeros of its hash's size
+        if self.approver is not None:  # PolicyAuthorize resets the digest, then names the key and the ref
+            digest = hashlib.sha256(bytes(32) + struct.pack(">I", TPM_CC_POLICY_AUTHORIZE) + self.approver).digest()
+            digest = hashlib.sha256(digest + POLICY_REF).digest()
         for bank, values in self.steps():
             digest = policy_pcr(digest, bank, values)
         return policy_auth_value(digest) if self.pin else digest
@@ -98,6 +107,9 @@ CASES = [
     Case("fence only", "sha256", {}, fence=True),
     Case("sha256 PCR 7 + fence", "sha256", SHA256_PCR7, fence=True),
     Case("sha256 PCR 7 + fence + PIN", "sha256", SHA256_PCR7, fence=True, pin=True),
+    Case("approved states", "sha256", SHA256_PCR7, approver=APPROVER),
+    Case("approved states + fence", "sha256", SHA256_PCR7, fence=True, approver=APPROVER),
+    Case("approved states + fence + PIN", "sha256", SHA256_PCR7, fence=True, pin=True, approver=APPROVER),
 ]
 EXPECTED = {
     "no PCRs, no PIN": "0000000000000000000000000000000000000000000000000000000000000000",
@@ -110,7 +122,12 @@ EXPECTED = {
     "fence only": "7e247a603cd1052cabc095741b8ee2f7458aabeee960b8ec97d7f090171a039a",
     "sha256 PCR 7 + fence": "f9bebcf45d023c423cb0b3ec55a302819b941662d49e3b6976e6c586751a5f5c",
     "sha256 PCR 7 + fence + PIN": "33558b60aaf1ba581909d36f64436f7a9f31c344b7cb7c8dd21e39f83d4a9b38",
+    "approved states": "d11f2eb2c2ba007f55a003f3a32019800c019c15636c7c7074344f770fb79d85",
+    "approved states + fence": "0802584e204bfec2166ee69359631ef5e262fb0f8e78aa8f15305863a07ff1a0",
+    "approved states + fence + PIN": "0c2aae9de18e58d8ff751a8b3a460abb017aa0529954837b9d90b9960681344f",
 }
+# What the approver signs for the state SHA256_PCR7 (aHash = H(approved policy || policyRef)).
+APPROVAL_DIGEST = "9c4a75fdce38bae2408ade9fdd2a0f3717e3236581cc343e295aeef2aa1ea798"
 
 
 @pytest.fixture
@@ -122,10 +139,18 @@ def esapi(swtpm: Swtpm) -> Iterator[ESAPI]:
         context.close()
 
 
-def trial_digest(esapi: ESAPI, steps: list[tuple[str, dict[int, bytes] | list[int]]], pin: bool) -> bytes:
-    """The TPM's digest for the steps; a list of PCRs instead of values gives an empty pcrDigest."""
+def trial_digest(
+    esapi: ESAPI, steps: list[tuple[str, dict[int, bytes] | list[int]]], pin: bool, approver: bytes | None = None
+) -> bytes:
+    """The TPM's digest for the steps; a list of PCRs instead of values gives an empty pcrDigest. With an
+    approver, PolicyAuthorize first (a trial session takes a NULL ticket)."""
     session = esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, "null", TPM2_ALG.SHA256)
     try:
+        if approver is not None:
+            ticket = TPMT_TK_VERIFIED(tag=TPM2_ST.VERIFIED, hierarchy=TPM2_RH.NULL)
+            esapi.policy_authorize(
+                session, TPM2B_DIGEST(bytes(32)), TPM2B_NAME(approver), ticket, policy_ref=TPM2B_NONCE(POLICY_REF)
+            )
         for bank, values in steps:
             selection = TPML_PCR_SELECTION.unmarshal(pcr_selection(bank, sorted(values)))[0]
             given = pcr_digest(values) if isinstance(values, dict) else b""
@@ -145,7 +170,7 @@ def test_reference_gives_the_pinned_digest(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_tpm_trial_session_gives_the_pinned_digest(esapi: ESAPI, case: Case) -> None:
     steps: list[tuple[str, dict[int, bytes] | list[int]]] = list(case.steps())
-    assert trial_digest(esapi, steps, case.pin).hex() == EXPECTED[case.name]
+    assert trial_digest(esapi, steps, case.pin, case.approver).hex() == EXPECTED[case.name]
 
 
 @pytest.mark.parametrize("bank", sorted(ALGORITHMS))
@@ -193,5 +218,14 @@ def test_docs_show_these_vectors() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_the_package_computes_the_pinned_digest(case: Case) -> None:
     """luks_tpm.model checks every token's `policy` against its fields with its own computation."""
-    policy = PcrPolicy(Bank(case.bank), tuple(sorted(case.values)), case.values, case.pin, case.fence)
+    policy = PcrPolicy(Bank(case.bank), tuple(sorted(case.values)), case.values, case.pin, case.fence, case.approver)
     assert policy.digest().hex() == EXPECTED[case.name]
+
+
+def test_the_approval_digest_is_the_documented_one() -> None:
+    """What an approver signs for a state: H(the state's PolicyPCR digest || policyRef)."""
+    approved = policy_pcr(bytes(32), "sha256", SHA256_PCR7)
+    assert hashlib.sha256(approved + POLICY_REF).hexdigest() == APPROVAL_DIGEST
+    policy = PcrPolicy(Bank.SHA256, (7,), SHA256_PCR7, approver=APPROVER)
+    assert policy.approved_digest() == approved and approval_digest(approved).hex() == APPROVAL_DIGEST
+    assert APPROVAL_DIGEST in (REPO / "docs" / "policy.md").read_text()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from luks_tpm import activation, crypttab
+from luks_tpm import bootpass, crypttab
 from luks_tpm.boundary import Console, Plain, run
 from luks_tpm.doctor import request_key_check
 from luks_tpm.errors import ExitCode, LuksTpmError
@@ -166,8 +166,15 @@ def test_the_boot_scripts_lines(targets: dict[str, Path], tmp_path: Path, cli: F
     assert REFUSED.search(fence.stderr), fence.stderr
     entries = [crypttab.Entry("data", str(image))]
 
+    class Nothing:  # the activation seam (bootpass.Mapper): never reached here
+        def open(self, *_: object) -> None:
+            raise AssertionError("a volume was opened through a refused TCTI")
+
+        def close(self, *_: object) -> None:
+            pass
+
     def work() -> Report:
-        return activation.open_all(f"device:{image}", entries, pin_source(None), activate=lambda *_: None)
+        return bootpass.open_all(f"device:{image}", entries, pin_source(None), mapper=Nothing())
 
     assert run(work, Console(Plain())) == 2
     assert file_digest(image) == before

@@ -325,17 +325,24 @@ def forked(work: Callable[[], Any], scratch: Path, timeout: float = 30) -> Outco
     return Outcome(os.waitstatus_to_exitcode(finished[1]), out.read_text(), err.read_text())
 
 
-def open_all_work(tcti: str, volume: Path) -> Callable[[], Any]:
-    def checks_the_key(device: Any, name: str, key: Any, options: Any) -> None:
+class KeyChecker:
+    """The documented activation seam (bootpass.Mapper): checks the key it is handed, maps nothing."""
+
+    def open(self, device: Any, name: str, key: Any, options: Any) -> None:
         if not device.volume_key_verify(key):
             raise AssertionError(f"{name}: open --all handed over a key that does not open the volume")
 
+    def close(self, device: Any, name: str) -> None:
+        pass
+
+
+def open_all_work(tcti: str, volume: Path) -> Callable[[], Any]:
     def work() -> Any:
-        from luks_tpm import activation, crypttab
+        from luks_tpm import bootpass, crypttab
         from luks_tpm.prompt import pin_source
 
         entries = [crypttab.Entry("data", str(volume))]
-        return activation.open_all(tcti, entries, pin_source(None), activate=checks_the_key)
+        return bootpass.open_all(tcti, entries, pin_source(None), mapper=KeyChecker())
 
     return work
 

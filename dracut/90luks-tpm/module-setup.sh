@@ -61,7 +61,7 @@ install() {
     done <"$initdir$LUKS_TPM_CRYPTTAB" 3< <(luks_tpm_crypttab strip <"$initdir$LUKS_TPM_CRYPTTAB")
 
     # The fence before the real root runs, and before an emergency shell (both modes source emergency hooks).
-    inst_hook emergency 00 "$moddir/luks-tpm-fence.sh"
+    inst_hook emergency 00 "$moddir/luks-tpm-emergency.sh"
     if dracut_module_included systemd; then
         inst_simple "$moddir/luks-tpm.service" "${systemdsystemunitdir:?}/luks-tpm.service"
         inst_simple "$moddir/luks-tpm-fence.service" "$systemdsystemunitdir/luks-tpm-fence.service"

@@ -210,7 +210,13 @@ def main() -> None:
     Exit codes: 0 ok, 1 bug, 2 usage, 3 device, header or token problem, 4 TPM
     unavailable, 5 unlock failed (status: some volume would not unlock), 6 TPM in
     lockout, 7 refused (would lose data, or declined), 8 unsupported, 9 wipe or
-    erase done but its check found something left.
+    erase done but its check found something left, 10 the next boot cannot be
+    predicted (predict, rebind).
+
+    \b
+    Servers: `enroll --mode sealed --boot-chain --fence` binds to shim, GRUB,
+    the kernel and its command line through approved states that `rebind`
+    keeps current across updates (docs/boot-chain.md).
     """
 
 
@@ -231,9 +237,9 @@ def run(args: list[str], globals_: Globals) -> Report | None:
 
 
 def _register() -> None:
-    from . import bind, decommission, system, unlock
+    from . import bind, bootchain, decommission, system, unlock
 
-    for module in (unlock, bind, decommission, system):
+    for module in (unlock, bind, bootchain, decommission, system):
         for command in module.COMMANDS:
             main.add_command(command)
 

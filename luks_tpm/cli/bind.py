@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from pathlib import Path
@@ -11,11 +12,13 @@ import click
 from ..model import Mode
 from ..output import Report
 from ..prompt import pin_source
-from ..settings import DEFAULT_CIPHER, Enrollment, FormatSettings, Pbkdf, Recovery, ResealSettings
+from ..settings import BOOT_CHAIN_PCRS, DEFAULT_CIPHER, Enrollment, FormatSettings, Pbkdf, Recovery, ResealSettings
 from . import command, options
 from .params import (
+    approver_option,
     bank,
     bank_option,
+    boot_chain_option,
     device_argument,
     fence_option,
     file_path,
@@ -41,19 +44,25 @@ from .params import (
 )
 
 
-def _enrollment(
-    mode: Mode,
-    pcrs: str | None,
-    bank_name: str | None,
-    values: tuple[str, ...],
-    pin: bool,
-    fence: bool,
-    transient: bool,
-) -> Enrollment:
-    chosen = bank(bank_name)
-    given = pcr_values(values, chosen)
-    bound = tuple(sorted(set(pcr_list(pcrs)) | set(given)))
-    return Enrollment(mode, chosen, bound, given, pin, fence, persist_srk=not transient)
+@dataclasses.dataclass(frozen=True)
+class _Binding:
+    """The binding options several commands share, as given."""
+
+    pcrs: str | None
+    bank: str | None
+    values: tuple[str, ...]
+    fence: bool
+    transient_srk: bool
+    boot_chain: bool
+    approver: Path
+
+    def enrollment(self, mode: Mode, *, pin: bool) -> Enrollment:
+        chosen = bank(self.bank)
+        given = pcr_values(self.values, chosen)
+        listed = pcr_list(self.pcrs) if self.pcrs is not None else BOOT_CHAIN_PCRS if self.boot_chain else ()
+        bound = tuple(sorted(set(listed) | set(given)))
+        approver = self.approver if self.boot_chain else None
+        return Enrollment(mode, chosen, bound, given, pin, self.fence, not self.transient_srk, approver)
 
 
 @command("format")
@@ -90,6 +99,8 @@ def _enrollment(
 @pcrs_option
 @bank_option
 @fence_option
+@boot_chain_option
+@approver_option
 @srk_option
 @yes_option
 def format_command(
@@ -107,6 +118,8 @@ def format_command(
     pcrs: str | None,
     pcr_bank: str | None,
     fence: bool,
+    boot_chain: bool,
+    approver_file: Path,
     transient_srk: bool,
     yes: bool,
 ) -> Report:
@@ -135,7 +148,9 @@ def format_command(
         sector_size=int(sector_size),
         label=label,
         uuid=str(volume_uuid) if volume_uuid else None,
-        binding=_enrollment(Mode.DERIVED, pcrs, pcr_bank, (), False, fence, transient_srk),
+        binding=_Binding(pcrs, pcr_bank, (), fence, transient_srk, boot_chain, approver_file).enrollment(
+            Mode.DERIVED, pin=False
+        ),
     )
     source = passphrase_source(passphrase_file, "Recovery passphrase: ", "--passphrase-file", twice=True)
     return format_volume(options().tcti, settings, None if yes else yes_or_no(options().json), source)
@@ -153,10 +168,19 @@ def format_command(
 @bank_option
 @pcr_value_option
 @fence_option
+@boot_chain_option
+@approver_option
 @click.option("--pin", is_flag=True, help="Sealed only: also require a PIN (asked twice; DA-protected).")
 @pin_file_option
 @srk_option
 @owner_auth_option
+@click.option(
+    "--for-tpm",
+    "target_file",
+    type=file_path,
+    help="Sealed only: seal for the TPM of another machine, from the file `luks-tpm --json srk-public` "
+    "wrote there (every bound PCR needs --pcr-value); no TPM is used here.",
+)
 @unlock_key_option
 def enroll(
     device: Path,
@@ -165,15 +189,21 @@ def enroll(
     pcr_bank: str | None,
     pcr_value: tuple[str, ...],
     fence: bool,
+    boot_chain: bool,
+    approver_file: Path,
     pin: bool,
     pin_file: Path | None,
     transient_srk: bool,
     owner_auth_file: Path | None,
+    target_file: Path | None,
     unlock_key_file: Path | None,
 ) -> Report:
-    """Bind an existing LUKS2 volume to the TPM (other keyslots and tokens are kept)."""
-    from ..enrollment import enroll as run
+    """Bind an existing LUKS2 volume to the TPM (other keyslots and tokens are kept).
 
+    \b
+    With --for-tpm, bind it to another machine's TPM instead (an image build host
+    preparing disks): the key is sealed in TPM2_Import's format to that TPM's
+    import parent, and that TPM alone can load it (docs/sealing.md)."""
     chosen = Mode(mode)
     with_pin = pin or pin_file is not None
     if chosen is Mode.DERIVED and with_pin:
@@ -186,9 +216,21 @@ def enroll(
             "--owner-auth-file applies to --mode sealed: a derived binding re-creates its key in the owner "
             "hierarchy at every unlock, so it needs that hierarchy's authorization to be empty"
         )
-    enrollment = _enrollment(chosen, pcrs, pcr_bank, pcr_value, with_pin, fence, transient_srk)
+    if target_file is not None and (chosen is Mode.DERIVED or boot_chain):
+        raise click.UsageError(
+            "--for-tpm makes sealed tokens bound to given PCR values: a derived key or approved boot states "
+            "need the target TPM itself (enroll there)"
+        )
+    given = _Binding(pcrs, pcr_bank, pcr_value, fence, transient_srk, boot_chain, approver_file)
+    enrollment = given.enrollment(chosen, pin=with_pin)
     passphrase = passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file")
     new_pin = new_pin_source(pin_file, required=True, option="--pin-file")
+    if target_file is not None:
+        from ..provisioning import enroll_for
+
+        return enroll_for(target_file, device, enrollment, passphrase, new_pin)
+    from ..enrollment import enroll as run
+
     return run(options().tcti, device, enrollment, passphrase, new_pin, owner_auth(owner_auth_file))
 
 
@@ -265,4 +307,19 @@ def persist_srk(owner_auth_file: Path | None) -> Report:
     return run(options().tcti, owner_auth(owner_auth_file))
 
 
-COMMANDS = (format_command, enroll, reseal, remove, persist_srk)
+@command("srk-public")
+def srk_public() -> Report:
+    """Show this TPM's identity for provisioning; with --json, the provisioning file.
+
+    \b
+    `luks-tpm --json srk-public > target.json` on the target machine; then on an
+    image build host `luks-tpm enroll DISK --mode sealed --for-tpm target.json`
+    (with the target's PCR values) seals the disk's key for this TPM alone. The
+    file holds public keys only: the standard SRK, the import parent blobs are
+    wrapped to, and the endorsement key's name (docs/sealing.md)."""
+    from ..provisioning import export
+
+    return export(options().tcti)
+
+
+COMMANDS = (format_command, enroll, reseal, remove, persist_srk, srk_public)

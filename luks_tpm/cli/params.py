@@ -22,7 +22,7 @@ from ..output import printable
 from ..prompt import MAX_KEY_FILE, MAX_PIN, Confirm, NewPinSource, PassphraseSource, ask, check_pin, read_file
 from ..prompt import read_pin_file as _read_pin_file
 from ..secret import Secret
-from ..settings import DEFAULT_BANK
+from ..settings import DEFAULT_APPROVER, DEFAULT_BANK
 
 _PCR = "[0-9]{1,2}"  # ASCII digits only: int() and \d would also take superscripts and other scripts
 
@@ -204,6 +204,20 @@ def owner_auth(path: Path | None) -> Secret | None:
     return read_file(path, what="owner authorization", option="--owner-auth-file", limit=64)
 
 
+boot_chain_option = click.option(
+    "--boot-chain",
+    is_flag=True,
+    help="Bind to the boot chain (PCRs 4,7,8,9 unless --pcrs says otherwise) through approved states that "
+    "follow kernel, initrd, GRUB and shim updates (`luks-tpm rebind`); the recommended server binding with --fence.",
+)
+approver_option = click.option(
+    "--approver",
+    "approver_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_APPROVER,
+    show_default=True,
+    help="The approver key's file (made on first use; root-only, on the encrypted root).",
+)
 srk_option = click.option(
     "--transient-srk",
     is_flag=True,

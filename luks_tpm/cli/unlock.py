@@ -76,7 +76,8 @@ def open_command(
 ) -> Report:
     """Unlock DEVICE as /dev/mapper/NAME with the key referenced from the kernel keyring."""
     from .. import crypttab as tab
-    from ..activation import open_all, open_volume
+    from ..activation import open_volume
+    from ..bootpass import open_all
 
     if all_volumes:
         if device or name:

@@ -115,6 +115,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "crypt_token_status": (_int, [cd_t, _int, _strp]),
     "crypt_dump_json": (_int, [cd_t, _strp, _u32]),
     "crypt_activate_by_volume_key": (_int, [cd_t, _str, _key, size_t, _u32]),
+    "crypt_deactivate": (_int, [cd_t, _str]),
     "crypt_set_log_callback": (None, [cd_t, _LOG_CALLBACK, ctypes.c_void_p]),
     "crypt_set_debug_level": (None, [_int]),
     "crypt_get_version": (_str, []),  # not in 2.6: used only when present

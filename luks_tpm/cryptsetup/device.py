@@ -262,3 +262,7 @@ class Device:
             len(key),
             flags,
         )
+
+    def deactivate(self, name: str) -> None:
+        """Remove /dev/mapper/`name`."""
+        call("crypt_deactivate", self.cd, name.encode())

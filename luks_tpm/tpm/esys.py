@@ -53,15 +53,21 @@ FUNCTIONS = (
     "Esys_StartAuthSession", "Esys_PolicyPCR", "Esys_PolicyAuthValue", "Esys_PolicyRestart",
     "Esys_PolicyGetDigest", "Esys_HMAC", "Esys_Unseal", "Esys_PCR_Read", "Esys_PCR_Extend",
     "Esys_GetCapability", "Esys_EvictControl", "Esys_NV_ReadPublic", "Esys_Clear",
+    "Esys_LoadExternal", "Esys_VerifySignature", "Esys_PolicyAuthorize", "Esys_Sign",
+    "Esys_Import", "Esys_PolicyCommandCode", "Esys_PolicyOR",
     "Tss2_TctiLdr_Initialize", "Tss2_TctiLdr_Finalize", "Tss2_RC_Decode",
     "Tss2_MU_TPM2B_PUBLIC_Marshal", "Tss2_MU_TPM2B_PUBLIC_Unmarshal",
     "Tss2_MU_TPM2B_PRIVATE_Marshal", "Tss2_MU_TPM2B_PRIVATE_Unmarshal",
+    "Tss2_MU_TPMT_SIGNATURE_Marshal", "Tss2_MU_TPMT_SIGNATURE_Unmarshal",
+    "Tss2_MU_TPM2B_ENCRYPTED_SECRET_Unmarshal",
 )  # fmt: skip
 TYPES = (
     "ESYS_CONTEXT *", "ESYS_TR", "TSS2_TCTI_CONTEXT *", "TSS2_SYS_CONTEXT *", "TPM2B_AUTH", "TPM2B_DATA",
     "TPM2B_DIGEST", "TPM2B_MAX_BUFFER", "TPM2B_NAME", "TPM2B_NV_PUBLIC", "TPM2B_PRIVATE", "TPM2B_PUBLIC",
     "TPM2B_SENSITIVE_CREATE", "TPM2B_SENSITIVE_DATA", "TPMA_SESSION", "TPMI_YES_NO", "TPML_DIGEST",
     "TPML_DIGEST_VALUES", "TPML_PCR_SELECTION", "TPMS_CAPABILITY_DATA", "TPMT_SYM_DEF",
+    "TPMT_SIGNATURE", "TPMT_TK_VERIFIED", "TPMT_TK_HASHCHECK", "TPMT_SIG_SCHEME",
+    "TPM2B_ENCRYPTED_SECRET", "TPMT_SYM_DEF_OBJECT",
 )  # fmt: skip
 CONSTANTS = (
     "ESYS_TR_NONE", "ESYS_TR_PASSWORD", "ESYS_TR_PCR0", "ESYS_TR_RH_ENDORSEMENT", "ESYS_TR_RH_LOCKOUT",
@@ -73,6 +79,8 @@ CONSTANTS = (
     "TPM2_SE_HMAC", "TPM2_SE_POLICY", "TPM2_SE_TRIAL", "TPMA_SESSION_CONTINUESESSION",
     "TPMA_SESSION_DECRYPT", "TPMA_SESSION_ENCRYPT", "TPMA_PERMANENT_DISABLECLEAR",
     "TPMA_PERMANENT_INLOCKOUT", "TPMA_PERMANENT_LOCKOUTAUTHSET",
+    "TPM2_ALG_ECDSA", "TPM2_ST_HASHCHECK", "TPM2_ST_VERIFIED", "TPM2_RH_NULL", "TPMA_OBJECT_SIGN_ENCRYPT",
+    "TPM2_CC_Import", "TPM2_CC_Load", "TPMA_OBJECT_ADMINWITHPOLICY",
 )  # fmt: skip
 
 
@@ -183,7 +191,7 @@ def marshal(kind: str, value: Any) -> bytes:
 def tpm2b(kind: str, data: bytes = b"") -> Any:
     value = ffi.new(f"{kind} *")
     value.size = len(data)
-    ffi.memmove(value.buffer, data, len(data))
+    ffi.memmove(value.name if kind == "TPM2B_NAME" else value.buffer, data, len(data))
     return value
 
 
@@ -276,8 +284,32 @@ class Esys:
         )  # fmt: skip
         return marshal("TPM2B_PUBLIC", owned(public[0])), marshal("TPM2B_PRIVATE", owned(private[0]))
 
-    def load(self, parent: int, private: Any, public: Any) -> int:
-        return self._handle("Esys_Load", parent, PASSWORD, NONE, NONE, private, public)
+    def load(self, parent: int, private: Any, public: Any, session: int = PASSWORD) -> int:
+        return self._handle("Esys_Load", parent, session, NONE, NONE, private, public)
+
+    def import_(self, parent: int, session: int, public: Any, duplicate: Any, seed: Any) -> bytes:
+        """TPM2_Import with no inner wrapper (symmetricAlg NULL): the object's private area under `parent`."""
+        symmetric = ffi.new("TPMT_SYM_DEF_OBJECT *")
+        symmetric.algorithm = lib.TPM2_ALG_NULL
+        private = self._out("TPM2B_PRIVATE")
+        check(
+            lib.Esys_Import(
+                self.context, parent, session, NONE, NONE, ffi.new("TPM2B_DATA *"), public, duplicate, seed,
+                symmetric, private,
+            )
+        )  # fmt: skip
+        return marshal("TPM2B_PRIVATE", owned(private[0]))
+
+    def policy_command_code(self, session: int, code: int) -> None:
+        check(lib.Esys_PolicyCommandCode(self.context, session, NONE, NONE, NONE, code))
+
+    def policy_or(self, session: int, branches: tuple[bytes, ...]) -> None:
+        digests = ffi.new("TPML_DIGEST *")
+        digests.count = len(branches)
+        for index, branch in enumerate(branches):
+            digests.digests[index].size = len(branch)
+            ffi.memmove(digests.digests[index].buffer, branch, len(branch))
+        check(lib.Esys_PolicyOR(self.context, session, NONE, NONE, NONE, digests))
 
     def start_auth_session(self, salt_key: int, kind: int, symmetric: Any) -> int:
         return self._handle(
@@ -341,3 +373,38 @@ class Esys:
 
     def clear(self, auth: int) -> None:
         check(lib.Esys_Clear(self.context, auth, PASSWORD, NONE, NONE))
+
+    def load_external(self, public: Any, hierarchy: int) -> int:
+        """TPM2_LoadExternal of a public area alone (a signature-checking key)."""
+        return self._handle("Esys_LoadExternal", NONE, NONE, NONE, ffi.NULL, public, hierarchy)
+
+    def verify_signature(self, key: int, digest: bytes, signature: Any) -> Any:
+        """TPM2_VerifySignature: the TPMT_TK_VERIFIED ticket that PolicyAuthorize takes."""
+        ticket = self._out("TPMT_TK_VERIFIED")
+        check(
+            lib.Esys_VerifySignature(
+                self.context, key, NONE, NONE, NONE, tpm2b("TPM2B_DIGEST", digest), signature, ticket
+            )
+        )
+        return owned(ticket[0])
+
+    def policy_authorize(self, session: int, approved: bytes, reference: bytes, key_name: bytes, ticket: Any) -> None:
+        check(
+            lib.Esys_PolicyAuthorize(
+                self.context, session, NONE, NONE, NONE, tpm2b("TPM2B_DIGEST", approved),
+                tpm2b("TPM2B_NONCE", reference), tpm2b("TPM2B_NAME", key_name), ticket,
+            )
+        )  # fmt: skip
+
+    def sign(self, key: int, digest: bytes, scheme: Any) -> bytes:
+        """TPM2_Sign of a digest with an unrestricted key (a NULL hash-check ticket): the marshalled
+        TPMT_SIGNATURE."""
+        validation = ffi.new("TPMT_TK_HASHCHECK *")
+        validation.tag, validation.hierarchy = lib.TPM2_ST_HASHCHECK, lib.TPM2_RH_NULL
+        signature = self._out("TPMT_SIGNATURE")
+        check(
+            lib.Esys_Sign(
+                self.context, key, PASSWORD, NONE, NONE, tpm2b("TPM2B_DIGEST", digest), scheme, validation, signature
+            )
+        )
+        return marshal("TPMT_SIGNATURE", owned(signature[0]))

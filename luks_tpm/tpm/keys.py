@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import Cause, ExitCode, LuksTpmError
-from ..model import SealedBlob
+from ..model import ImportedSeal, SealedBlob
 from ..secret import Secret
-from . import templates
+from . import importparent, templates
 from .context import Tpm, fill_tpm2b, secret_from_tpm2b, wipe_response_buffer, zero_c
 from .esys import ffi, lib, marshal, unmarshal
 from .responses import OWNER, TpmError, token_data, tpm_errors
@@ -106,9 +106,13 @@ def load_sealed(tpm: Tpm, blob: SealedBlob, srk: Any) -> Any:
         ) from None
 
 
-def unseal(tpm: Tpm, blob: SealedBlob, srk: Any, pin: Secret | None, session: SessionUse) -> Secret:
-    """Unseal through `session`, a salted policy session in which the object's policy was just applied."""
-    sealed = load_sealed(tpm, blob, srk)
+def unseal(tpm: Tpm, blob: SealedBlob | ImportedSeal, parent: Any, pin: Secret | None, session: SessionUse) -> Secret:
+    """Unseal through `session`, a salted policy session in which the object's policy was just applied.
+    `parent` is the SRK, or the import parent for a blob sealed elsewhere for this TPM."""
+    if isinstance(blob, ImportedSeal):
+        sealed = importparent.load_imported(tpm, parent, blob)
+    else:
+        sealed = load_sealed(tpm, blob, parent)
     try:
         if pin is not None:
             _set_auth(tpm, sealed, pin)

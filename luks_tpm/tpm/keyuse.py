@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from contextlib import ExitStack, closing
 from typing import Any, Self
 
-from ..model import Bank, Parent, PcrPolicy, SealedBlob
+from ..model import ApprovedState, Bank, ImportedSeal, Parent, PcrPolicy, SealedBlob
 from ..secret import Secret
-from . import keys, pcr, srk
+from . import importparent, keys, pcr, srk
+from .authorize import Tickets
 from .context import Tpm
 from .sessions import Sessions
 
@@ -28,6 +29,8 @@ class KeyUse:
         self._sessions = self._stack.enter_context(closing(Sessions(tpm, reuse=many_volumes)))
         self._primaries: dict[bytes, Any] = {}  # policy digest -> derived primary
         self._pcrs: dict[tuple[Bank, tuple[int, ...]], dict[int, bytes]] = {}
+        self._tickets = Tickets(tpm)
+        self._import_parent: tuple[Any, Parent] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -39,9 +42,21 @@ class KeyUse:
         self._stack.close()
         self._primaries.clear()
 
-    def srk(self, parent: Parent, endorsement: bytes | None) -> Any:
-        """The SRK a binding was made with (srk.srk_for)."""
-        return srk.srk_for(self.tpm, parent, endorsement)
+    def srk(self, parent: Parent, endorsement: bytes | None, *, imported: bool = False) -> Any:
+        """The parent a binding was made with: the SRK (srk.srk_for), or for a token sealed elsewhere for
+        this TPM the import parent; refuses another TPM's or a cleared one's."""
+        if not imported:
+            return srk.srk_for(self.tpm, parent, endorsement)
+        handle, found = self.import_parent()
+        if found.name != parent.name:
+            raise srk.mismatch(self.tpm, endorsement)
+        return handle
+
+    def import_parent(self) -> tuple[Any, Parent]:
+        """This TPM's import parent, made once per pass."""
+        if self._import_parent is None:
+            self._import_parent = importparent.create(self.tpm)
+        return self._import_parent
 
     def pcr_values(self, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
         """PCR values, read once per pass over many volumes (they mostly share their PCRs). Only used to
@@ -62,16 +77,36 @@ class KeyUse:
             self._primaries[policy_digest] = self._stack.enter_context(keys.derived_primary(self.tpm, policy_digest))
         return self._primaries[policy_digest]
 
-    def hmac(self, srk_handle: Any, message: bytes, policy: PcrPolicy | None, policy_digest: bytes = b"") -> Secret:
+    def _ticket(self, policy: PcrPolicy, approved: ApprovedState | None) -> Any:
+        if policy.approver is None:
+            return None
+        assert approved is not None, "a policy with an approver is satisfied with an approval"
+        return self._tickets.ticket(approved.approver.public, approved.approval, policy.approved_digest())
+
+    def hmac(
+        self,
+        srk_handle: Any,
+        message: bytes,
+        policy: PcrPolicy | None,
+        policy_digest: bytes = b"",
+        approved: ApprovedState | None = None,
+    ) -> Secret:
         """TPM2_HMAC of `message` by the derived primary whose template carries `policy_digest`, in a
         salted session (a policy session satisfying `policy`, when the primary has one)."""
         primary = self._primary(policy_digest)
         if policy is None:
             with self._sessions.hmac(srk_handle) as session:
                 return keys.hmac(self.tpm, primary, message, session)
-        with self._sessions.policy(srk_handle, policy) as session:
+        with self._sessions.policy(srk_handle, policy, self._ticket(policy, approved)) as session:
             return keys.hmac(self.tpm, primary, message, session)
 
-    def unseal(self, srk_handle: Any, blob: SealedBlob, policy: PcrPolicy, pin: Secret | None) -> Secret:
-        with self._sessions.policy(srk_handle, policy) as session:
+    def unseal(
+        self,
+        srk_handle: Any,
+        blob: SealedBlob | ImportedSeal,
+        policy: PcrPolicy,
+        pin: Secret | None,
+        approved: ApprovedState | None = None,
+    ) -> Secret:
+        with self._sessions.policy(srk_handle, policy, self._ticket(policy, approved)) as session:
             return keys.unseal(self.tpm, blob, srk_handle, pin, session)

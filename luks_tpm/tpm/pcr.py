@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import Cause, ExitCode, LuksTpmError, die
 from ..model import FENCE_BANK, FENCE_DOWN, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
+from .authorize import authorize, trial_ticket
 from .context import Tpm
 from .esys import ffi, lib
 from .responses import tpm_errors
@@ -67,13 +68,18 @@ def pcr_banks(tpm: Tpm) -> list[Bank]:
     ]
 
 
-def apply_policy(tpm: Tpm, session: Any, policy: PcrPolicy, *, trial: bool) -> None:
-    """Run the policy's commands in `session`. In a real session PolicyPCR gets an empty digest, which
-    makes the TPM use the PCRs' current values (a mismatch then fails the command the policy guards)."""
-    parts = ([policy] if policy.pcrs else []) + ([FENCE_DOWN] if policy.fence else [])
+def apply_policy(tpm: Tpm, session: Any, policy: PcrPolicy, *, trial: bool, ticket: Any = None) -> None:
+    """Run the policy's commands in `session` (docs/policy.md). In a real session PolicyPCR gets an empty
+    digest, which makes the TPM use the PCRs' current values (a mismatch then fails the command the policy
+    guards). With an approver, `ticket` is the approval's (authorize.Tickets); a trial takes none."""
     with tpm_errors("applying the PCR policy"):
-        for part in parts:
-            tpm.esys.policy_pcr(session, part.pcr_digest if trial else b"", selection(part.bank, part.pcrs))
+        if policy.pcrs:
+            tpm.esys.policy_pcr(session, policy.pcr_digest if trial else b"", selection(policy.bank, policy.pcrs))
+    if policy.approver is not None:
+        authorize(tpm, session, policy, ticket if ticket is not None else trial_ticket())
+    with tpm_errors("applying the PCR policy"):
+        if policy.fence:
+            tpm.esys.policy_pcr(session, FENCE_DOWN.pcr_digest if trial else b"", selection(FENCE_BANK, (FENCE_PCR,)))
         if policy.pin:
             tpm.esys.policy_auth_value(session)
 

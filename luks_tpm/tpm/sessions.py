@@ -70,13 +70,14 @@ class Sessions:
             yield use
 
     @contextmanager
-    def policy(self, srk: Any, policy: PcrPolicy) -> Iterator[SessionUse]:
-        """A salted policy session in which `policy` was just applied, for one command."""
+    def policy(self, srk: Any, policy: PcrPolicy, ticket: Any = None) -> Iterator[SessionUse]:
+        """A salted policy session in which `policy` was just applied (with an approver: authorized by
+        `ticket`), for one command."""
         use = self._take(srk, policy=True)
         with self._released_on_failure(use):
             if use.handle in self._holding_policy:
                 restart_policy(self.tpm, use.handle)
             self._holding_policy.add(use.handle)
-            apply_policy(self.tpm, use.handle, policy, trial=False)
+            apply_policy(self.tpm, use.handle, policy, trial=False, ticket=ticket)
             yield use
             self._holding_policy.discard(use.handle)  # reached only when the command succeeded

@@ -239,7 +239,7 @@ def srk_for(tpm: Tpm, expected: Parent, endorsement: bytes | None) -> Any:
     it back."""
     found = _find(tpm, expected, create=True)
     if found is None:
-        raise _srk_mismatch(tpm, endorsement)
+        raise mismatch(tpm, endorsement)
     handle, recreated = found
     if recreated and expected.handle is not None:
         _warn(tpm, _missing_persistent(tpm, expected.handle))
@@ -263,7 +263,8 @@ def is_this_tpm(tpm: Tpm, expected: Parent, *, create: bool) -> bool:
     return _find(tpm, expected, create=create) is not None
 
 
-def _srk_mismatch(tpm: Tpm, endorsement: bytes | None) -> TpmError:
+def mismatch(tpm: Tpm, endorsement: bytes | None) -> TpmError:
+    """Why a binding's parent is not this TPM's: cleared, another TPM, or one of the two."""
     current = endorsement_name(tpm) if endorsement is not None else None
     if current is not None and current == endorsement:
         return TpmError(

@@ -1,5 +1,7 @@
 """The public areas luks-tpm asks the TPM to create keys from. The derived primary's is a contract
-(docs/derivation.md): its bytes decide the HMAC key, so they must never change. The SRK and EK are the
+(docs/derivation.md): its bytes decide the HMAC key, so they must never change; so is the import
+parent's (docs/sealing.md): its bytes decide the key that tokens sealed for this TPM elsewhere are
+wrapped to. The SRK and EK are the
 TCG's standard ECC P-256 templates, which other tools create too. tests/test_templates.py checks each
 against tpm2-pytss's own template builders, byte for byte.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from ..model import IMPORT_PARENT_ATTRIBUTES, IMPORT_PARENT_POLICY
 from .esys import ffi, lib
 
 DERIVED_PRIMARY_UNIQUE = hashlib.sha256(b"luks-tpm derived primary v1").digest()
@@ -83,9 +86,41 @@ def sealed_object(policy: bytes, *, pin: bool) -> Any:
     return template
 
 
+def approver() -> Any:
+    """docs/policy.md: the approver, an ECC P-256 ECDSA-SHA256 signing key under the SRK that signs the
+    approved states of the boot chain. Bound to this TPM (fixedTPM, fixedParent), usable by whoever
+    holds its blob (userWithAuth, empty auth), never counting towards dictionary-attack lockout."""
+    attributes = (
+        lib.TPMA_OBJECT_FIXEDTPM
+        | lib.TPMA_OBJECT_FIXEDPARENT
+        | lib.TPMA_OBJECT_SENSITIVEDATAORIGIN
+        | lib.TPMA_OBJECT_USERWITHAUTH
+        | lib.TPMA_OBJECT_SIGN_ENCRYPT
+        | lib.TPMA_OBJECT_NODA
+    )
+    template = _public(lib.TPM2_ALG_ECC, attributes, b"")
+    detail = template.publicArea.parameters.eccDetail
+    detail.symmetric.algorithm = lib.TPM2_ALG_NULL
+    detail.scheme.scheme = lib.TPM2_ALG_ECDSA
+    detail.scheme.details.ecdsa.hashAlg = lib.TPM2_ALG_SHA256
+    detail.curveID = lib.TPM2_ECC_NIST_P256
+    detail.kdf.scheme = lib.TPM2_ALG_NULL
+    return template
+
+
 def srk() -> Any:
     """The standard ECC P-256 storage root key (TCG provisioning guidance), as systemd and tpm2-tools make it."""
     return _ecc_p256_storage(SRK_ATTRIBUTES, b"", 0)
+
+
+def import_parent() -> Any:
+    """docs/sealing.md (contract): the primary that tokens sealed for this TPM on another machine are
+    wrapped to. The standard SRK's template with userWithAuth cleared, adminWithPolicy set and the
+    Import-or-Load policy: a blob wrapped to it can only be imported and loaded, never rewrapped."""
+    assert (
+        IMPORT_PARENT_ATTRIBUTES == (SRK_ATTRIBUTES & ~lib.TPMA_OBJECT_USERWITHAUTH) | lib.TPMA_OBJECT_ADMINWITHPOLICY
+    )
+    return _ecc_p256_storage(IMPORT_PARENT_ATTRIBUTES, IMPORT_PARENT_POLICY, 0)
 
 
 def endorsement_key() -> Any:
