@@ -23,7 +23,7 @@ last command of each line to keep the run short). Every outcome must be:
 
 Lines: enroll, format, status, doctor, load-key, open --all (the documented activation seam, in a forked
 child: the host has no device-mapper), reseal, remove, wipe --dry-run, persist-srk (the SRK evicted
-first, so that EvictControl is among the commands), fence, and request-key's application key through
+first, so that EvictControl is among the commands), fence, srk-public, and request-key's application key through
 the real kernel upcall (its outcome read from syslog). Two lanes (a swtpm and a proxy each) run at once.
 """
 
@@ -119,6 +119,7 @@ LINES = [
     Line("remove", lambda s: ["remove", s.volume, "--token-id", "0"], writes=True, unlocks=True),
     Line("wipe --dry-run", lambda s: ["wipe", "--dry-run", s.volume]),
     Line("fence", lambda s: ["fence"]),
+    Line("srk-public", lambda s: ["srk-public"]),
     Line("persist-srk", lambda s: ["persist-srk"]),  # last: it evicts the SRK the others use
 ]
 

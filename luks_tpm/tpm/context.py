@@ -166,12 +166,19 @@ class Tpm:
         self.close()
 
     def close(self) -> None:
-        while self._flush:
-            handle = self._flush.pop()
-            try:
-                self.esys.flush_context(handle)
-            except TssError as error:  # after a lost connection every flush fails: the TPM (or RM) cleans up
-                log.debug("flushing %#x failed: %s", int(handle), error)
+        # Each handle gets a second try: a flush that failed once (already during the command, or now)
+        # leaves its object in a TPM without resource manager, one of three slots. After a lost connection
+        # every flush fails at once, without a command: the TPM (or its resource manager) cleans up then.
+        for _ in range(2):
+            failed = []
+            while self._flush:
+                handle = self._flush.pop()
+                try:
+                    self.esys.flush_context(handle)
+                except TssError as error:
+                    log.debug("flushing %#x failed: %s", int(handle), error)
+                    failed.append(handle)
+            self._flush = failed
         self.srks.clear()
         self.esys.close()
 
