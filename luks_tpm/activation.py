@@ -9,6 +9,8 @@ such a key (open). It never reaches a file, pipe, argv or the environment.
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +30,26 @@ def key_description(device: Device, digest: int) -> str:
     return f"cryptsetup:{device.uuid}-d{digest}"
 
 
-def dm_table(device: Device, digest: int, key_size: int) -> str:
+def table_device(device: Device) -> str:
+    """The device as a dm table names it: MAJOR:MINOR for a block device (no path to split or escape), the
+    path for an image file (which dmsetup needs on a loop device anyway), refused (exit 2) when that path
+    holds white space or other characters a table line cannot carry."""
+    info = os.stat(device.path)
+    if stat.S_ISBLK(info.st_mode):
+        return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+    if not device.path.isprintable() or any(char.isspace() or char == "\\" for char in device.path):
+        die(
+            f"--table: {device.path} cannot stand in a dm table line (dmsetup splits it at white space)",
+            hint="attach the image to a loop device (`losetup --find --show FILE`) and load-key that device",
+            code=ExitCode.USAGE,
+            cause=Cause.USAGE,
+        )
+    return device.path
+
+
+def dm_table(device: Device, digest: int, key_size: int, data_device: str | None = None) -> str:
     """The dm-crypt table line libcryptsetup would load, with the key referenced from the keyring."""
+    data_device = table_device(device) if data_device is None else data_device
     segment = device.metadata()["segments"]["0"]
     offset = int(segment["offset"]) // 512
     size = segment["size"]
@@ -45,7 +65,7 @@ def dm_table(device: Device, digest: int, key_size: int) -> str:
         options.append("iv_large_sectors")
         iv_offset = iv_offset * 512 // sector_size
     key = f":{key_size}:logon:{key_description(device, digest)}"
-    line = f"0 {sectors} crypt {segment['encryption']} {key} {iv_offset} {device.path} {offset}"
+    line = f"0 {sectors} crypt {segment['encryption']} {key} {iv_offset} {data_device} {offset}"
     return line + (f" {len(options)} {' '.join(options)}" if options else "")
 
 
@@ -116,13 +136,14 @@ def load_keys(
 def _load_one(
     device: Device, recovery: Recovery, target: int, timeout: int | None, table: bool, token_id: int | None
 ) -> LoadedKey:
+    data_device = table_device(device) if table else None  # refused before any key is recovered
     found = recovery.recover(device, token_id=token_id)
     description = key_description(device, found.token.digest)
     staging = keyring.keyring_id(keyring.THREAD, create=True)
     with found.key:  # the key is zeroed as soon as the kernel has it
         serial = _add(description, found.key, staging)
     _publish(serial, description, staging, target, timeout)
-    line = dm_table(device, found.token.digest, found.token.key_size) if table else None
+    line = dm_table(device, found.token.digest, found.token.key_size, data_device) if data_device else None
     return LoadedKey(device.path, serial, description, target, found.token_id, line)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import Cause, ExitCode, LuksTpmError, die
+from .files import read_bytes
 from .model import Approval, Approver, Parent, PcrPolicy, SealedBlob
 from .tpm import Tpm
 from .tpm import authorize as tpm_authorize
@@ -53,13 +54,14 @@ def _damaged(path: Path, what: str) -> LuksTpmError:
 
 
 def load(path: Path) -> ApproverKey | None:
-    """The approver kept in `path`, or None when there is none."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    """The approver kept in `path`, or None when there is none. A regular file of bounded size: a FIFO
+    or /dev/zero there must not hang or exhaust the command (files.read_bytes refuses them, exit 2)."""
+    if not os.path.lexists(path):
         return None
-    except (OSError, UnicodeDecodeError) as error:
-        raise _damaged(path, f"cannot read the approver key ({error})") from None
+    try:
+        text = read_bytes(path, what="approver key", option="--approver", limit=1 << 16).decode()
+    except UnicodeDecodeError as error:
+        raise _damaged(path, f"cannot read the approver key ({error.reason})") from None
     try:
         data = json.loads(text)
         parent = data["parent"]

@@ -9,6 +9,7 @@ shown.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from .cryptsetup import header_facts
@@ -35,13 +36,18 @@ class Unresolved:
     error: LuksTpmError
 
 
+_BLANKS = re.compile(r"[ \t\r]+")  # crypttab(5) fields: separated by spaces or tabs, as systemd reads them
+
+
 def parse(text: str, *, only_marked: bool = True) -> list[Entry]:
+    """Entries, one per line ("\n" only) with fields split at ASCII blanks only: Python's splitlines()
+    and split() would also cut at a LINE SEPARATOR or a NO-BREAK SPACE inside a name or a path."""
     entries = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.split("#", 1)[0].strip(" \t\r")
         if not line:
             continue
-        fields = line.split()
+        fields = _BLANKS.split(line)
         if len(fields) < 2:
             die(f"crypttab line {number}: needs at least a name and a device", code=ExitCode.USAGE)
         options = fields[3].split(",") if len(fields) > 3 else []

@@ -8,7 +8,6 @@ removes the last way into a volume unless forced.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import secrets
@@ -24,11 +23,12 @@ from .prompt import NewPinSource, PassphraseSource, PinSource
 from .secret import Secret
 from .settings import Enrollment
 from .tokenformat import DerivedToken, SealedToken, Token, to_json, utc_now
-from .tpm import Tpm
+from .tpm import Tpm, TpmError
 from .tpm import keys as tpm_keys
 from .tpm import pcr as tpm_pcr
 from .tpm import srk as tpm_srk
 from .tpm.keyuse import KeyUse
+from .tpm.owner import owner_authorization
 from .unlock import Recovery, luks_tpm_tokens
 
 # ---- header writes ------------------------------------------------------------------------------------
@@ -131,12 +131,12 @@ def prepare(tpm: Tpm, enrollment: Enrollment) -> Binding:
     if enrollment.mode is Mode.DERIVED and policy.empty:
         return Binding(srk, parent, None, b"", endorsement)
     if enrollment.approver is None:
-        return Binding(srk, parent, policy, tpm_pcr.policy_digest(tpm, policy), endorsement)
+        return Binding(srk, parent, policy, _policy_digest(tpm, policy), endorsement)
     key = approver.load_or_create(tpm, enrollment.approver)
     policy = dataclasses.replace(policy, approver=key.approver.name)
     states = [values] if enrollment.pcr_values else approvable_states(tpm, policy)
     approvals = tuple(key.sign(tpm, dataclasses.replace(policy, values=state)) for state in states)
-    return Binding(srk, parent, policy, tpm_pcr.policy_digest(tpm, policy), endorsement, key.approver, approvals)
+    return Binding(srk, parent, policy, _policy_digest(tpm, policy), endorsement, key.approver, approvals)
 
 
 def approvable_states(tpm: Tpm, policy: PcrPolicy) -> list[dict[int, bytes]]:
@@ -151,6 +151,20 @@ def approvable_states(tpm: Tpm, policy: PcrPolicy) -> list[dict[int, bytes]]:
             progress(f"warning: the next boot is not approved: {error.message}")
         return states
     return states if predicted == states[0] else [*states, predicted]
+
+
+def _policy_digest(tpm: Tpm, policy: PcrPolicy) -> bytes:
+    """The policy's digest, as the TPM computes it; a token is read back with the software computation's
+    check (tokenformat), so a TPM that computes another one (or skips a command) writes no token."""
+    digest = tpm_pcr.policy_digest(tpm, policy)
+    if digest != policy.digest():
+        raise TpmError(
+            "the TPM computed another policy digest than its inputs give (computing the policy digest)",
+            hint="the TPM, or what is between luks-tpm and it, is not working right: `luks-tpm doctor`",
+            code=ExitCode.TPM_UNAVAILABLE,
+            cause=Cause.TPM_FAILED,
+        )
+    return digest
 
 
 def _persist_srk_if_free(tpm: Tpm) -> None:
@@ -234,7 +248,18 @@ def unverified_note(enrollment: Enrollment) -> str:
     return f"not verified: the fence is up (PCR {FENCE_PCR}); it will be usable before the fence at the next boot"
 
 
+def _no_keyslot(device: Device) -> LuksTpmError:
+    return LuksTpmError(
+        f"no keyslot opens with that key: {device.path} has no keyslot (formatted with --no-recovery, or erased)",
+        hint="such a volume opens only with its luks-tpm tokens (`luks-tpm status`); `luks-tpm reseal` re-binds one",
+        code=ExitCode.UNLOCK_FAILED,
+        cause=Cause.WRONG_KEY,
+    )
+
+
 def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> Secret:
+    if not device.keyslots():  # before asking for a passphrase that nothing could check
+        raise _no_keyslot(device)
     with passphrase() as secret:
         try:
             _, key = device.volume_key_get(secret)
@@ -245,6 +270,8 @@ def volume_key_with_passphrase(device: Device, passphrase: PassphraseSource) -> 
                     code=ExitCode.UNLOCK_FAILED,
                     cause=Cause.WRONG_KEY,
                 )
+            if error.errno == errno.ENOENT:  # the last keyslot went meanwhile (an erase)
+                raise _no_keyslot(device) from None
             raise
     return key
 
@@ -267,19 +294,30 @@ class Enrolled:
 
 
 def enroll(
-    tcti: str, device_path: Path, enrollment: Enrollment, passphrase: PassphraseSource, pin: NewPinSource
+    tcti: str,
+    device_path: Path,
+    enrollment: Enrollment,
+    passphrase: PassphraseSource,
+    pin: NewPinSource,
+    owner_auth: Secret | None = None,
 ) -> Report:
+    """`owner_auth`: the owner hierarchy's authorization, when it has one (proving the persistent SRK
+    re-creates the SRK there); closed here."""
     path = str(device_path)
-    with open_device(path, write=True) as device:
-        key = volume_key_with_passphrase(device, passphrase)
-        pin_secret = pin() if enrollment.pin else None
-        try:
-            with key, Tpm(tcti) as tpm:
-                bound = bind(device, tpm, key, enrollment, pin_secret)
-                warnings = tuple(tpm.warnings)
-        finally:
-            if pin_secret is not None:
-                pin_secret.close()
+    try:
+        with open_device(path, write=True) as device:
+            key = volume_key_with_passphrase(device, passphrase)
+            pin_secret = pin() if enrollment.pin else None
+            try:
+                with key, Tpm(tcti) as tpm, owner_authorization(tpm, owner_auth):
+                    bound = bind(device, tpm, key, enrollment, pin_secret)
+                    warnings = tuple(tpm.warnings)
+            finally:
+                if pin_secret is not None:
+                    pin_secret.close()
+    finally:
+        if owner_auth is not None:
+            owner_auth.close()
     token = bound.token
     checked = "verified by recovering the key" if bound.verified else unverified_note(enrollment)
     line = f"{path}: token {bound.token_id} ({token.describe()}) enrolled, {checked}"
@@ -305,8 +343,11 @@ def ways_in(device: Device, tcti: str | None, *, except_token: int | None = None
     entries = [e for e in luks_tpm_tokens(device) if e.token_id != except_token]
     alive = []
     tpm = None
-    with contextlib.suppress(LuksTpmError):  # no TPM now: tokens cannot be tried, so none is known to be dead
+    try:
         tpm = Tpm(tcti) if tcti is not None and any(e.token for e in entries) else None
+    except LuksTpmError as error:  # no TPM now: tokens cannot be tried, so none is known to be dead
+        if error.code is ExitCode.USAGE:  # but a TCTI that is refused is the command line's mistake
+            raise
     try:
         for entry in entries:
             if entry.token is None:
@@ -365,8 +406,15 @@ class SrkPersisted:
         return [f"SRK persistent at {self.handle}, name {self.name}"]
 
 
-def persist_srk(tcti: str) -> Report:
-    with Tpm(tcti) as tpm:
-        parent = tpm_srk.persist_srk(tpm)
+def persist_srk(tcti: str, owner_auth: Secret | None = None) -> Report:
+    """`owner_auth`: the owner hierarchy's authorization, when it has one (creating and persisting the
+    SRK need it; nothing else of luks-tpm's sealed bindings does afterwards)."""
+    try:
+        with Tpm(tcti) as tpm, owner_authorization(tpm, owner_auth):
+            parent = tpm_srk.persist_srk(tpm)
+            warnings = tuple(tpm.warnings)
+    finally:
+        if owner_auth is not None:
+            owner_auth.close()
     assert parent.handle is not None
-    return Report(SrkPersisted(f"{parent.handle:#x}", parent.name.hex()))
+    return Report(SrkPersisted(f"{parent.handle:#x}", parent.name.hex()), warnings)

@@ -53,6 +53,7 @@ class Cause(enum.StrEnum):
     REFUSED = "refused"
     CLEAR_DISABLED = "clear-disabled"  # TPM2_Clear refused: disableClear is set
     WRONG_AUTH = "wrong-auth"  # a hierarchy's authorization (e.g. the lockout's) was wrong
+    OWNER_AUTH = "owner-auth"  # the owner hierarchy has an authorization luks-tpm was not given
     UNPREDICTABLE = "unpredictable"  # the next boot's PCRs cannot be computed from the event log and files
     NO_EVENT_LOG = "no-event-log"  # no TCG event log to predict from (not a UEFI measured boot)
     NO_APPROVER = "no-approver"  # this system has no approver key for the tokens' approved states

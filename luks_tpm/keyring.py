@@ -87,7 +87,8 @@ def load_key_target(spec: str) -> int:
     without one the kernel falls back to the user session keyring."""
     special = parse_keyring(spec)
     try:
-        serial = keyring_id(special, create=special in (PROCESS, THREAD))
+        # a serial is described as it is (resolving it as keyrings are would need search permission)
+        serial = keyring_id(special, create=special in (PROCESS, THREAD)) if special < 0 else special
         kind = describe(serial).type
     except KeyringError as error:
         raise ValueError(f"{spec}: {error.strerror}") from None

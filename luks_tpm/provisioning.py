@@ -31,6 +31,7 @@ from .tokenformat import SealedToken, utc_now
 from .tpm import Tpm, importparent
 from .tpm import srk as tpm_srk
 from .tpm.esys import marshal
+from .tpm.responses import tpm_errors
 
 TARGET_TYPE = "luks-tpm-target"
 TARGET_VERSION = 1
@@ -73,7 +74,8 @@ class TargetFile:
 def export(tcti: str) -> Report:
     with Tpm(tcti) as tpm:
         srk_handle, srk = tpm_srk.current_srk(tpm)
-        srk_public = marshal("TPM2B_PUBLIC", tpm.esys.read_public(srk_handle))
+        with tpm_errors("reading the storage root key"):
+            srk_public = marshal("TPM2B_PUBLIC", tpm.esys.read_public(srk_handle))
         parent_handle, parent = importparent.create(tpm)
         import_parent = KeyPublic(importparent.public_area(tpm, parent_handle), parent.name)
         endorsement = tpm_srk.endorsement_name(tpm)

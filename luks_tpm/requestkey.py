@@ -264,10 +264,9 @@ def _app_key(tcti: str, uid: int, name: str, length: int) -> Secret:
     from . import derive
     from .tpm import Tpm
     from .tpm.keyuse import KeyUse
-    from .tpm.srk import current_srk
+    from .tpm.srk import session_key
 
     with Tpm(tcti) as tpm, KeyUse(tpm) as keys:
-        srk, _ = current_srk(tpm)
-        prk = keys.hmac(srk, derive.app_hmac_message(uid, name), None)
+        prk = keys.hmac(session_key(tpm), derive.app_hmac_message(uid, name), None)
     with prk:
         return derive.app_expand(prk, uid, name, length)

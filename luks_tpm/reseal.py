@@ -20,6 +20,7 @@ from .secret import Secret
 from .settings import Enrollment, ResealSettings
 from .tokenformat import Token
 from .tpm import Tpm
+from .tpm.owner import owner_authorization
 from .unlock import Recovered, Recovery, TokenEntry, luks_tpm_tokens
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,26 @@ def reseal(
     passphrase: PassphraseSource,
     pins: PinSource,
     new_pin: NewPinSource,
+    owner_auth: Secret | None = None,
 ) -> Report:
-    """What is not given is the old token's: its mode, bank, PCRs (plus those given values for), PIN, fence."""
+    """What is not given is the old token's: its mode, bank, PCRs (plus those given values for), PIN, fence.
+    `owner_auth`: the owner hierarchy's authorization, when it has one (closed here)."""
+    try:
+        return _reseal(tcti, device_path, settings, passphrase, pins, new_pin, owner_auth)
+    finally:
+        if owner_auth is not None:
+            owner_auth.close()
+
+
+def _reseal(
+    tcti: str,
+    device_path: Path,
+    settings: ResealSettings,
+    passphrase: PassphraseSource,
+    pins: PinSource,
+    new_pin: NewPinSource,
+    owner_auth: Secret | None,
+) -> Report:
     path = str(device_path)
     with open_device(path, write=True) as device:
         old_id, old = _old_token(device, settings.token_id)
@@ -56,7 +75,7 @@ def reseal(
             die(f"--pcr-value: the {bank} bank needs {bank.size}-byte values", code=ExitCode.USAGE, cause=Cause.USAGE)
         chosen = tuple(sorted(set(old.pcrs if settings.pcrs is None else settings.pcrs) | set(settings.pcr_values)))
         enrollment = Enrollment(old.mode, bank, chosen, settings.pcr_values, old.pin, old.fence)
-        with Tpm(tcti) as tpm, Recovery(tpm, pins) as recovery:
+        with Tpm(tcti) as tpm, owner_authorization(tpm, owner_auth), Recovery(tpm, pins) as recovery:
             found = _key_for_reseal(device, recovery)
             with found.key if found else volume_key_with_passphrase(device, passphrase) as key:
                 pin = _pin_for_reseal(recovery, old_id, enrollment.pin, new_pin)

@@ -132,9 +132,11 @@ def status(tcti: str, devices: Sequence[Path | Unresolved]) -> Report:
     try:
         tpm = Tpm(tcti)
     except LuksTpmError as error:
+        if error.code is ExitCode.USAGE:  # a TCTI refused before use: the command line's mistake
+            raise
         tpm_error = error
     try:
-        fence_up = tpm_pcr.fence_is_up(tpm) if tpm is not None else None
+        fence_up = _fence_up(tpm) if tpm is not None else None
         outlook = Outlook.of(tpm)
         volumes = [
             _volume_status(path, tpm, tpm_error, outlook, alone=len(devices) == 1)
@@ -196,6 +198,16 @@ def _all_of(values: Iterable[bool | None]) -> bool | None:
 def _any_of(values: Iterable[bool | None]) -> bool | None:
     found = list(values)
     return True if True in found else None if None in found else False
+
+
+def _fence_up(tpm: Tpm) -> bool | None:
+    """None also for a TPM without the fence's bank: it has no fence (fenced tokens say so each)."""
+    try:
+        return tpm_pcr.fence_is_up(tpm)
+    except LuksTpmError as error:
+        if error.cause is not Cause.UNSUPPORTED:
+            raise
+        return None
 
 
 def _unreadable(device: str, error: LuksTpmError) -> VolumeStatus:

@@ -21,7 +21,7 @@ from .model import Mode
 from .output import ABSENT, OMIT_IF_NONE, TEXT_ONLY, Absent, ErrorInfo, Report
 from .prompt import Confirm, read_file
 from .secret import Secret
-from .tokenformat import TOKEN_TYPE
+from .tokenformat import TOKEN_TYPE, Token
 from .tpm import Tpm, owner
 from .tpm.srk import endorsement_name, srk_for
 from .unlock import Recovery, TokenEntry, luks_tpm_tokens
@@ -70,6 +70,8 @@ class TokenFate:
 
     def line(self) -> str:
         words = _FATE_WORDS.get(self.fate) or f"{self.fate}: {self.reason}"
+        if self.fate is Fate.DIES and self.reason:
+            words = f"DIES ({self.reason})"
         return f"    token {self.id}: {self.summary}: {words}"
 
 
@@ -104,6 +106,8 @@ class VolumeFate:
         if not self.tokens:
             lines.append("    no luks-tpm token")
         if not self.affected:
+            if any(token.fate is Fate.UNKNOWN for token in self.tokens):
+                return [*lines, "    afterwards: unknown: a token could not be checked (see above), and may die"]
             already = " (it has no way in left already)" if self.after == "unrecoverable" else ""
             return [*lines, f"    afterwards: nothing of it changes{already}"]
         slots = ", ".join(map(str, self.keyslots))
@@ -263,7 +267,25 @@ def _token_fate(tpm: Tpm, entry: TokenEntry) -> TokenFate:
         srk_for(tpm, token.parent, token.endorsement)
         return fate
     except LuksTpmError as error:
+        if error.cause in (Cause.NO_TPM, Cause.TPM_FAILED):  # no list can be made without a working TPM
+            raise
+        if error.cause in (Cause.OWNER_AUTH, Cause.HIERARCHY_DISABLED):
+            return _fate_by_endorsement(tpm, fate, token, error)
         return dataclasses.replace(fate, fate=_FATE_OF_CAUSE.get(error.cause, Fate.UNKNOWN), reason=error.message)
+
+
+def _fate_by_endorsement(tpm: Tpm, fate: TokenFate, token: Token, error: LuksTpmError) -> TokenFate:
+    """When the owner hierarchy cannot give the SRK (an owner authorization is set, or the hierarchy is
+    disabled), the endorsement key still tells whose token it is: one made on this TPM dies with the clear
+    (unless a clear killed it already: dead either way), another TPM's survives."""
+    current = endorsement_name(tpm)
+    if token.endorsement is None or current is None:
+        return dataclasses.replace(fate, fate=Fate.UNKNOWN, reason=error.message)
+    if current != token.endorsement:
+        return dataclasses.replace(fate, fate=Fate.OTHER_TPM, reason="its endorsement key is another TPM's")
+    return dataclasses.replace(
+        fate, reason=f"made on this TPM (its endorsement key); its SRK cannot be checked ({error.message})"
+    )
 
 
 def _after(error: str | None, keyslots: tuple[int, ...], tokens: tuple[TokenFate, ...]) -> str:

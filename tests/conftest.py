@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures_cli",
     "tests.fixtures_files",
     "tests.fixtures_package",
+    "tests.fixtures_upcall",
 ]

@@ -104,14 +104,19 @@ TIMEOUT = -999  # returncode of a command that had to be killed after its timeou
 class ForkedCli:
     """`run(*args)` behaves like `helpers.luks_tpm` (same result type, same `expect` check)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, environment: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
+        """`environment`: variables set for every command (the server's, read by the package at run time);
+        `prefix`: a command the server runs under, e.g. `unshare -m` (a mount namespace of its own: `pid`
+        then names the namespace, for nsenter)."""
         self.workdir = workdir
         self.count = 0
-        environment = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
+        inherited = {k: v for k, v in os.environ.items() if k not in {"LUKS_TPM_TCTI", "TPM2TOOLS_TCTI"}}
+        environment = {**inherited, **(environment or {})}
         requests_read, self._requests = os.pipe()
         self._replies_fd, replies_write = os.pipe()
         self._process = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-c",
                 f"import os; os.dup2({requests_read}, 3); os.dup2({replies_write}, 4); "
@@ -126,6 +131,10 @@ class ForkedCli:
         os.close(requests_read)
         os.close(replies_write)
         self._replies = os.fdopen(self._replies_fd, "r")
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def close(self) -> None:
         os.close(self._requests)

@@ -146,6 +146,7 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("odd hex", "7=" + "a" * 63),
     ]
     token_ids = [("-1", "-1"), ("32", "32"), ("letter", "x"), ("2**64", GIANT), ("empty", "")]
+    owner_auth_files = ("dir", "through-file", "missing", "zero", "big", "null")  # an empty one: the empty auth
     return {
         ("format", "--cipher"): [
             ("unknown", "foo-bar-plain64"),
@@ -199,6 +200,9 @@ def bad_values(s: Setup) -> dict[tuple[str, str], list[tuple[str, str]]]:
         ("reseal", "--new-pin-file"): _file_values(f, *unreadable, "pin-65", "pin-1000"),
         ("reseal", "--unlock-key-file"): _file_values(f, *unreadable),
         ("remove", "--token-id"): [*token_ids, ("absent", "20")],
+        ("persist-srk", "--owner-auth-file"): _file_values(f, *owner_auth_files),
+        ("enroll", "--owner-auth-file"): _file_values(f, *owner_auth_files),
+        ("reseal", "--owner-auth-file"): _file_values(f, *owner_auth_files),
         ("format", "--approver"): _file_values(f, "dir"),
         ("enroll", "--approver"): _file_values(f, "dir"),
         ("enroll", "--for-tpm"): _file_values(f, *unreadable, "crypttab-garbage"),
@@ -258,6 +262,8 @@ def base_argv(command: str, option: str, s: Setup) -> list[str | Path]:
         return ["reseal", s.volume, *token, *pin, *extra]
     if command == "remove":
         return ["remove", s.volume]
+    if command == "persist-srk":
+        return ["persist-srk"]
     if command == "rebind":
         return ["rebind", s.volume]
     raise AssertionError(command)

@@ -139,7 +139,8 @@ def test_luks2_on_a_loop_block_device(tmp_path: Path, tpm: Swtpm, passphrase: Pa
     with open(image, "wb") as handle:
         handle.truncate(32 << 20)
     with loop_device(image) as device:
-        _works_everywhere(device, passphrase, cli, tpm.tcti, str(device))
+        rdev = os.stat(device).st_rdev  # a table names a block device by MAJOR:MINOR (no path to split)
+        _works_everywhere(device, passphrase, cli, tpm.tcti, f"{os.major(rdev)}:{os.minor(rdev)}")
 
 
 def test_fifo_socket_char_devices_directory_dangling_link(
@@ -222,3 +223,45 @@ def test_detached_header_is_refused_or_supported(tmp_path: Path, tpm: Swtpm, pas
         skip=("format",),
     )
     assert not failures, "\n".join(failures)
+
+
+# ---- issue 21, defect 17: the dm table is one that dmsetup can read ---------------------------------------
+
+
+def _fields(table: str) -> list[str]:
+    """A crypt table line split as dmsetup splits it: start, length, target, cipher, key, iv offset,
+    device, offset (and optional arguments)."""
+    return table.split()
+
+
+def test_table_of_an_image_whose_path_has_a_space(tmp_path: Path, tpm: Swtpm, passphrase: Path, cli: ForkedCli) -> None:
+    """Refused for that device (exit 2, saying what to do) before its key is recovered; another device on
+    the same line still gets its key and table; without --table the same image loads."""
+    spaced = tmp_path / "my disk.img"
+    plain = tmp_path / "plain.img"
+    for image in (spaced, plain):
+        with open(image, "wb") as handle:
+            handle.truncate(32 << 20)
+        cli.json(*format_command(image, passphrase), "--yes", tcti=tpm.tcti)
+    error = cli.json("load-key", spaced, "--table", tcti=tpm.tcti, expect=2)["error"]
+    assert "--table" in error["message"] and "losetup" in error["hint"], error
+    both = cli.json("load-key", spaced, plain, "--table", tcti=tpm.tcti, expect=2)["volumes"]
+    assert both[0]["error"]["code"] == 2 and "serial" not in both[0], both
+    fields = _fields(both[1]["table"])
+    assert len(fields) == 8 and fields[6] == str(plain), fields
+    assert "serial" in cli.json("load-key", spaced, tcti=tpm.tcti)
+
+
+def test_table_of_a_block_device_names_it_by_number(
+    tmp_path: Path, tpm: Swtpm, passphrase: Path, cli: ForkedCli
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("loop devices need root")
+    image = tmp_path / "backing file.img"  # a space in the backing file's name matters no more
+    with open(image, "wb") as handle:
+        handle.truncate(32 << 20)
+    with loop_device(image) as device:
+        cli.json(*format_command(device, passphrase), "--yes", tcti=tpm.tcti)
+        fields = _fields(cli.json("load-key", device, "--table", tcti=tpm.tcti)["table"])
+        rdev = os.stat(device).st_rdev
+        assert len(fields) == 8 and fields[6] == f"{os.major(rdev)}:{os.minor(rdev)}", fields

@@ -24,6 +24,8 @@ from .params import (
     file_path,
     key_file_check,
     new_pin_source,
+    owner_auth,
+    owner_auth_option,
     passphrase_source,
     pcr_list,
     pcr_value_option,
@@ -171,6 +173,7 @@ def format_command(
 @click.option("--pin", is_flag=True, help="Sealed only: also require a PIN (asked twice; DA-protected).")
 @pin_file_option
 @srk_option
+@owner_auth_option
 @click.option(
     "--for-tpm",
     "target_file",
@@ -191,6 +194,7 @@ def enroll(
     pin: bool,
     pin_file: Path | None,
     transient_srk: bool,
+    owner_auth_file: Path | None,
     target_file: Path | None,
     unlock_key_file: Path | None,
 ) -> Report:
@@ -207,6 +211,11 @@ def enroll(
             "--pin and --pin-file apply to --mode sealed: a derived key's PIN would protect "
             "nothing (the TPM re-creates the key without it)"
         )
+    if chosen is Mode.DERIVED and owner_auth_file is not None:
+        raise click.UsageError(
+            "--owner-auth-file applies to --mode sealed: a derived binding re-creates its key in the owner "
+            "hierarchy at every unlock, so it needs that hierarchy's authorization to be empty"
+        )
     if target_file is not None and (chosen is Mode.DERIVED or boot_chain):
         raise click.UsageError(
             "--for-tpm makes sealed tokens bound to given PCR values: a derived key or approved boot states "
@@ -222,7 +231,7 @@ def enroll(
         return enroll_for(target_file, device, enrollment, passphrase, new_pin)
     from ..enrollment import enroll as run
 
-    return run(options().tcti, device, enrollment, passphrase, new_pin)
+    return run(options().tcti, device, enrollment, passphrase, new_pin, owner_auth(owner_auth_file))
 
 
 @command()
@@ -239,6 +248,7 @@ def enroll(
     help="The new binding's PIN (default: the old PIN, once verified).",
 )
 @click.option("--force", is_flag=True, help="Replace the old token even if the new one cannot be verified now.")
+@owner_auth_option
 @unlock_key_option
 def reseal(
     device: Path,
@@ -249,6 +259,7 @@ def reseal(
     pin_file: Path | None,
     new_pin_file: Path | None,
     force: bool,
+    owner_auth_file: Path | None,
     unlock_key_file: Path | None,
 ) -> Report:
     """Re-bind a PCR-bound token to new PCR values; the old token is removed only after the new one is
@@ -264,7 +275,7 @@ def reseal(
     )
     passphrase = passphrase_source(unlock_key_file, f"Passphrase or recovery key for {device}: ", "--unlock-key-file")
     new_pin = new_pin_source(new_pin_file, required=False, option="--new-pin-file")
-    return run(options().tcti, device, settings, passphrase, pin_source(pin_file), new_pin)
+    return run(options().tcti, device, settings, passphrase, pin_source(pin_file), new_pin, owner_auth(owner_auth_file))
 
 
 @command()
@@ -281,15 +292,19 @@ def remove(device: Path, token_id: int, force: bool) -> Report:
 
 
 @command("persist-srk")
-def persist_srk() -> Report:
+@owner_auth_option
+def persist_srk(owner_auth_file: Path | None) -> Report:
     """Store the standard SRK at 0x81000001 so later commands need not re-create it.
 
     format and enroll do this by default when the handle is free. Bindings record
     which SRK they use; a binding made with the persistent SRK keeps working if
-    it is evicted (the SRK is re-created from its template, with a warning)."""
+    it is evicted (the SRK is re-created from its template, with a warning).
+    Refuses (exit 7) when another key holds 0x81000001. With an owner
+    authorization set, give it here once: sealed bindings under the persistent
+    SRK need it no more."""
     from ..enrollment import persist_srk as run
 
-    return run(options().tcti)
+    return run(options().tcti, owner_auth(owner_auth_file))
 
 
 @command("srk-public")

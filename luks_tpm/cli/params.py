@@ -188,6 +188,22 @@ fence_option = click.option(
     is_flag=True,
     help="Also require PCR 15 = zeros: recoverable only before the boot raises the fence (see `luks-tpm fence`).",
 )
+owner_auth_option = click.option(
+    "--owner-auth-file",
+    type=file_path,
+    callback=secret_file_check(64, allow_empty=True),
+    help="The TPM owner hierarchy's authorization, when it has one (exact bytes; - for stdin): creating the "
+    "SRK, which proves the persistent one, needs it.",
+)
+
+
+def owner_auth(path: Path | None) -> Secret | None:
+    """The owner authorization's exact bytes; an empty file is the empty authorization (None)."""
+    if path is None or (str(path) != "-" and path.stat().st_size == 0):
+        return None
+    return read_file(path, what="owner authorization", option="--owner-auth-file", limit=64)
+
+
 boot_chain_option = click.option(
     "--boot-chain",
     is_flag=True,

@@ -180,8 +180,9 @@ class Device:
         return text(value.value)
 
     def token_json_set(self, json_text: str, token_id: int = ANY_TOKEN) -> int:
-        """Write a token (a new one with ANY_TOKEN); returns its id."""
-        return call("crypt_token_json_set", self.cd, token_id, json_text.encode())
+        """Write a token (a new one with ANY_TOKEN); returns its id. Bytes that are not UTF-8, read as
+        surrogate escapes (binding.text), go back as the bytes they were."""
+        return call("crypt_token_json_set", self.cd, token_id, json_text.encode("utf-8", "surrogateescape"))
 
     def token_remove(self, token_id: int) -> None:
         call("crypt_token_json_set", self.cd, token_id, None)
@@ -207,7 +208,8 @@ class Device:
         """The LUKS2 JSON metadata (keyslots, tokens, segments, digests, config); needs 2.4+."""
         dump = ctypes.c_char_p()
         call("crypt_dump_json", self.cd, ctypes.byref(dump), 0)
-        parsed: dict[str, Any] = json.loads(dump.value or b"{}")
+        # a token may hold bytes that are not UTF-8 (json-c keeps them): decoded as surrogate escapes
+        parsed: dict[str, Any] = json.loads(text(dump.value) or "{}")
         return parsed
 
     def digest_ids(self) -> set[int]:

@@ -2,8 +2,11 @@
 
 A `Tpm` remembers every transient object and session it creates and flushes them on every exit path:
 without a resource manager (swtpm on a socket, or /dev/tpm0) leaked handles exhaust the TPM after
-three. Sessions that carry key material are salted with the SRK and encrypt response parameters
-(AES-128-CFB). The TPM is reached through ESYS directly (see esys.py for why not tpm2-pytss's classes).
+three. A flush that fails keeps the handle remembered, and close() tries again; it never hides the
+error that is being raised (cleanup after a lost connection fails too, and would otherwise be all the
+user sees). Sessions that carry key material are salted with the SRK and encrypt response parameters
+(AES-128-CFB). The TPM is reached through ESYS directly (see esys.py for why not tpm2-pytss's classes),
+the TCTI checked first (tcti.py) and every command bounded in time (watchdog.py).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from ..clib import CLibrary, Convention
 from ..errors import Cause, ExitCode, LuksTpmError
 from ..model import Parent
 from ..secret import Secret, zero
+from . import tcti as tcti_string
 from .esys import NONE, Esys, TssError, address, ffi, lib
-from .responses import TpmError, tpm_errors
+from .responses import NoAnswer, TpmError, tpm_errors, translate
+from .watchdog import WATCHDOG, open_sockets, timeout_seconds
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,42 @@ def zero_c(cdata: Any) -> None:
 
 # ---- the connection -------------------------------------------------------------------------------
 
+# Esys methods that only read or change ESYS's own records: no TPM command, nothing to wait for.
+LOCAL_METHODS = frozenset(
+    {"close", "tr_get_name", "tr_close", "tr_set_auth", "trsess_set_attributes", "trsess_get_attributes"}
+)
+
+
+class BoundedEsys(Esys):
+    """Esys whose every TPM command (each public method but LOCAL_METHODS) runs under the watchdog's
+    deadline; `baseline`: the sockets open before the connection began, which the watchdog leaves alone."""
+
+    def __init__(self, tcti: str) -> None:
+        self.baseline = open_sockets()
+        try:
+            with WATCHDOG.bound(f"connecting through TCTI '{tcti}'", self.baseline):
+                super().__init__(tcti)
+        except TssError as error:
+            raise NoAnswer(error, timeout_seconds()) if WATCHDOG.expired() else error from None
+
+
+def _bounded(name: str, method: Any) -> Any:
+    def command(self: BoundedEsys, *args: Any) -> Any:
+        try:
+            with WATCHDOG.bound(f"TPM command {name}", self.baseline):
+                return method(self, *args)
+        except TssError as error:
+            raise NoAnswer(error, timeout_seconds()) if WATCHDOG.expired() else error from None
+
+    command.__name__ = command.__qualname__ = name
+    command.__doc__ = method.__doc__
+    return command
+
+
+for _name, _method in vars(Esys).items():
+    if callable(_method) and not _name.startswith("_") and _name not in LOCAL_METHODS:
+        setattr(BoundedEsys, _name, _bounded(_name, _method))
+
 
 class Tpm:
     """One connection to the TPM; use as a context manager so everything it created is flushed.
@@ -98,11 +139,15 @@ class Tpm:
         self.tcti = tcti
         self._flush: list[Any] = []
         self.srks: dict[int | None, tuple[Any, Parent]] = {}
+        self.proven_srks: set[bytes] = set()  # names of keys proven to be the standard SRK (see srk.py)
         self.warnings: list[str] = []  # said once per command by the caller (e.g. a missing persistent SRK)
         self.endorsement: bytes | None = None  # the EK name, once computed (see srk.endorsement_name)
         self.endorsement_checked = False
+        tcti_string.check(tcti)  # before the TSS: the device TCTI writes into whatever its path is
         try:
-            self.esys = Esys(tcti)
+            self.esys: Esys = BoundedEsys(tcti)
+        except NoAnswer as error:
+            raise translate(error, f"connecting through TCTI '{tcti}'") from None
         except TssError as error:
             raise TpmError(
                 f"no TPM reachable through TCTI '{tcti}' ({error})",
@@ -121,12 +166,19 @@ class Tpm:
         self.close()
 
     def close(self) -> None:
-        while self._flush:
-            handle = self._flush.pop()
-            try:
-                self.esys.flush_context(handle)
-            except TssError as error:
-                log.debug("flushing %#x failed: %s", int(handle), error)
+        # Each handle gets a second try: a flush that failed once (already during the command, or now)
+        # leaves its object in a TPM without resource manager, one of three slots. After a lost connection
+        # every flush fails at once, without a command: the TPM (or its resource manager) cleans up then.
+        for _ in range(2):
+            failed = []
+            while self._flush:
+                handle = self._flush.pop()
+                try:
+                    self.esys.flush_context(handle)
+                except TssError as error:
+                    log.debug("flushing %#x failed: %s", int(handle), error)
+                    failed.append(handle)
+            self._flush = failed
         self.srks.clear()
         self.esys.close()
 
@@ -136,9 +188,15 @@ class Tpm:
         return handle
 
     def flush(self, handle: Any) -> None:
-        self._flush.remove(handle)
-        with tpm_errors("flushing a transient object"):
+        """Flush a handle now. A failure is not the command's: its work is done, and a TPM that cannot
+        flush fails the next command too, which then says why. The handle stays remembered, so that
+        close() tries again (without a resource manager a forgotten object holds one of three slots)."""
+        try:
             self.esys.flush_context(handle)
+        except TssError as error:
+            log.debug("flushing %#x failed, tried again at close: %s", int(handle), error)
+            return
+        self._flush.remove(handle)
 
     def release(self, handle: Any) -> None:
         """Flush a handle now if it is still loaded (a session the TPM did not end because its command

@@ -18,12 +18,12 @@ from ..model import IMPORT_PARENT_BRANCHES, ImportedSeal, Parent
 from . import templates
 from .context import Tpm
 from .esys import lib, marshal, unmarshal
-from .responses import TpmError, tpm_errors
+from .responses import OWNER, TpmError, token_data, tpm_errors
 
 
 def create(tpm: Tpm) -> tuple[Any, Parent]:
     """The import parent, made now (tracked: flushed when the connection closes): (handle, its name)."""
-    with tpm_errors("creating the import parent"):
+    with tpm_errors("creating the import parent", OWNER):
         handle = tpm.track(tpm.esys.create_primary(lib.ESYS_TR_RH_OWNER, templates.import_parent()))
         return handle, Parent(None, tpm.esys.tr_get_name(handle))
 
@@ -38,7 +38,9 @@ def load_imported(tpm: Tpm, parent: Any, seal: ImportedSeal) -> Any:
     """TPM2_Import then TPM2_Load under the import parent (each in a policy session naming that command):
     the sealed object, loaded and tracked. Once the parent's name matched the token's, anything the TPM
     refuses in the blob means the token is damaged."""
-    public = unmarshal("TPM2B_PUBLIC", seal.public)
+    with token_data("reading the token's import blob"):  # what does not unmarshal is the token's
+        public = unmarshal("TPM2B_PUBLIC", seal.public)
+        marshal("TPM2B_PUBLIC", public)  # ESYS marshals it again to name the object
     try:
         with tpm.session(lib.TPM2_SE_POLICY) as session, tpm_errors("importing the sealed key"):
             _authorize(tpm, session, lib.TPM2_CC_Import)

@@ -15,14 +15,14 @@ from ..model import ImportedSeal, SealedBlob
 from ..secret import Secret
 from . import importparent, templates
 from .context import Tpm, fill_tpm2b, secret_from_tpm2b, wipe_response_buffer, zero_c
-from .esys import ffi, lib, unmarshal
-from .responses import TpmError, tpm_errors
+from .esys import ffi, lib, marshal, unmarshal
+from .responses import OWNER, TpmError, token_data, tpm_errors
 from .sessions import SessionUse
 
 
 @contextmanager
 def derived_primary(tpm: Tpm, policy: bytes = b"") -> Iterator[Any]:
-    with tpm_errors("creating the derived primary key"):
+    with tpm_errors("creating the derived primary key", OWNER):
         esys = tpm.esys.create_primary(lib.ESYS_TR_RH_OWNER, templates.derived_primary(policy))
     with tpm.transient(esys):
         yield esys
@@ -87,10 +87,12 @@ def _clear_auth(tpm: Tpm, handle: Any) -> None:
 def load_sealed(tpm: Tpm, blob: SealedBlob, srk: Any) -> Any:
     """Load a sealed object (tracked: flushed by the caller or at close). The SRK's name was checked
     against the token before, so an object the TPM rejects as not its own is a damaged blob."""
+    with token_data("reading the token's sealed object"):
+        public = unmarshal("TPM2B_PUBLIC", blob.public)
+        private = unmarshal("TPM2B_PRIVATE", blob.private)
+        marshal("TPM2B_PUBLIC", public)  # ESYS marshals it again to name the object: what fails is the token's
     try:
         with tpm_errors("loading the sealed key"):
-            public = unmarshal("TPM2B_PUBLIC", blob.public)
-            private = unmarshal("TPM2B_PRIVATE", blob.private)
             return tpm.track(tpm.esys.load(srk, private, public))
     except TpmError as error:
         if error.cause is not Cause.SRK_CHANGED:

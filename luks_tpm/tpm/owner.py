@@ -16,6 +16,8 @@ be checked. A wrong lockout authorization blocks it for the TPM's lockout recove
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..errors import Cause, ExitCode, LuksTpmError
 from ..secret import Secret
@@ -127,13 +129,21 @@ def _handles(tpm: Tpm, first: int, last: int) -> list[int]:
 
 def _read_public(tpm: Tpm, handle: int) -> PersistentObject:
     cached = tpm.srks.get(handle)  # ESYS hands out that same object again: it must not be closed here
-    with tpm_errors(f"reading the persistent object at {handle:#x}"):
-        esys = cached[0] if cached is not None else tpm.esys.tr_from_tpmpublic(handle)
-        try:
-            public, name = tpm.esys.read_public(esys), tpm.esys.tr_get_name(esys)
-        finally:
-            if cached is None:
-                tpm.esys.tr_close(esys)
+    try:
+        with tpm_errors(f"reading the persistent object at {handle:#x}"):
+            esys = cached[0] if cached is not None else tpm.esys.tr_from_tpmpublic(handle)
+            try:
+                public, name = tpm.esys.read_public(esys), tpm.esys.tr_get_name(esys)
+            finally:
+                if cached is None:
+                    tpm.esys.tr_close(esys)
+    except TpmError as error:
+        # Listed, yet not readable: its hierarchy is disabled (the TPM answers TPM_RC_HANDLE then). The
+        # clear evicts it all the same, and enables the hierarchies again.
+        rc = error.rc or 0
+        if not (rc & lib.TPM2_RC_FMT1 and lib.TPM2_RC_FMT1 + (rc & 0x3F) == lib.TPM2_RC_HANDLE):
+            raise
+        return PersistentObject(handle, b"", "object (unreadable now: its hierarchy is disabled)", None)
     role = None
     if is_standard_srk(public):
         role = "the standard SRK (luks-tpm, systemd-cryptenroll and tpm2-tools use it)"
@@ -167,6 +177,44 @@ def nv_indices(tpm: Tpm) -> tuple[list[NvIndex], list[NvIndex]]:
     """(the NV indices TPM2_Clear deletes, the platform-created ones it keeps: EK certificates and the like)."""
     every = [_nv_public(tpm, index) for index in _handles(tpm, NV_FIRST, 0x01FFFFFF)]
     return [nv for nv in every if not nv.platform_created], [nv for nv in every if nv.platform_created]
+
+
+@contextmanager
+def owner_authorization(tpm: Tpm, auth: Secret | None) -> Iterator[None]:
+    """Commands authorized by the owner hierarchy (creating and persisting the SRK) use `auth` within the
+    block; ESYS's copy is overwritten afterwards. None: the empty authorization, as TPMs ship. Trying a
+    wrong one costs nothing: hierarchy authorizations are exempt from dictionary-attack protection."""
+    if auth is None:
+        yield
+        return
+    if not owner_auth_set(tpm):
+        tpm.warnings.append("the TPM's owner authorization is not set (it is empty): --owner-auth-file is not used")
+        yield
+        return
+    value = ffi.new("TPM2B_AUTH *")
+    try:
+        fill_tpm2b(value, auth, "owner authorization")
+        tpm.esys.tr_set_auth(lib.ESYS_TR_RH_OWNER, value)
+        yield
+    except TpmError as error:
+        if error.cause is not Cause.OWNER_AUTH:
+            raise
+        raise TpmError(
+            "the TPM refused the owner authorization given with --owner-auth-file",
+            hint="give its exact bytes (a trailing newline counts), as `tpm2_changeauth -c o` set it",
+            code=ExitCode.REFUSED,
+            cause=Cause.WRONG_AUTH,
+            rc=error.rc,
+        ) from None
+    finally:
+        zero_c(value)
+        tpm.esys.tr_set_auth(lib.ESYS_TR_RH_OWNER, ffi.new("TPM2B_AUTH *"))
+
+
+def owner_auth_set(tpm: Tpm) -> bool:
+    """TPMA_PERMANENT.ownerAuthSet: the owner hierarchy's authorization was changed from empty."""
+    permanent = tpm.properties(lib.TPM2_PT_PERMANENT, 1).get(lib.TPM2_PT_PERMANENT, 0)
+    return bool(permanent & lib.TPMA_PERMANENT_OWNERAUTHSET)
 
 
 def clear(tpm: Tpm, lockout_auth: Secret | None, state: ClearState) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import Cause, ExitCode, die
+from ..errors import Cause, ExitCode, LuksTpmError, die
 from ..model import FENCE_BANK, FENCE_DOWN, FENCE_MESSAGE, FENCE_PCR, Bank, PcrPolicy
 from .authorize import authorize, trial_ticket
 from .context import Tpm
@@ -45,7 +45,8 @@ def pcr_values(tpm: Tpm, bank: Bank, pcrs: Sequence[int]) -> dict[int, bytes]:
         if not got:
             die(
                 f"the TPM has no {bank} PCR bank",
-                hint="choose another with --pcr-bank",
+                hint="enable it in the firmware's TPM settings, or bind to a bank the TPM has (enroll and reseal "
+                "--pcr-bank; `luks-tpm doctor` lists them)",
                 code=ExitCode.UNSUPPORTED,
                 cause=Cause.UNSUPPORTED,
             )
@@ -97,7 +98,17 @@ def policy_digest(tpm: Tpm, policy: PcrPolicy) -> bytes:
 
 
 def fence_is_up(tpm: Tpm) -> bool:
-    return pcr_values(tpm, FENCE_BANK, [FENCE_PCR])[FENCE_PCR] != bytes(FENCE_BANK.size)
+    try:
+        return pcr_values(tpm, FENCE_BANK, [FENCE_PCR])[FENCE_PCR] != bytes(FENCE_BANK.size)
+    except LuksTpmError as error:
+        if error.cause is not Cause.UNSUPPORTED:
+            raise
+        raise LuksTpmError(
+            f"the TPM has no {FENCE_BANK} PCR bank, which the fence (PCR {FENCE_PCR} of that bank) needs",
+            hint=f"enable the {FENCE_BANK} bank in the firmware's TPM settings",
+            code=ExitCode.UNSUPPORTED,
+            cause=Cause.UNSUPPORTED,
+        ) from None
 
 
 def raise_fence(tpm: Tpm) -> list[Bank]:

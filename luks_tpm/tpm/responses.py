@@ -13,8 +13,18 @@ from ..errors import Cause, ExitCode, LuksTpmError
 from .esys import TssError, lib
 
 _LAYER_MASK = 0xFF0000
-_TPM_LAYER, _MU_LAYER, _TCTI_LAYER = 0x000000, 0x090000, 0x0A0000
-_ESYS_RC_BAD_VALUE = 0x07000B  # ESYS could not unmarshal or check something it was given
+_TPM_LAYER, _ESYS_LAYER, _SYS_LAYER, _MU_LAYER, _TCTI_LAYER = 0x000000, 0x070000, 0x080000, 0x090000, 0x0A0000
+_RESMGR_TPM_LAYER = 0x0C0000  # a resource manager passing on the TPM's own code
+_ESYS_RC_BAD_VALUE = 0x07000B  # ESYS could not check something it was given
+_BAD_SEQUENCE = 0x000007  # ESYS or SYS "called in the wrong order": an earlier command broke the connection
+
+
+class NoAnswer(TssError):
+    """A TPM command that ran past the watchdog's deadline (watchdog.py), with the TSS's own error."""
+
+    def __init__(self, error: TssError, seconds: float) -> None:
+        super().__init__(error.rc)
+        self.seconds = seconds
 
 
 _LOCKOUT_HINT = (
@@ -95,6 +105,24 @@ _RC_TABLE.update(
 )
 _RC_TABLE[(lib.TPM2_RC_BAD_AUTH, LOCKOUT)] = _RC_TABLE[(lib.TPM2_RC_AUTH_FAIL, LOCKOUT)]
 
+# Commands authorized by the owner hierarchy (creating the SRK and derived primaries, persisting the SRK)
+# with the empty authorization: a refusal means the owner hierarchy has an authorization of its own
+# (tpm2_changeauth -c o), not a wrong PIN. Hierarchy authorizations are exempt from dictionary-attack
+# protection (TPM 2.0 Part 1, "Dictionary Attack Protection"), so trying costs nothing.
+OWNER = "owner"
+OWNER_AUTH_HINT = (
+    "creating the SRK needs it: give it with --owner-auth-file (persist-srk, enroll --mode sealed, reseal); "
+    "sealed bindings under the persistent SRK then unlock without it. Derived bindings re-create their key "
+    "in the owner hierarchy at every unlock: they need the owner authorization empty (`tpm2_changeauth -c o -p OLD`)"
+)
+_RC_TABLE[(lib.TPM2_RC_BAD_AUTH, OWNER)] = (
+    Cause.OWNER_AUTH,
+    "the TPM's owner hierarchy has an authorization set, which luks-tpm was not given",
+    OWNER_AUTH_HINT,
+    ExitCode.TPM_UNAVAILABLE,
+)
+_RC_TABLE[(lib.TPM2_RC_AUTH_FAIL, OWNER)] = _RC_TABLE[(lib.TPM2_RC_BAD_AUTH, OWNER)]
+
 
 class TpmError(LuksTpmError):
     """A failure the TPM (or the TSS talking to it) reported, in words; `rc` keeps the code."""
@@ -114,10 +142,25 @@ def known_error(rc: int, doing: str, subject: str | None = None) -> TpmError | N
 
 def translate(error: TssError, doing: str, subject: str | None = None) -> TpmError:
     rc, base = error.rc, error.error  # error: without the handle/parameter/session number
-    known = known_error(rc, doing, subject) if rc & _LAYER_MASK == _TPM_LAYER else None
+    layer = rc & _LAYER_MASK
+    if isinstance(error, NoAnswer):
+        return TpmError(
+            f"the TPM did not answer within {error.seconds:g} s ({doing})",
+            hint=f"check the TPM and what is at the TCTI (`luks-tpm doctor`); {TIMEOUT_HINT}",
+            code=ExitCode.TPM_UNAVAILABLE,
+            cause=Cause.NO_TPM,
+            rc=rc,
+        )
+    known = known_error(rc & 0xFFFF, doing, subject) if layer in (_TPM_LAYER, _RESMGR_TPM_LAYER) else None
     if known is not None:
         return known
-    layer = rc & _LAYER_MASK
+    if layer in (_ESYS_LAYER, _SYS_LAYER) and rc & 0xFFFF == _BAD_SEQUENCE:
+        return TpmError(
+            f"lost the connection to the TPM ({doing}): it broke on an earlier command",
+            code=ExitCode.TPM_UNAVAILABLE,
+            cause=Cause.NO_TPM,
+            rc=rc,
+        )
     if layer == _TCTI_LAYER:
         return TpmError(
             f"lost the connection to the TPM ({doing}): {error}",
@@ -125,7 +168,14 @@ def translate(error: TssError, doing: str, subject: str | None = None) -> TpmErr
             cause=Cause.NO_TPM,
             rc=rc,
         )
-    if layer == _MU_LAYER or rc == _ESYS_RC_BAD_VALUE:  # our input did not marshal: a damaged token
+    if layer in (_SYS_LAYER, _MU_LAYER):  # the TPM's answer did not parse (token data: see token_data)
+        return TpmError(
+            f"the TPM's answer did not parse ({doing}): {error}",
+            code=ExitCode.TPM_UNAVAILABLE,
+            cause=Cause.TPM_FAILED,
+            rc=rc,
+        )
+    if rc == _ESYS_RC_BAD_VALUE:  # ESYS refused what it was given: a value from a damaged token
         return TpmError(
             f"malformed TPM data ({doing}): {error}", code=ExitCode.DEVICE, cause=Cause.CORRUPT_TOKEN, rc=rc
         )
@@ -152,9 +202,27 @@ _MALFORMED = {
 }
 
 
+TIMEOUT_HINT = "LUKS_TPM_TPM_TIMEOUT=SECONDS sets the bound"
+
+
 @contextmanager
 def tpm_errors(doing: str, subject: str | None = None) -> Iterator[None]:
     try:
         yield
     except TssError as error:
         raise translate(error, doing, subject) from None
+
+
+@contextmanager
+def token_data(doing: str) -> Iterator[None]:
+    """For TPM structures read from a token (a sealed blob): one that does not unmarshal is the token's
+    damage (exit 3), not the TPM's."""
+    try:
+        yield
+    except TssError as error:
+        raise TpmError(
+            f"malformed TPM data ({doing}): {error}",
+            code=ExitCode.DEVICE,
+            cause=Cause.CORRUPT_TOKEN,
+            rc=error.rc,
+        ) from None
