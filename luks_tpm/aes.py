@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import ctypes
 from errno import EIO, ENOMEM, ENOSYS
-from types import TracebackType
-from typing import Self
 
 from .clib import CLibraryError
 from .libcrypto import call as _call
 from .libcrypto import libcrypto as _crypto
-from .secret import Secret
+from .secret import Released, Secret
 
 BLOCK_SIZE = 16
 
@@ -26,7 +24,7 @@ _CIPHERS = {16: "EVP_aes_128_ecb", 24: "EVP_aes_192_ecb", 32: "EVP_aes_256_ecb"}
 _CFB_CIPHERS = {16: "EVP_aes_128_cfb128", 24: "EVP_aes_192_cfb128", 32: "EVP_aes_256_cfb128"}
 
 
-class BlockCipher:
+class BlockCipher(Released):
     """AES (ECB, no padding) under `key`, one 16-byte block at a time, in place; a context manager."""
 
     def __init__(self, key: Secret, *, encrypt: bool) -> None:
@@ -66,15 +64,6 @@ class BlockCipher:
         if self._ctx is not None:
             _crypto.function("EVP_CIPHER_CTX_free")(self._ctx)
             self._ctx = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
 
 def cfb_encrypt(key: Secret, data: Secret) -> None:

@@ -17,12 +17,10 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from errno import EINVAL, EIO, ENOMEM
-from types import TracebackType
-from typing import Self
 
 from .clib import CLibraryError
 from .libcrypto import call, clear_errors, libcrypto
-from .secret import Secret
+from .secret import Released, Secret
 
 COORDINATE_SIZE = 32  # P-256: 256-bit field elements, big-endian, zero-padded
 _NID_P256 = 415  # NID_X9_62_prime256v1 (OpenSSL's obj_mac.h)
@@ -95,7 +93,7 @@ def is_on_curve(point: Point) -> bool:
             return False
 
 
-class EphemeralKey:
+class EphemeralKey(Released):
     """A P-256 key pair held by libcrypto: random, or (for fixed test vectors) from a given scalar.
     A context manager; closing it frees and clears the private scalar."""
 
@@ -157,12 +155,3 @@ class EphemeralKey:
         if self._key is not None:
             libcrypto.function("EC_KEY_free")(self._key)
             self._key = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()

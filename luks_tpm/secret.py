@@ -78,7 +78,24 @@ def make_undumpable() -> None:
     _libc.call("prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-class Secret:
+class Released:
+    """Something that holds memory or a C object until close() releases it (idempotently): usable in `with`,
+    and released when collected if nobody closed it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Secret(Released):
     """`size` bytes of locked memory. Zeroed by `close()`, by leaving a `with` block, and on collection."""
 
     __slots__ = ("_buffer", "_locked")
@@ -135,15 +152,6 @@ class Secret:
     @property
     def closed(self) -> bool:
         return not self._buffer
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Secret {len(self._buffer)} bytes>"

@@ -27,6 +27,7 @@ from luks_tpm.tpm import Tpm
 from luks_tpm.tpm.pcr import pcr_banks, pcr_values
 
 from . import bootchain_lab as lab
+from . import volumes
 from .fixtures_luks import LuksImage, file_digest
 from .fixtures_tpm import Swtpm
 from .helpers import assert_one_line_error, luks_tpm, luks_tpm_json
@@ -43,17 +44,11 @@ def enroll(image: Path, tcti: str, passphrase_file: Path, approver: Path, *extra
 
 
 def token_json(image: Path, token_id: int) -> dict[str, Any]:
-    with cryptsetup.open_device(image) as device:
-        text = device.token_json_get(token_id)
-    assert text is not None, f"no token {token_id}"
-    value: dict[str, Any] = json.loads(text)
-    return value
+    return volumes.tokens(image)[token_id]
 
 
 def boot_chain_tokens(image: Path) -> dict[int, dict[str, Any]]:
-    with cryptsetup.open_device(image) as device:
-        ids = [token_id for token_id, kind in device.tokens() if kind == "luks-tpm"]
-    return {token_id: token_json(image, token_id) for token_id in ids}
+    return {token_id: token for token_id, token in volumes.tokens(image).items() if token["type"] == "luks-tpm"}
 
 
 def approved_states(token: dict[str, Any]) -> list[dict[str, str]]:

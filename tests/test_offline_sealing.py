@@ -18,6 +18,7 @@ from tpm2_pytss.types import TPML_DIGEST
 from luks_tpm import cryptsetup
 from luks_tpm.model import IMPORT_PARENT_BRANCHES, IMPORT_PARENT_POLICY
 
+from . import volumes
 from .fixtures_luks import LuksImage, file_digest
 from .fixtures_tpm import Swtpm
 from .helpers import REPO, assert_one_line_error, luks_tpm, luks_tpm_json
@@ -49,11 +50,7 @@ def enroll_for(image: Path, target: Path, passphrase_file: Path, *extra: str | P
 
 
 def token(image: Path, token_id: int) -> dict[str, Any]:
-    with cryptsetup.open_device(image) as device:
-        text = device.token_json_get(token_id)
-    assert text is not None
-    value: dict[str, Any] = json.loads(text)
-    return value
+    return volumes.tokens(image)[token_id]
 
 
 def load_key(image: Path, tcti: str, *extra: str | Path, expect: int = 0) -> Any:

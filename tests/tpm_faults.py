@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
-from .tpm_proxy import HEADER, command_name
+from .tpm_proxy import HEADER, accept_until, command_name
 
 TPM_ST_NO_SESSIONS = 0x8001
 TPM_RC_FAILURE = 0x101
@@ -115,21 +115,12 @@ class FaultProxy:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                upstream.connect(str(self.target))
-            except OSError:
-                client.close()
-                upstream.close()
-                continue
-            self._spawn(self._pump, "fault-proxy-pump", client, upstream)
+        accept_until(
+            self._listener,
+            self._stop,
+            self.target,
+            lambda client, upstream: self._spawn(self._pump, "fault-proxy-pump", client, upstream),
+        )
 
     def _decide(self, command: bytes) -> Fault | None:
         with self._lock:

@@ -21,6 +21,7 @@ import selectors
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -95,6 +96,31 @@ class Connection:
     @property
     def responses(self) -> list[bytes]:
         return self._split(bytes(self.received))
+
+
+def accept_until(
+    listener: socket.socket,
+    stop: threading.Event,
+    target: Path,
+    serve: Callable[[socket.socket, socket.socket], None],
+) -> None:
+    """Accept clients until `stop` is set; connect each to `target` (swtpm's socket) and hand the pair to
+    `serve`. The listener has a timeout, so `stop` is looked at between clients."""
+    while not stop.is_set():
+        try:
+            client, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(str(target))
+        except OSError:
+            client.close()
+            upstream.close()
+            continue
+        serve(client, upstream)
 
 
 class TpmProxy:
@@ -195,32 +221,21 @@ class TpmProxy:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                upstream.connect(str(self.target))
-            except OSError:
-                client.close()
-                upstream.close()
-                continue
-            connection = Connection()
-            with self._lock:
-                self.connections.append(connection)
-                self._open.append(connection)
-            thread = threading.Thread(
-                target=self._pump,
-                args=(client, upstream, connection),
-                name=f"tpm-proxy-{len(self.connections)}",
-                daemon=True,
-            )
-            thread.start()
-            self._threads.append(thread)
+        accept_until(self._listener, self._stop, self.target, self._serve)
+
+    def _serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        connection = Connection()
+        with self._lock:
+            self.connections.append(connection)
+            self._open.append(connection)
+        thread = threading.Thread(
+            target=self._pump,
+            args=(client, upstream, connection),
+            name=f"tpm-proxy-{len(self.connections)}",
+            daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
 
     def _pump(self, client: socket.socket, upstream: socket.socket, connection: Connection) -> None:
         with selectors.DefaultSelector() as selector, client, upstream:
