@@ -265,6 +265,8 @@ JOURNEYS = {
     "boot-chain": Journey("initramfs-tools", CHAIN, boots=4),
     # the same enrolled machine, booted with Secure Boot off (e)
     "secure-boot-off": Journey("initramfs-tools", CHAIN, boots=1, secure_boot=False),
+    # (a) on a second builder: a dracut boot disk of its own (no staged update), its own probe and system
+    "boot-chain-dracut": Journey("dracut", BootConfig(append=("luks_tpm_test.load_key",)), boots=1),
 }
 
 

@@ -17,7 +17,8 @@ and its update hooks installed in the root as the package installs them:
 After each step the guest prints every volume's header (the tokens' approved states) and `luks-tpm --json
 status`; the tests check that the state rebind approved for the next boot is exactly what that boot then
 measured (predicted == actual), which PCRs moved, and that a stale state is dropped. A second machine of
-the same system boots the same disk with Secure Boot off (e).
+the same system boots the same disk with Secure Boot off (e); a dracut machine bound to its own boot
+chain boots unattended (a, second builder).
 """
 
 from __future__ import annotations
@@ -122,12 +123,16 @@ def assert_update_approved(before: Boot, stage: str, after: Boot) -> State:
     return predicted
 
 
-@journeys("boot-chain")
+@pytest.mark.parametrize("vm_journey", ["boot-chain", "boot-chain-dracut"])
 def test_bound_to_the_boot_chain_unlocks_unattended(journey: list[Boot]) -> None:
     first = journey[0]
     assert_unattended(first)
-    # The probe read exactly what this boot measured: the one state enrolled, still the only one.
+    # The probe read exactly what this boot measured: the one state enrolled, still the only one. The
+    # at-boot rebind predicted this boot again from its own event log (nothing changed on disk).
     assert approved(first, "boot") == {name: [measured(first)] for name in VOLUMES}
+    first.expect(r"^LUKSTPM-HOOK boot: next boot: PCRs that change: none$", "the at-boot rebind's prediction")
+    ready = first.lines(r"^LUKSTPM-HOOK boot:   token \d+: 1 approved state\(s\) \(\+0 -0\); next boot approved$")
+    assert len(ready) == len(VOLUMES), first.tail()
     results = load_key_results(first)
     for name in FENCED:
         assert_load_key(results, name, fenced=True)
