@@ -72,11 +72,15 @@ def test_booted_system_cannot_recover_fenced_keys(boot: Boot) -> None:
 
 
 def assert_asked_for_every_passphrase(boot: Boot) -> None:
-    """A prompt for each volume, which the runner answered. systemd's: one, for the first volume asked;
-    systemd-ask-password keeps the answer in the kernel keyring and systemd-cryptsetup tries it on the
-    other volumes first (the same passphrase opens them all)."""
-    prompts = 1 if boot.builder == "dracut-systemd" else len(VOLUMES)
-    assert len(boot.lines(r"boot: answered passphrase prompt")) == prompts, boot.tail()
+    """A prompt for each volume, which the runner answered. systemd's: at least one (one in every run so
+    far); systemd-ask-password keeps the answer in the kernel keyring and systemd-cryptsetup tries it on
+    the volumes still waiting (the same passphrase opens them all). That every volume was opened, and by
+    passphrase, the callers check on the guest's side."""
+    answered = len(boot.lines(r"boot: answered passphrase prompt"))
+    if boot.builder == "dracut-systemd":
+        assert 1 <= answered <= len(VOLUMES), boot.tail()
+    else:
+        assert answered == len(VOLUMES), boot.tail()
 
 
 def assert_guard_held_every_volume_back(boot: Boot, failed: str) -> None:
