@@ -200,8 +200,7 @@ luks_tpm_unlock() {
     luks_tpm_crypt_mappings >"$LUKS_TPM_RUN/before"
     luks_tpm_run open --all --crypttab "$LUKS_TPM_CRYPTTAB"
     luks_tpm_crypt_mappings >"$LUKS_TPM_RUN/after"
-    awk 'NR == FNR { seen[$1]; next } !($1 in seen)' "$LUKS_TPM_RUN/before" "$LUKS_TPM_RUN/after" \
-        >"$LUKS_TPM_RUN/tpm-opened"
+    luks_tpm_new_mappings "$LUKS_TPM_RUN/before" "$LUKS_TPM_RUN/after" >"$LUKS_TPM_RUN/tpm-opened"
     luks_tpm_say "unlock pass took ${luks_tpm_took}s (exit $luks_tpm_rc)"
     case $luks_tpm_rc in
     0) ;;
@@ -221,6 +220,13 @@ luks_tpm_crypt_mappings() {
         CRYPT-*) read -r luks_tpm_dm_name <"$luks_tpm_dm/name" && echo "$luks_tpm_dm_uuid $luks_tpm_dm_name" ;;
         esac
     done
+}
+
+# luks_tpm_new_mappings BEFORE AFTER: the lines of AFTER (luks_tpm_crypt_mappings) whose mapping BEFORE
+# does not list. BEFORE is usually empty: the files are told apart by name, not by awk's NR == FNR, which
+# holds in AFTER too when BEFORE has no line.
+luks_tpm_new_mappings() {
+    awk 'FILENAME == ARGV[1] { seen[$1]; next } !($1 in seen)' "$1" "$2"
 }
 
 # luks_tpm_strangers: the names of the dm-crypt mappings the unlock pass did not open, when it opened

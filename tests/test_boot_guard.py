@@ -157,3 +157,18 @@ def test_plain_mappings_of_other_kinds_are_not_crypt(boot: Boot) -> None:
     boot.mapping(1, "LVM-abcdef-vg-root")  # LVM on top of the TPM-opened root
     boot.unlock_pass_left(used=True, opened=[ROOT_UUID])
     went_on(boot.fence(), "fence raised (PCR 15)")
+
+
+def test_the_pass_records_what_it_opened_when_nothing_was_open_before(boot: Boot) -> None:
+    """The mappings the unlock pass created: all of them when there were none before (the usual boot)."""
+    before, after = boot.root / "before", boot.root / "after"
+    before.write_text("")
+    after.write_text(f"{ROOT_UUID} root\n{DATA_UUID} data1\n")
+    script = f'. "{FUNCTIONS}"; luks_tpm_new_mappings {before} {after}'
+    env = {"PATH": f"{boot.bin}:/usr/bin:/bin"}
+    result = subprocess.run([*boot.shell, "-c", script], capture_output=True, text=True, check=False, env=env)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == after.read_text()
+    before.write_text(f"{ROOT_UUID} root\n")
+    result = subprocess.run([*boot.shell, "-c", script], capture_output=True, text=True, check=False, env=env)
+    assert result.stdout == f"{DATA_UUID} data1\n"
