@@ -1,6 +1,7 @@
 """OpenSSL 3's libcrypto, bound once: AES for aes.py, P-256 for ecdh.py, random bytes for duplication.py,
-and SHA-256 and HMAC-SHA256 computed straight into Secrets (Python's hashlib and hmac would hand their
-results back as `bytes`, which cannot be zeroed) for derive.py and duplication.py.
+SHA-256 and HMAC-SHA256 computed straight into Secrets (Python's hashlib and hmac would hand their
+results back as `bytes`, which cannot be zeroed) for derive.py and duplication.py, and X.509 signature
+checks for the boot chain's Authenticode signatures (bootchain/signature.py).
 
 libcrypto.so.3 is on every system and in every initramfs that has libtss2-esys (it links it), so
 binding it costs nothing to ship, where the `cryptography` package costs megabytes and an import
@@ -67,6 +68,20 @@ libcrypto = CLibrary(
         # evp_md, key, key_len, data, data_len, md, &md_len: md, or NULL on failure
         "HMAC": (_p, [_p, _p, _int, _p, _size, _p, ctypes.POINTER(ctypes.c_uint)]),
         "ERR_clear_error": (None, []),
+        # ---- X.509 certificates and signatures (bootchain/signature.py) ----
+        # NULL, &pointer to DER (advanced past it), length: the certificate, or NULL
+        "d2i_X509": (_p, [_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]),
+        "X509_free": (None, [_p]),
+        "X509_get0_pubkey": (_p, [_p]),
+        # certificate, public key: 1 when that key signed the certificate
+        "X509_verify": (_int, [_p, _p]),
+        "EVP_get_digestbyname": (_p, [ctypes.c_char_p]),
+        "EVP_MD_CTX_new": (_p, []),
+        "EVP_MD_CTX_free": (None, [_p]),
+        # ctx, &pkey_ctx (NULL), md, engine, public key
+        "EVP_DigestVerifyInit": (_int, [_p, _p, _p, _p, _p]),
+        # ctx, signature, its length, signed data, its length: 1 valid, 0 not
+        "EVP_DigestVerify": (_int, [_p, ctypes.c_char_p, _size, ctypes.c_char_p, _size]),
     },
     convention=Convention.ONE_IS_SUCCESS,
     install_hint="install libssl3 (OpenSSL 3's libcrypto)",
@@ -129,3 +144,45 @@ def hmac_sha256(key: memoryview, message: memoryview, out: memoryview) -> None:
     if result is None or written.value != SHA256_SIZE:
         clear_errors()
         raise CLibraryError(EIO, "HMAC")
+
+
+class _Certificate:
+    """An X509 parsed from DER for the length of a `with` block; `.key` is its public key (or None)."""
+
+    def __init__(self, der: bytes) -> None:
+        pointer = ctypes.c_char_p(der)
+        self.x509 = libcrypto.function("d2i_X509")(None, ctypes.byref(pointer), len(der))
+        self.key = libcrypto.function("X509_get0_pubkey")(self.x509) if self.x509 else None
+
+    def __enter__(self) -> _Certificate:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.x509:
+            libcrypto.function("X509_free")(self.x509)
+        clear_errors()  # a refused certificate or signature leaves its reasons on the queue
+
+
+def certificate_signed_by(certificate: bytes, issuer: bytes) -> bool:
+    """Whether `issuer`'s key made the signature on `certificate` (both DER). Names, dates and
+    extensions are not looked at: shim checks none of them either, having no trusted clock."""
+    with _Certificate(certificate) as child, _Certificate(issuer) as parent:
+        return bool(child.key and parent.key) and libcrypto.function("X509_verify")(child.x509, parent.key) == 1
+
+
+def signature_valid(certificate: bytes, signature: bytes, data: bytes, digest: str) -> bool:
+    """Whether `signature` over `data` (hashed with `digest`, e.g. "sha256") verifies with the public key
+    of `certificate` (DER): RSA PKCS#1 v1.5 or ECDSA, as the key's type says."""
+    with _Certificate(certificate) as signer:
+        md = libcrypto.function("EVP_get_digestbyname")(digest.encode("ascii"))
+        ctx = libcrypto.function("EVP_MD_CTX_new")()
+        if not (signer.key and md and ctx):
+            libcrypto.function("EVP_MD_CTX_free")(ctx)
+            return False
+        try:
+            if libcrypto.function("EVP_DigestVerifyInit")(ctx, None, md, None, signer.key) != 1:
+                return False
+            verify = libcrypto.function("EVP_DigestVerify")
+            return bool(verify(ctx, signature, len(signature), data, len(data)) == 1)
+        finally:
+            libcrypto.function("EVP_MD_CTX_free")(ctx)

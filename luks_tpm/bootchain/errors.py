@@ -49,6 +49,7 @@ class Reason(enum.StrEnum):
     SHIM_CHANGED = "shim-changed"  # a new shim whose SbatLevel or measurements cannot be derived
     GRUB_CHANGED = "grub-changed"  # a new GRUB build: its built-in config/measurement may differ
     OTHER_AUTHORITY = "other-authority"  # a binary not signed under an authority the log shows
+    BAD_SIGNATURE = "bad-signature"  # a kernel changed after signing, or a signature that does not verify
     SBAT_REVOKED = "sbat-revoked"  # shim would refuse the new binary (SBAT generation below SbatLevel)
     NOT_GRUB_BOOT = "not-grub-boot"  # the log is not of a firmware -> shim -> GRUB boot
 

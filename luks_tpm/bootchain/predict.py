@@ -24,9 +24,9 @@ import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import authenticode, grubbuiltins, grubemu, grubimage, secureboot
+from . import authenticode, grubbuiltins, grubemu, grubimage, secureboot, signature
 from .bootfiles import BootFiles, case_insensitive
-from .errors import Reason, Unpredictable
+from .errors import PEFormatError, Reason, Unpredictable
 from .eventlog import Event, EventLog, EventType, make_event, replay
 from .grubemu import Kind, Measurement
 
@@ -111,6 +111,14 @@ def _loaders(log: EventLog, layout: _Layout, files: BootFiles) -> _Loaders:
     return _Loaders(shim, grub, authenticode.digests(shim, log.banks), authenticode.digests(grub, log.banks))
 
 
+def _booted_sbat_level(log: EventLog) -> str | None:
+    """The SbatLevel shim measured this boot: the one the next boot's shim applies when it is unchanged
+    (a new shim that would raise it is refused in _check_loaders)."""
+    booted = [e for e in log.events if e.pcr == 7 and secureboot.variable_name(e) == "SbatLevel"]
+    value = secureboot.variable_value(booted[0]) if booted else None
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
 def _check_loaders(log: EventLog, layout: _Layout, loaders: _Loaders, changes: list[str]) -> None:
     if loaders.grub_digests != dict(layout.grub.digests):
         raise Unpredictable(
@@ -120,12 +128,10 @@ def _check_loaders(log: EventLog, layout: _Layout, loaders: _Loaders, changes: l
         )
     if loaders.shim_digests == dict(layout.shim.digests):
         return
-    booted = [e for e in log.events if e.pcr == 7 and secureboot.variable_name(e) == "SbatLevel"]
     levels = secureboot.sbat_level(loaders.shim)
-    old = secureboot.variable_value(booted[0]) if booted else None
-    if levels is None or old is None:
+    old_text = _booted_sbat_level(log)
+    if levels is None or old_text is None:
         raise Unpredictable(Reason.SHIM_CHANGED, "a new shim whose SbatLevel cannot be derived")
-    old_text = old.decode("utf-8", "replace")
     new_text = levels[0] if secureboot.sbat_datestamp(levels[0]) > secureboot.sbat_datestamp(old_text) else old_text
     if new_text != old_text:
         raise Unpredictable(
@@ -217,18 +223,19 @@ def _emulate(
 
 
 def _kernel_digests(log: EventLog, layout: _Layout, data: bytes, name: str) -> dict[str, bytes]:
-    authorities = secureboot.authority_certificates(log, layout.shim.index)
+    """The kernel's PCR 4 digests, once shim is known to accept it: otherwise the boot would never happen."""
     try:
-        signed = secureboot.signed_under(data, authorities)
+        refused = signature.problem(data, secureboot.authority_certificates(log, layout.shim.index))
         digests = authenticode.digests(data, log.banks)
-    except Unpredictable:
-        raise
-    except Exception as error:  # PEFormatError: not a PE image at all
+    except PEFormatError as error:
         raise Unpredictable(Reason.OTHER_AUTHORITY, f"kernel {name}: {error}") from None
-    if not signed:
-        raise Unpredictable(
-            Reason.OTHER_AUTHORITY, f"kernel {name} is not signed under an authority the booted log shows (PCR 7)"
-        )
+    if refused is not None:
+        reason, why = refused
+        raise Unpredictable(reason, f"shim will refuse kernel {name}: {why}")
+    booted_level = _booted_sbat_level(log)
+    revoked = signature.sbat_problem(data, booted_level) if booted_level is not None else None
+    if revoked is not None:
+        raise Unpredictable(Reason.SBAT_REVOKED, f"shim will refuse kernel {name}: {revoked}")
     return digests
 
 

@@ -1,11 +1,9 @@
-"""Secure Boot facts a prediction must not guess: which authority signed a binary, shim's SbatLevel.
+"""Secure Boot facts a prediction must not guess: the authorities this boot used, shim's SbatLevel.
 
 The authorities are the certificates of the log's EV_EFI_VARIABLE_AUTHORITY events (PCR 7): OVMF logs
 the db certificate that verified shim, shim the certificate (its built-in vendor certificate, logged
-as MokListRT) that verified GRUB and the kernel, each once per boot. A binary is "signed under" such a
-certificate when its Authenticode signature's certificates name that certificate's subject as issuer
-(the DER bytes of the subject Name appear in the signature): a kernel signed under another authority
-would add a new PCR 7 event, which is refused rather than guessed.
+as MokListRT) that verified GRUB and the kernel, each once per boot. A kernel signed under another
+authority would add a new PCR 7 event: signature.py refuses it rather than guess.
 """
 
 from __future__ import annotations
@@ -14,45 +12,6 @@ import struct
 
 from . import pecoff
 from .eventlog import Event, EventLog, EventType
-
-_CERT_SEQUENCE = 0x30
-
-
-def _der(data: bytes, offset: int) -> tuple[int, int, int]:
-    """(tag, start of contents, end) of the DER element at `offset`; ValueError when malformed."""
-    if offset + 2 > len(data):
-        raise ValueError("truncated DER")
-    tag, length = data[offset], data[offset + 1]
-    start = offset + 2
-    if length & 0x80:
-        count = length & 0x7F
-        if count == 0 or count > 4 or start + count > len(data):
-            raise ValueError("bad DER length")
-        length = int.from_bytes(data[start : start + count], "big")
-        start += count
-    if start + length > len(data):
-        raise ValueError("truncated DER")
-    return tag, start, start + length
-
-
-def certificate_subject(cert: bytes) -> bytes | None:
-    """The DER subject Name of an X.509 certificate, or None when it is not one."""
-    try:
-        tag, start, _ = _der(cert, 0)
-        tag, position, _ = _der(cert, start)  # TBSCertificate
-        if tag != _CERT_SEQUENCE:
-            return None
-        fields: list[tuple[int, int, int]] = []
-        while len(fields) < 6:
-            tag, _contents, end = _der(cert, position)
-            fields.append((tag, position, end))
-            position = end
-        if fields[0][0] != 0xA0:  # no explicit version: v1 certificate, fields shift by one
-            fields.insert(0, (0xA0, 0, 0))
-        _tag, begin, end = fields[5]  # version, serial, signature, issuer, validity, subject
-        return cert[begin:end]
-    except ValueError:
-        return None
 
 
 def authority_certificates(log: EventLog, after: int) -> list[bytes]:
@@ -63,9 +22,15 @@ def authority_certificates(log: EventLog, after: int) -> list[bytes]:
         if event.index < after or event.pcr != 7 or event.type != EventType.EV_EFI_VARIABLE_AUTHORITY:
             continue
         value = variable_value(event)
-        if value is not None and len(value) > 16 and value[16] == _CERT_SEQUENCE:
+        if value is not None and _is_certificate(value[16:]):
             certs.append(value[16:])
     return certs
+
+
+def _is_certificate(der: bytes) -> bool:
+    """A DER SEQUENCE filling `der` exactly, with a two-byte length: what every X.509 certificate of a few
+    hundred bytes to 64 KiB is (and what shim's SbatLevel text, also an authority event, is not)."""
+    return len(der) > 4 and der[:2] == b"\x30\x82" and int.from_bytes(der[2:4], "big") + 4 == len(der)
 
 
 def variable_value(event: Event) -> bytes | None:
@@ -84,13 +49,6 @@ def variable_name(event: Event) -> str:
         return ""
     name_chars = struct.unpack_from("<Q", data, 16)[0]
     return data[32 : 32 + 2 * name_chars].decode("utf-16-le", "replace")
-
-
-def signed_under(image: bytes, certificates: list[bytes]) -> bool:
-    """Whether the image's Authenticode signature chains (by issuer name) to one of the certificates."""
-    table = pecoff.certificate_table(image)
-    subjects = [s for s in (certificate_subject(c) for c in certificates) if s]
-    return bool(table) and any(subject in table for subject in subjects)
 
 
 def sbat_level(shim: bytes) -> tuple[str, str] | None:
