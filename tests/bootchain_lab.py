@@ -35,6 +35,8 @@ PACKAGES = {
 }
 SHIM = "shim-signed/usr/lib/shim/shimx64.efi.signed"
 GRUB = "grub-efi-amd64-signed/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+# The previous Debian 12 GRUB (bookworm-security): SBAT generation grub,4, which shim 16.1's SbatLevel revokes.
+REVOKED_GRUB = "grub-efi-amd64-signed=1+2.06+13+deb12u1/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 BUSYBOX = "busybox-static/bin/busybox"
 # The lab disk: the fs UUIDs its grub.cfg files search for, and the GRUB devices they are on.
 UUIDS = {
@@ -60,15 +62,18 @@ def _recorded() -> dict[str, str]:
 
 
 def binary(relative: str) -> Path:
-    """A file of one of PACKAGES, extracted under .work/bootchain/x (fetched once), as the lab had it."""
-    package = relative.split("/", 1)[0]
-    root = WORK / "x" / package
+    """A file of one of PACKAGES (or of "package=version/..."), extracted under .work/bootchain/x (fetched
+    once), as the lab had it."""
+    directory = relative.split("/", 1)[0]
+    package, _, version = directory.partition("=")
+    version = version or PACKAGES[package]
+    root = WORK / "x" / directory
     if not root.is_dir():
         if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
             pytest.skip("apt-get/dpkg-deb missing: cannot fetch Debian's boot chain packages")
         with tempfile.TemporaryDirectory(dir=WORK.parent if WORK.parent.exists() else None) as tmp:
             fetched = subprocess.run(
-                ["apt-get", "download", "-q", f"{package}={PACKAGES[package]}"],
+                ["apt-get", "download", "-q", f"{package}={version}"],
                 cwd=tmp,
                 capture_output=True,
                 text=True,
@@ -76,10 +81,8 @@ def binary(relative: str) -> Path:
             )
             debs = list(Path(tmp).glob("*.deb"))
             if fetched.returncode != 0 or not debs:
-                pytest.skip(
-                    f"cannot download {package}={PACKAGES[package]} from Debian: {fetched.stderr.strip()[-200:]}"
-                )
-            staging = WORK / "x" / f".{package}"
+                pytest.skip(f"cannot download {package}={version} from Debian: {fetched.stderr.strip()[-200:]}")
+            staging = WORK / "x" / f".{directory}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)

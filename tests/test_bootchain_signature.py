@@ -4,7 +4,10 @@ signature broken in turn (image, signed hash, attributes, signature, authority),
 from __future__ import annotations
 
 import datetime
+import shutil
 import struct
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from luks_tpm.bootchain import authenticode, pecoff, secureboot, signature
-from luks_tpm.bootchain.errors import Reason
-from luks_tpm.bootchain.eventlog import EventType
+from luks_tpm.bootchain import authenticode, eventlog, pecoff, predict, secureboot, signature
+from luks_tpm.bootchain.errors import Reason, Unpredictable
+from luks_tpm.bootchain.eventlog import EventType, make_event
 
 from . import bootchain_lab as lab
 from .test_bootchain_authenticode import make_pe
@@ -177,5 +180,108 @@ def test_predict_refuses_a_changed_kernel(tmp_path: Path) -> None:
     kernel.write_bytes(bytes(image))
     error = _expect(Reason.BAD_SIGNATURE, BOOTED, esp, boot, _snapshot(tmp_path / "s"))
     assert error.detail == (
-        "shim will refuse kernel /vmlinuz-6.1.0-57-amd64: its signature does not verify with any certificate it carries"
+        "the next boot will refuse kernel /vmlinuz-6.1.0-57-amd64: "
+        "its signature does not verify with any certificate it carries"
     )
+
+
+# ---- shim and GRUB on the ESP: the booted log is altered so the binaries on disk count as new ----
+
+
+def _altered(run: str, change: dict[int, tuple[dict[str, bytes] | None, bytes | None]]) -> eventlog.EventLog:
+    """The run's log with some events' digests and/or data replaced (by event index)."""
+    booted = lab.log(run)
+    events = []
+    for e in booted.events:
+        digests, data = change.get(e.index, (None, None))
+        events.append(make_event(e.index, e.pcr, e.type, digests or dict(e.digests), e.data if data is None else data))
+    return type(booted)(booted.digest_sizes, tuple(events))
+
+
+def _application(log: eventlog.EventLog, which: int) -> eventlog.Event:
+    return [e for e in log.events if e.pcr == 4 and e.type == EventType.EV_EFI_BOOT_SERVICES_APPLICATION][which]
+
+
+def _predict(log: eventlog.EventLog, esp: Path, boot: Path) -> predict.Prediction:
+    return predict.next_boot(log, lab.files(log, esp, boot))
+
+
+def _unpredictable(reason: Reason, log: eventlog.EventLog, esp: Path, boot: Path) -> str:
+    with pytest.raises(Unpredictable) as raised:
+        _predict(log, esp, boot)
+    assert raised.value.reason is reason, raised.value
+    return raised.value.detail
+
+
+def _other(digests: Mapping[str, bytes]) -> dict[str, bytes]:
+    return {bank: bytes(len(d)) for bank, d in digests.items()}
+
+
+def test_a_new_bootable_grub_is_not_predicted(tmp_path: Path) -> None:
+    esp, boot = lab.boot_tree("base", tmp_path)
+    grub = _application(lab.log(BOOTED), 1)
+    log = _altered(BOOTED, {grub.index: (_other(grub.digests), None)})
+    assert "GRUB on the ESP is not the one booted" in _unpredictable(Reason.GRUB_CHANGED, log, esp, boot)
+
+
+def test_the_previous_debian_grub_is_revoked_by_shims_sbat_level(tmp_path: Path) -> None:
+    """Debian 12's previous signed GRUB (grub,4): shim 16.1 revokes it, the next boot would not start."""
+    esp, boot = lab.boot_tree("base", tmp_path)
+    shutil.copyfile(lab.binary(lab.REVOKED_GRUB), esp / "EFI" / "BOOT" / "grubx64.efi")
+    detail = _unpredictable(Reason.SBAT_REVOKED, lab.log(BOOTED), esp, boot)
+    assert detail == "the next boot will refuse GRUB on the ESP: SbatLevel revokes grub generation 4 (it requires 5)"
+
+
+def test_a_new_shim_with_the_same_sbat_level_is_predicted(tmp_path: Path) -> None:
+    """The booted shim's digest altered: the real shim on the ESP is "new", and its PCR 4 is predicted."""
+    esp, boot = lab.boot_tree("base", tmp_path)
+    shim = _application(lab.log(BOOTED), 0)
+    log = _altered(BOOTED, {shim.index: (_other(shim.digests), None)})
+    prediction = _predict(log, esp, boot)
+    assert "PCR 4: shim on the ESP changed (same SbatLevel, PCR 7 unchanged)" in prediction.changes
+    actual = lab.pcrs("base-r2")
+    assert all(prediction.values[bank][4] == actual[bank][4] for bank in actual)
+
+
+def test_a_new_shim_signed_under_another_authority_is_refused(tmp_path: Path) -> None:
+    """GRUB placed as shim: signed by Debian's CA, not by the db certificate the firmware logged."""
+    esp, boot = lab.boot_tree("base", tmp_path)
+    shutil.copyfile(lab.binary(lab.GRUB), esp / "EFI" / "BOOT" / "BOOTX64.EFI")
+    detail = _unpredictable(Reason.OTHER_AUTHORITY, lab.log(BOOTED), esp, boot)
+    assert detail.startswith("the next boot will refuse shim on the ESP: it is not signed under an authority")
+
+
+def test_a_new_shim_that_raises_sbat_level_is_refused(tmp_path: Path) -> None:
+    esp, boot = lab.boot_tree("base", tmp_path)
+    booted = lab.log(BOOTED)
+    shim = _application(booted, 0)
+    level = next(e for e in booted.events if e.pcr == 7 and secureboot.variable_name(e) == "SbatLevel")
+    value = secureboot.variable_value(level)
+    assert value is not None
+    older = b"sbat,1,2024010900\nshim,4\ngrub,3\ngrub.debian,4\n"
+    data = level.data[:16] + struct.pack("<Q", 9) + struct.pack("<Q", len(older)) + level.data[32:50] + older
+    assert data[32:50].decode("utf-16-le") == "SbatLevel"
+    log = _altered(BOOTED, {shim.index: (_other(shim.digests), None), level.index: (None, data)})
+    assert "raises SbatLevel to 2025021800" in _unpredictable(Reason.SHIM_CHANGED, log, esp, boot)
+
+
+def _dbx_with(digest: bytes) -> bytes:
+    """A dbx value: one EFI_SIGNATURE_LIST of EFI_CERT_SHA256 entries (owner GUID + hash)."""
+    entries = bytes(16) + digest
+    return uuid.UUID("c1c41626-504c-4092-aca9-41f936934328").bytes_le + struct.pack("<III", 28 + 48, 0, 48) + entries
+
+
+def test_a_kernel_in_dbx_is_refused(tmp_path: Path) -> None:
+    esp, boot = lab.boot_tree("kernel57", tmp_path)
+    kernel = lab.binary(KERNELS[1]).read_bytes()
+    booted = lab.log(BOOTED)
+    dbx = next(e for e in booted.events if e.pcr == 7 and secureboot.variable_name(e) == "dbx")
+    value = _dbx_with(authenticode.digest(kernel))
+    data = dbx.data[:24] + struct.pack("<Q", len(value)) + dbx.data[32:38] + value
+    log = _altered(BOOTED, {dbx.index: (None, data)})
+    assert secureboot.forbidden_hashes(log) == {authenticode.digest(kernel)}
+    files = lab.files(log, esp, boot, _snapshot(tmp_path / "s"))
+    with pytest.raises(Unpredictable) as raised:
+        predict.next_boot(log, files)
+    assert raised.value.reason is Reason.REVOKED
+    assert raised.value.detail.endswith("its hash is in the Secure Boot forbidden database (dbx)")

@@ -51,6 +51,7 @@ class Reason(enum.StrEnum):
     OTHER_AUTHORITY = "other-authority"  # a binary not signed under an authority the log shows
     BAD_SIGNATURE = "bad-signature"  # a kernel changed after signing, or a signature that does not verify
     SBAT_REVOKED = "sbat-revoked"  # shim would refuse the new binary (SBAT generation below SbatLevel)
+    REVOKED = "revoked"  # the new binary's hash is in dbx: firmware or shim would refuse it
     NOT_GRUB_BOOT = "not-grub-boot"  # the log is not of a firmware -> shim -> GRUB boot
 
 

@@ -1,5 +1,5 @@
 """What a signed GRUB EFI image carries: its built-in modules (what `insmod` finds without reading a
-file), its prefix, and its SBAT entries. Read from the image's `mods` and `.sbat` sections."""
+file) and its prefix. Read from the image's `mods` section."""
 
 from __future__ import annotations
 
@@ -50,14 +50,3 @@ def modules(image: bytes) -> tuple[frozenset[str], str | None]:
             prefix = body.split(b"\0", 1)[0].decode("utf-8", "replace")
         position += length
     return frozenset(names), prefix
-
-
-def sbat_entries(image: bytes) -> dict[str, int]:
-    """component -> generation from the `.sbat` section (e.g. {"sbat": 1, "grub": 5, ...})."""
-    section = pecoff.section_data(image, ".sbat") or b""
-    entries = {}
-    for line in section.split(b"\0", 1)[0].decode("utf-8", "replace").splitlines():
-        fields = line.split(",")
-        if len(fields) >= 2 and fields[1].isdigit():
-            entries[fields[0]] = int(fields[1])
-    return entries

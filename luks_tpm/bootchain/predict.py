@@ -119,8 +119,29 @@ def _booted_sbat_level(log: EventLog) -> str | None:
     return value.decode("utf-8", "replace") if value is not None else None
 
 
+def _refuse_unbootable(log: EventLog, image: bytes, what: str, authorities: list[bytes]) -> None:
+    """Unpredictable when the firmware or shim will refuse `image` (the next boot would never happen):
+    a signature that does not verify under `authorities`, a hash in dbx, a revoked SBAT generation."""
+    try:
+        refused = signature.problem(image, authorities, secureboot.forbidden_hashes(log))
+    except PEFormatError as error:
+        raise Unpredictable(Reason.OTHER_AUTHORITY, f"{what}: {error}") from None
+    if refused is not None:
+        raise Unpredictable(refused[0], f"the next boot will refuse {what}: {refused[1]}")
+    level = _booted_sbat_level(log)
+    revoked = signature.sbat_problem(image, level) if level is not None else None
+    if revoked is not None:
+        raise Unpredictable(Reason.SBAT_REVOKED, f"the next boot will refuse {what}: {revoked}")
+
+
+def _shim_authorities(log: EventLog, layout: _Layout) -> list[bytes]:
+    """What shim verified GRUB and the kernel with this boot: the authorities it logged in PCR 7."""
+    return secureboot.authority_certificates(log, layout.shim.index)
+
+
 def _check_loaders(log: EventLog, layout: _Layout, loaders: _Loaders, changes: list[str]) -> None:
     if loaders.grub_digests != dict(layout.grub.digests):
+        _refuse_unbootable(log, loaders.grub, "GRUB on the ESP", _shim_authorities(log, layout))
         raise Unpredictable(
             Reason.GRUB_CHANGED,
             "GRUB on the ESP is not the one booted: its built-in config and measurements may differ",
@@ -128,6 +149,9 @@ def _check_loaders(log: EventLog, layout: _Layout, loaders: _Loaders, changes: l
         )
     if loaders.shim_digests == dict(layout.shim.digests):
         return
+    # The firmware logged the db certificate that verified this boot's shim just before measuring it.
+    firmware = secureboot.authority_certificates(log, 0, layout.shim.index)[-1:]
+    _refuse_unbootable(log, loaders.shim, "shim on the ESP", firmware)
     levels = secureboot.sbat_level(loaders.shim)
     old_text = _booted_sbat_level(log)
     if levels is None or old_text is None:
@@ -224,19 +248,8 @@ def _emulate(
 
 def _kernel_digests(log: EventLog, layout: _Layout, data: bytes, name: str) -> dict[str, bytes]:
     """The kernel's PCR 4 digests, once shim is known to accept it: otherwise the boot would never happen."""
-    try:
-        refused = signature.problem(data, secureboot.authority_certificates(log, layout.shim.index))
-        digests = authenticode.digests(data, log.banks)
-    except PEFormatError as error:
-        raise Unpredictable(Reason.OTHER_AUTHORITY, f"kernel {name}: {error}") from None
-    if refused is not None:
-        reason, why = refused
-        raise Unpredictable(reason, f"shim will refuse kernel {name}: {why}")
-    booted_level = _booted_sbat_level(log)
-    revoked = signature.sbat_problem(data, booted_level) if booted_level is not None else None
-    if revoked is not None:
-        raise Unpredictable(Reason.SBAT_REVOKED, f"shim will refuse kernel {name}: {revoked}")
-    return digests
+    _refuse_unbootable(log, data, f"kernel {name}", _shim_authorities(log, layout))
+    return authenticode.digests(data, log.banks)
 
 
 def _events(log: EventLog, layout: _Layout, measured: list[Measurement], reader: _DiskReader) -> list[Event]:

@@ -9,17 +9,22 @@ authority would add a new PCR 7 event: signature.py refuses it rather than guess
 from __future__ import annotations
 
 import struct
+import uuid
 
 from . import pecoff
 from .eventlog import Event, EventLog, EventType
 
+_CERT_SHA256 = uuid.UUID("c1c41626-504c-4092-aca9-41f936934328").bytes_le  # EFI_CERT_SHA256_GUID
 
-def authority_certificates(log: EventLog, after: int) -> list[bytes]:
-    """DER certificates of the PCR 7 authority events at or after index `after` (UEFI_VARIABLE_DATA with
-    an EFI_SIGNATURE_DATA: owner GUID + certificate)."""
+
+def authority_certificates(log: EventLog, after: int, before: int | None = None) -> list[bytes]:
+    """DER certificates of the PCR 7 authority events with an index in [after, before) (UEFI_VARIABLE_DATA
+    with an EFI_SIGNATURE_DATA: owner GUID + certificate)."""
     certs = []
     for event in log.events:
-        if event.index < after or event.pcr != 7 or event.type != EventType.EV_EFI_VARIABLE_AUTHORITY:
+        if event.pcr != 7 or event.type != EventType.EV_EFI_VARIABLE_AUTHORITY:
+            continue
+        if event.index < after or (before is not None and event.index >= before):
             continue
         value = variable_value(event)
         if value is not None and _is_certificate(value[16:]):
@@ -31,6 +36,28 @@ def _is_certificate(der: bytes) -> bool:
     """A DER SEQUENCE filling `der` exactly, with a two-byte length: what every X.509 certificate of a few
     hundred bytes to 64 KiB is (and what shim's SbatLevel text, also an authority event, is not)."""
     return len(der) > 4 and der[:2] == b"\x30\x82" and int.from_bytes(der[2:4], "big") + 4 == len(der)
+
+
+def forbidden_hashes(log: EventLog) -> frozenset[bytes]:
+    """The SHA-256 image hashes in the dbx this boot measured (PCR 7): firmware and shim refuse those
+    images. dbx is a run of EFI_SIGNATURE_LISTs (type GUID, list size, header size, entry size, header,
+    entries of owner GUID + data); the EFI_CERT_SHA256 ones hold Authenticode hashes."""
+    found = [
+        e
+        for e in log.events
+        if e.pcr == 7 and e.type == EventType.EV_EFI_VARIABLE_DRIVER_CONFIG and variable_name(e) == "dbx"
+    ]
+    value = (variable_value(found[0]) if found else None) or b""
+    hashes, position = set(), 0
+    while position + 28 <= len(value):
+        list_size, header_size, entry_size = struct.unpack_from("<III", value, position + 16)
+        if list_size < 28 or position + list_size > len(value) or entry_size < 16:
+            break
+        if value[position : position + 16] == _CERT_SHA256 and entry_size == 48:
+            for entry in range(position + 28 + header_size, position + list_size - 47, 48):
+                hashes.add(value[entry + 16 : entry + 48])
+        position += list_size
+    return frozenset(hashes)
 
 
 def variable_value(event: Event) -> bytes | None:

@@ -178,9 +178,14 @@ def _problem(image: bytes, der: bytes, authorities: list[bytes]) -> tuple[Reason
     return None
 
 
-def problem(image: bytes, authorities: list[bytes]) -> tuple[Reason, str] | None:
-    """None when one of the image's signatures verifies under one of `authorities` (DER certificates),
-    else why not. PEFormatError when the image is not PE/COFF."""
+def problem(
+    image: bytes, authorities: list[bytes], forbidden: frozenset[bytes] = frozenset()
+) -> tuple[Reason, str] | None:
+    """None when one of the image's signatures verifies under one of `authorities` (DER certificates)
+    and its SHA-256 Authenticode hash is not `forbidden` (dbx), else why not. PEFormatError when the
+    image is not PE/COFF."""
+    if authenticode.digest(image) in forbidden:
+        return Reason.REVOKED, "its hash is in the Secure Boot forbidden database (dbx)"
     signatures = _signatures(image)
     if not signatures:
         return Reason.OTHER_AUTHORITY, "it is not signed"
