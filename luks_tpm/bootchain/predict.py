@@ -149,8 +149,9 @@ def _check_loaders(log: EventLog, layout: _Layout, loaders: _Loaders, changes: l
         )
     if loaders.shim_digests == dict(layout.shim.digests):
         return
-    # The firmware logged the db certificate that verified this boot's shim just before measuring it.
-    firmware = secureboot.authority_certificates(log, 0, layout.shim.index)[-1:]
+    # The db certificates the firmware logged before shim ran (each once, the first time it verified an
+    # image with it): a new shim verified with one of them adds no PCR 7 event; with another one it would.
+    firmware = secureboot.authority_certificates(log, 0, layout.shim.index)
     _refuse_unbootable(log, loaders.shim, "shim on the ESP", firmware)
     levels = secureboot.sbat_level(loaders.shim)
     old_text = _booted_sbat_level(log)
