@@ -3,8 +3,9 @@ TPM, replayed with the boot files as they are now (luks_tpm.bootchain does the r
 emulation; this module finds the files on the running system and says what went wrong in words).
 
 A log that does not reproduce the TPM's current PCRs is refused: nothing is predicted from it. What cannot
-be predicted (an unknown event, a new GRUB build, a shim whose SbatLevel would change, a grub.cfg the
-emulation does not model, no event log at all) is an error with exit code 10, never a guess.
+be predicted (an unknown event, a GRUB build the emulation does not model, a shim whose SbatLevel would
+change, a grub.cfg the emulation does not model, a binary Secure Boot will refuse, no event log at all)
+is an error with exit code 10, never a guess.
 """
 
 from __future__ import annotations

@@ -217,11 +217,34 @@ def _other(digests: Mapping[str, bytes]) -> dict[str, bytes]:
     return {bank: bytes(len(d)) for bank, d in digests.items()}
 
 
-def test_a_new_bootable_grub_is_not_predicted(tmp_path: Path) -> None:
+def test_a_new_grub_of_the_same_build_is_predicted(tmp_path: Path) -> None:
+    """The booted GRUB's digest altered: the real GRUB on the ESP is "new", its built-in configuration is
+    rerun over this boot's inputs, and the prediction is the real reboot's PCRs."""
     esp, boot = lab.boot_tree("base", tmp_path)
     grub = _application(lab.log(BOOTED), 1)
     log = _altered(BOOTED, {grub.index: (_other(grub.digests), None)})
-    assert "GRUB on the ESP is not the one booted" in _unpredictable(Reason.GRUB_CHANGED, log, esp, boot)
+    prediction = _predict(log, esp, boot)
+    assert "PCR 4: GRUB on the ESP changed (Debian 2.06-13+deb12u2)" in prediction.changes
+    actual = lab.pcrs("base-r2")
+    assert all(prediction.values[bank][p] == actual[bank][p] for bank in actual for p in (4, 8, 9))
+
+
+def test_a_grub_update_is_predicted_as_a_real_boot_measured_it(tmp_path: Path) -> None:
+    """Debian 12's two signed GRUBs (deb12u2 booted, deb12u1 next), under an SbatLevel that still admits
+    deb12u1 (`grub,4`). The lab booted deb12u1 with Secure Boot off (shim 16.1 refuses it with Secure
+    Boot on), on the same disk: runs/grubu1-sboff. With Secure Boot off shim measures no kernel, so PCR 4
+    is the predicted log's PCR 4 events up to GRUB; GRUB's PCRs 8 and 9 are the predicted ones."""
+    esp, boot = lab.boot_tree("base", tmp_path)
+    shutil.copyfile(lab.binary(lab.REVOKED_GRUB), esp / "EFI" / "BOOT" / "grubx64.efi")
+    log = _altered(BOOTED, {_sbat_level(BOOTED).index: (None, _sbat_level_data(OLDER_LEVEL))})
+    prediction = _predict(log, esp, boot)
+    assert "PCR 4: GRUB on the ESP changed (Debian 2.06-13+deb12u1)" in prediction.changes
+    measured = lab.pcrs("grubu1-sboff")
+    for bank, values in measured.items():
+        assert prediction.values[bank][8] == values[8] and prediction.values[bank][9] == values[9], bank
+        up_to_grub = [e for e in prediction.events if e.pcr == 4][:4]
+        assert eventlog.replay(log, up_to_grub)[bank][4] == values[4], bank
+    assert prediction.values["sha256"][4] != lab.pcrs(BOOTED)["sha256"][4]
 
 
 def test_the_previous_debian_grub_is_revoked_by_shims_sbat_level(tmp_path: Path) -> None:
@@ -251,17 +274,27 @@ def test_a_new_shim_signed_under_another_authority_is_refused(tmp_path: Path) ->
     assert detail.startswith("the next boot will refuse shim on the ESP: it is not signed under an authority")
 
 
+OLDER_LEVEL = b"sbat,1,2024010900\nshim,4\ngrub,3\ngrub.debian,4\n"
+
+
+def _sbat_level(run: str) -> eventlog.Event:
+    return next(e for e in lab.log(run).events if e.pcr == 7 and secureboot.variable_name(e) == "SbatLevel")
+
+
+def _sbat_level_data(value: bytes) -> bytes:
+    """The booted SbatLevel event's data (UEFI_VARIABLE_DATA) with another value."""
+    data = _sbat_level(BOOTED).data
+    assert data[32:50].decode("utf-16-le") == "SbatLevel"
+    return data[:16] + struct.pack("<QQ", 9, len(value)) + data[32:50] + value
+
+
 def test_a_new_shim_that_raises_sbat_level_is_refused(tmp_path: Path) -> None:
     esp, boot = lab.boot_tree("base", tmp_path)
-    booted = lab.log(BOOTED)
-    shim = _application(booted, 0)
-    level = next(e for e in booted.events if e.pcr == 7 and secureboot.variable_name(e) == "SbatLevel")
-    value = secureboot.variable_value(level)
-    assert value is not None
-    older = b"sbat,1,2024010900\nshim,4\ngrub,3\ngrub.debian,4\n"
-    data = level.data[:16] + struct.pack("<Q", 9) + struct.pack("<Q", len(older)) + level.data[32:50] + older
-    assert data[32:50].decode("utf-16-le") == "SbatLevel"
-    log = _altered(BOOTED, {shim.index: (_other(shim.digests), None), level.index: (None, data)})
+    shim = _application(lab.log(BOOTED), 0)
+    log = _altered(
+        BOOTED,
+        {shim.index: (_other(shim.digests), None), _sbat_level(BOOTED).index: (None, _sbat_level_data(OLDER_LEVEL))},
+    )
     assert "raises SbatLevel to 2025021800" in _unpredictable(Reason.SHIM_CHANGED, log, esp, boot)
 
 

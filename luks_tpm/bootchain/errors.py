@@ -47,7 +47,7 @@ class Reason(enum.StrEnum):
     BOOTED_INPUTS_GONE = "booted-inputs-gone"  # a booted config file is neither on disk nor in a snapshot
     MISSING_FILE = "missing-file"  # a file the next boot reads is not there
     SHIM_CHANGED = "shim-changed"  # a new shim whose SbatLevel or measurements cannot be derived
-    GRUB_CHANGED = "grub-changed"  # a new GRUB build: its built-in config/measurement may differ
+    GRUB_CHANGED = "grub-changed"  # a GRUB build the emulation does not model (not Debian's 2.06-13)
     OTHER_AUTHORITY = "other-authority"  # a binary not signed under an authority the log shows
     BAD_SIGNATURE = "bad-signature"  # a kernel changed after signing, or a signature that does not verify
     SBAT_REVOKED = "sbat-revoked"  # shim would refuse the new binary (SBAT generation below SbatLevel)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import grubcommands
+from . import grubcommands, grubscript
 from .bootfiles import BootFiles
 from .errors import Reason, Unpredictable
 from .grubemu import Booted, Emulator, Kind, Measurement, Reader
@@ -164,14 +164,16 @@ COMMANDS: dict[str, Callable[[Emulator, list[str]], int]] = {
 
 
 def emulate(
-    files: BootFiles, reader: Reader, stub: str, modules: frozenset[str] | None, prefix: str
+    files: BootFiles, reader: Reader, builtin: str, modules: frozenset[str] | None, prefix: str, cmdpath: str
 ) -> list[Measurement]:
-    """The measurements from GRUB's `source STUB` (its built-in config's last command) to the boot."""
+    """The measurements from GRUB's built-in configuration (`builtin`, the memdisk's grub.cfg, which
+    finds $prefix and sources $prefix/grub.cfg) to the boot."""
     emulator = Emulator(files, reader, modules, files.esp_device, COMMANDS)
-    emulator.set("prefix", prefix)
-    emulator.context.exported.add("prefix")
+    for name, value in (("prefix", prefix), ("cmdpath", cmdpath)):
+        emulator.set(name, value)
+        emulator.context.exported.add(name)
     try:
-        emulator.config(stub, new_context=False)
+        emulator.run(grubscript.parse(builtin))
     except Booted:
         return emulator.measurements
     raise Unpredictable(Reason.UNMODELLED_CONFIG, "GRUB's configs end without booting a kernel")

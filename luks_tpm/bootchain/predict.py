@@ -1,13 +1,13 @@
 """The next boot's PCR values on OVMF/UEFI firmware -> Debian shim -> Debian GRUB 2.06-13 -> Linux.
 
 `next_boot(log, files)` keeps every event up to where GRUB starts (firmware, Secure Boot policy and
-authorities, shim's MOK/SbatLevel events: PCRs 0-3, 5-7, 14) and GRUB's built-in config commands, and
-regenerates what the boot files decide: PCR 4 (Authenticode of shim and GRUB as found on the ESP now,
-and of the kernel the default entry boots, twice), PCRs 8 and 9 (the GRUB emulation over the stub,
-grub.cfg, grubenv and the files they read). Before its output is trusted, the emulation is run over
-the booted boot's inputs and must give the log's GRUB events exactly; a booted config file that
-update-grub has since replaced is taken from `BootFiles.snapshots` (see `snapshot`), found by the
-digest the log recorded for it.
+authorities, shim's MOK/SbatLevel events: PCRs 0-3, 5-7, 14) and regenerates what the boot files
+decide: PCR 4 (Authenticode of shim and GRUB as found on the ESP now, and of the kernel the default
+entry boots, twice), PCRs 8 and 9 (the GRUB emulation, from the GRUB image's built-in configuration
+on, over the stub grub.cfg, grub.cfg, grubenv and the files they read). Before its output is trusted,
+the emulation is run over the booted boot's inputs and must give the log's GRUB events exactly; a
+booted config file that update-grub has since replaced is taken from `BootFiles.snapshots` (see
+`snapshot`), found by the digest the log recorded for it.
 
 Cannot be seen from files, so never predicted: firmware updates (PCR 0), NVRAM boot entries (1),
 Secure Boot db/dbx/KEK/PK and MOK changes (7, 14), the partition table (5). Unpredictable is raised
@@ -46,9 +46,8 @@ class Prediction:
 class _Layout:
     shim: Event  # OVMF's PCR 4 event for shim
     grub: Event  # shim's PCR 4 event for GRUB
-    stub: int  # index (in log.events) of the PCR 9 event of the stub grub.cfg
+    start: int  # index (in log.events) of GRUB's first measurement: its built-in config's first command
     end: int  # one past the last GRUB event
-    stub_name: str
 
 
 def _layout(log: EventLog) -> _Layout:
@@ -61,13 +60,13 @@ def _layout(log: EventLog) -> _Layout:
     if stub is None or not all(events[i].pcr == 8 for i in range(start, stub)):
         raise Unpredictable(Reason.NOT_GRUB_BOOT, "no GRUB config read after GRUB's image event")
     end = max(i for i, e in enumerate(events) if e.pcr in (4, 8, 9)) + 1
-    for event in events[stub:end]:
+    for event in events[start:end]:
         known = (event.pcr in (8, 9) and event.type == EventType.EV_IPL) or (event.pcr == 4 and event.type == _APP)
         if not known:
             raise Unpredictable(
                 Reason.UNKNOWN_EVENT, f"event {event.index} (PCR {event.pcr}, {event.type_name}) inside GRUB's part"
             )
-    return _Layout(events[apps[0]], events[apps[1]], stub, end, events[stub].text() or "")
+    return _Layout(events[apps[0]], events[apps[1]], start, end)
 
 
 def _image_path(event: Event) -> str | None:
@@ -113,7 +112,7 @@ def _loaders(log: EventLog, layout: _Layout, files: BootFiles) -> _Loaders:
 
 def _booted_sbat_level(log: EventLog) -> str | None:
     """The SbatLevel shim measured this boot: the one the next boot's shim applies when it is unchanged
-    (a new shim that would raise it is refused in _check_loaders)."""
+    (a new shim that would raise it is refused in _check_shim)."""
     booted = [e for e in log.events if e.pcr == 7 and secureboot.variable_name(e) == "SbatLevel"]
     value = secureboot.variable_value(booted[0]) if booted else None
     return value.decode("utf-8", "replace") if value is not None else None
@@ -139,21 +138,31 @@ def _shim_authorities(log: EventLog, layout: _Layout) -> list[bytes]:
     return secureboot.authority_certificates(log, layout.shim.index)
 
 
-def _check_loaders(log: EventLog, layout: _Layout, loaders: _Loaders, changes: list[str]) -> None:
-    if loaders.grub_digests != dict(layout.grub.digests):
-        _refuse_unbootable(log, loaders.grub, "GRUB on the ESP", _shim_authorities(log, layout))
+# The GRUB builds the emulation was written for and proven against (Debian 12's grub2 2.06-13+deb12uN).
+EMULATED_GRUB = "2.06-13"
+
+
+def _check_grub(log: EventLog, layout: _Layout, grub: bytes, changes: list[str]) -> None:
+    """A new GRUB on the ESP is predicted when shim will run it and it is a build the emulation models;
+    that its built-in configuration and modules behave as the booted GRUB's did is then proven by the
+    validation, which reruns this boot with it."""
+    _refuse_unbootable(log, grub, "GRUB on the ESP", _shim_authorities(log, layout))
+    version = grubimage.debian_version(grub)
+    if version is None or not version.startswith(EMULATED_GRUB):
         raise Unpredictable(
             Reason.GRUB_CHANGED,
-            "GRUB on the ESP is not the one booted: its built-in config and measurements may differ",
-            hint="reboot once with the new GRUB, then predict from that boot",
+            f"GRUB on the ESP is Debian's {version or 'unknown build'}; the emulation models {EMULATED_GRUB} builds",
+            hint="reboot once with the new GRUB (the passphrase is asked), then `luks-tpm rebind --approve-current`",
         )
-    if loaders.shim_digests == dict(layout.shim.digests):
-        return
+    changes.append(f"PCR 4: GRUB on the ESP changed (Debian {version})")
+
+
+def _check_shim(log: EventLog, layout: _Layout, shim: bytes, changes: list[str]) -> None:
     # The db certificates the firmware logged before shim ran (each once, the first time it verified an
     # image with it): a new shim verified with one of them adds no PCR 7 event; with another one it would.
     firmware = secureboot.authority_certificates(log, 0, layout.shim.index)
-    _refuse_unbootable(log, loaders.shim, "shim on the ESP", firmware)
-    levels = secureboot.sbat_level(loaders.shim)
+    _refuse_unbootable(log, shim, "shim on the ESP", firmware)
+    levels = secureboot.sbat_level(shim)
     old_text = _booted_sbat_level(log)
     if levels is None or old_text is None:
         raise Unpredictable(Reason.SHIM_CHANGED, "a new shim whose SbatLevel cannot be derived")
@@ -173,7 +182,7 @@ class _BootedReader:
     """The validation's reader: files as the log recorded them, contents from disk or a snapshot."""
 
     def __init__(self, log: EventLog, layout: _Layout, files: BootFiles) -> None:
-        self.reads = [e for e in log.events[layout.stub : layout.end] if e.pcr == 9]
+        self.reads = [e for e in log.events[layout.start : layout.end] if e.pcr == 9]
         self.files = files
         self.bank = "sha256" if "sha256" in log.banks else log.banks[0]
 
@@ -202,7 +211,7 @@ class _BootedReader:
 
 
 def _validate(log: EventLog, layout: _Layout, measured: list[Measurement]) -> None:
-    logged = log.events[layout.stub : layout.end]
+    logged = log.events[layout.start : layout.end]
     if len(measured) != len(logged):
         raise Unpredictable(
             Reason.EMULATION_MISMATCH, f"the emulation makes {len(measured)} GRUB events, the log has {len(logged)}"
@@ -239,12 +248,17 @@ class _DiskReader:
         return self.cache[path]
 
 
-def _emulate(
-    log: EventLog, layout: _Layout, files: BootFiles, grub: bytes, reader: grubemu.Reader
-) -> list[Measurement]:
-    modules, _prefix = grubimage.modules(grub)
-    prefix = layout.stub_name.rsplit("/", 1)[0]  # GRUB's built-in config sources $prefix/grub.cfg
-    return grubbuiltins.emulate(files, reader, layout.stub_name, modules, prefix)
+def _emulate(layout: _Layout, files: BootFiles, grub: bytes, reader: grubemu.Reader) -> list[Measurement]:
+    """GRUB's measurements from its built-in configuration on, as `grub` (the image on the ESP) makes them."""
+    builtin = grubimage.builtin_config(grub)
+    modules, prefix = grubimage.modules(grub)
+    if builtin is None or prefix is None:
+        raise Unpredictable(
+            Reason.UNMODELLED_CONFIG, "GRUB on the ESP is not built as Debian builds it (`normal (memdisk)/grub.cfg`)"
+        )
+    device = f"({files.esp_device})"
+    loaded_from = (_image_path(layout.grub) or "").replace("\\", "/").rsplit("/", 1)[0]
+    return grubbuiltins.emulate(files, reader, builtin, modules, device + prefix, device + loaded_from)
 
 
 def _kernel_digests(log: EventLog, layout: _Layout, data: bytes, name: str) -> dict[str, bytes]:
@@ -254,7 +268,7 @@ def _kernel_digests(log: EventLog, layout: _Layout, data: bytes, name: str) -> d
 
 
 def _events(log: EventLog, layout: _Layout, measured: list[Measurement], reader: _DiskReader) -> list[Event]:
-    old_images = [e for e in log.events[layout.stub : layout.end] if e.pcr == 4]
+    old_images = [e for e in log.events[layout.start : layout.end] if e.pcr == 4]
     events, images = [], {}
     for m in measured:
         if m.kind in _PREFIXES:
@@ -302,20 +316,26 @@ def next_boot(log: EventLog, files: BootFiles) -> Prediction:
     layout = _layout(log)
     loaders = _loaders(log, layout, files)
     changes: list[str] = []
-    _check_loaders(log, layout, loaders, changes)
-    booted = _emulate(log, layout, files, loaders.grub, _BootedReader(log, layout, files))
+    if loaders.grub_digests != dict(layout.grub.digests):
+        _check_grub(log, layout, loaders.grub, changes)
+    if loaders.shim_digests != dict(layout.shim.digests):
+        _check_shim(log, layout, loaders.shim, changes)
+    booted = _emulate(layout, files, loaders.grub, _BootedReader(log, layout, files))
     _validate(log, layout, booted)
     reader = _DiskReader()
-    regenerated = _events(log, layout, _emulate(log, layout, files, loaders.grub, reader), reader)
-    kept = list(log.events[: layout.stub])
-    kept = [make_event(e.index, e.pcr, e.type, loaders.shim_digests, e.data) if e is layout.shim else e for e in kept]
+    regenerated = _events(log, layout, _emulate(layout, files, loaders.grub, reader), reader)
+    new_digests = {layout.shim.index: loaders.shim_digests, layout.grub.index: loaders.grub_digests}
+    kept = [
+        make_event(e.index, e.pcr, e.type, new_digests[e.index], e.data) if e.index in new_digests else e
+        for e in log.events[: layout.start]
+    ]
     events = [*kept, *regenerated, *log.events[layout.end :]]
     events = [make_event(i + 1, e.pcr, e.type, e.digests, e.data) for i, e in enumerate(events)]
     values = replay(log, events)
     predicted = types.MappingProxyType(
         {bank: types.MappingProxyType({p: pcrs[p] for p in PREDICTED_PCRS}) for bank, pcrs in values.items()}
     )
-    changes += _describe(log.events[layout.stub : layout.end], regenerated)
+    changes += _describe(log.events[layout.start : layout.end], regenerated)
     current = replay(log)
     moved = [p for p in PREDICTED_PCRS if p != 10 and any(current[b][p] != values[b][p] for b in log.banks)]
     changes.append(f"PCRs that change: {', '.join(map(str, moved))}" if moved else "no PCR changes")
@@ -329,7 +349,7 @@ def snapshot(log: EventLog, files: BootFiles, directory: Path, limit: int = 1 <<
     layout = _layout(log)
     directory.mkdir(parents=True, exist_ok=True)
     copied = []
-    for event in log.events[layout.stub : layout.end]:
+    for event in log.events[layout.start : layout.end]:
         if event.pcr != 9 or "sha256" not in event.digests:
             continue
         path = files.locate(event.text() or "", files.esp_device)

@@ -20,8 +20,9 @@ def predict() -> Report:
     The log (/sys/kernel/security/tpm0/binary_bios_measurements) must reproduce the
     TPM's current PCRs; it is then replayed with shim, GRUB, grub.cfg, grubenv, the
     kernel and the initrd as they are on the ESP and /boot now. Exit 10 when the next
-    boot cannot be predicted (an unknown event, a new GRUB build, a shim whose
-    SbatLevel changes, a grub.cfg construct the replay does not model, no event log)
+    boot cannot be predicted (an unknown event, a GRUB other than Debian's 2.06-13
+    builds, a shim whose SbatLevel changes, a grub.cfg construct the replay does
+    not model, no event log)
     or will not happen (a kernel, GRUB or shim that shim or the firmware will refuse:
     bad signature, another authority, dbx, SBAT), with the reason; firmware and
     Secure Boot database updates cannot be seen."""
