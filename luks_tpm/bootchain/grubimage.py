@@ -62,9 +62,11 @@ def modules(image: bytes) -> tuple[frozenset[str], str | None]:
 _DEBIAN_EMBEDDED_CONFIG = "normal (memdisk)/grub.cfg"
 
 
-def _fat_file(volume: bytes, name: bytes) -> bytes | None:
-    """A file in the root directory of a FAT12 volume (what grub-mkimage's memdisk is), by its 8.3 name
-    padded to 11 bytes; None when absent or when the volume is not such a FAT."""
+def fat_file(volume: bytes, name: str) -> bytes | None:
+    """A file in the root directory of a FAT12 volume (what grub-mkimage's memdisk is), by its short name
+    ("grub.cfg"); None when absent or when the volume is not such a FAT."""
+    stem, _, extension = name.upper().partition(".")
+    short = stem.ljust(8).encode("ascii") + extension.ljust(3).encode("ascii")
     if len(volume) < 512 or volume[510:512] != b"\x55\xaa":
         return None
     sector, per_cluster, reserved, fats, entries = struct.unpack_from("<HBHBH", volume, 11)
@@ -73,30 +75,43 @@ def _fat_file(volume: bytes, name: bytes) -> bytes | None:
         return None
     fat, root = reserved * sector, (reserved + fats * fat_sectors) * sector
     data, cluster_size = root + entries * 32, per_cluster * sector
-    for entry in range(root, min(root + entries * 32, len(volume)), 32):
-        if volume[entry : entry + 11] != name or volume[entry + 11] & 0x18:  # a directory or volume label
+    for entry in range(root, min(root + entries * 32, len(volume) - 31), 32):
+        if volume[entry : entry + 11] != short or volume[entry + 11] & 0x18:  # a directory or volume label
             continue
         cluster, size = struct.unpack_from("<H", volume, entry + 26)[0], struct.unpack_from("<I", volume, entry + 28)[0]
-        content = bytearray()
-        while 2 <= cluster < 0xFF8 and len(content) < size:
-            start = data + (cluster - 2) * cluster_size
+        content, seen = bytearray(), set()
+        while 2 <= cluster < 0xFF8 and len(content) < size and cluster not in seen:  # a damaged chain may loop
+            seen.add(cluster)
+            start, link = data + (cluster - 2) * cluster_size, fat + cluster * 3 // 2
+            if link + 2 > len(volume):
+                break
             content += volume[start : start + cluster_size]
-            pair = struct.unpack_from("<H", volume, fat + cluster * 3 // 2)[0]
+            pair = struct.unpack_from("<H", volume, link)[0]
             cluster = pair >> 4 if cluster & 1 else pair & 0xFFF
-        return bytes(content[:size]) if len(content) >= size else None
+        return bytes(content[:size]) if len(content) >= size and cluster not in seen else None
     return None
+
+
+def _objects(image: bytes) -> dict[int, bytes]:
+    objects: dict[int, bytes] = {}
+    for kind, body in _each_object(image):
+        objects.setdefault(kind, body)
+    return objects
+
+
+def memdisk(image: bytes) -> bytes | None:
+    """The memdisk (a FAT volume) built into a GRUB image, or None."""
+    return _objects(image).get(_OBJ_MEMDISK)
 
 
 def builtin_config(image: bytes) -> str | None:
     """The script a Debian signed GRUB runs before any file is read: its memdisk's grub.cfg (which finds
     $prefix and sources $prefix/grub.cfg), or None when the image is not built that way."""
-    objects: dict[int, bytes] = {}
-    for kind, body in _each_object(image):
-        objects.setdefault(kind, body)
+    objects = _objects(image)
     embedded = objects.get(_OBJ_CONFIG, b"").split(b"\0", 1)[0].decode("utf-8", "replace").strip()
     if embedded != _DEBIAN_EMBEDDED_CONFIG or _OBJ_MEMDISK not in objects:
         return None
-    script = _fat_file(objects[_OBJ_MEMDISK], b"GRUB    CFG")
+    script = fat_file(objects[_OBJ_MEMDISK], "grub.cfg")
     return script.decode("utf-8", "surrogateescape") if script is not None else None
 
 
