@@ -217,16 +217,25 @@ def _other(digests: Mapping[str, bytes]) -> dict[str, bytes]:
     return {bank: bytes(len(d)) for bank, d in digests.items()}
 
 
-def test_a_new_grub_of_the_same_build_is_predicted(tmp_path: Path) -> None:
-    """The booted GRUB's digest altered: the real GRUB on the ESP is "new", its built-in configuration is
-    rerun over this boot's inputs, and the prediction is the real reboot's PCRs."""
+@pytest.mark.parametrize(
+    "which,change,pcrs",
+    [
+        (0, "PCR 4: shim on the ESP changed (same SbatLevel, PCR 7 unchanged)", (4,)),
+        (1, "PCR 4: GRUB on the ESP changed (Debian 2.06-13+deb12u2)", (4, 8, 9)),
+    ],
+)
+def test_a_new_loader_of_the_same_build_is_predicted(
+    tmp_path: Path, which: int, change: str, pcrs: tuple[int, ...]
+) -> None:
+    """The booted shim's or GRUB's digest altered: the real one on the ESP is "new" (GRUB's built-in
+    configuration is rerun over this boot's inputs), and the prediction is the real reboot's PCRs."""
     esp, boot = lab.boot_tree("base", tmp_path)
-    grub = _application(lab.log(BOOTED), 1)
-    log = _altered(BOOTED, {grub.index: (_other(grub.digests), None)})
+    loader = _application(lab.log(BOOTED), which)
+    log = _altered(BOOTED, {loader.index: (_other(loader.digests), None)})
     prediction = _predict(log, esp, boot)
-    assert "PCR 4: GRUB on the ESP changed (Debian 2.06-13+deb12u2)" in prediction.changes
+    assert change in prediction.changes
     actual = lab.pcrs("base-r2")
-    assert all(prediction.values[bank][p] == actual[bank][p] for bank in actual for p in (4, 8, 9))
+    assert all(prediction.values[bank][p] == actual[bank][p] for bank in actual for p in pcrs)
 
 
 def test_a_grub_update_is_predicted_as_a_real_boot_measured_it(tmp_path: Path) -> None:
@@ -253,17 +262,6 @@ def test_the_previous_debian_grub_is_revoked_by_shims_sbat_level(tmp_path: Path)
     shutil.copyfile(lab.binary(lab.REVOKED_GRUB), esp / "EFI" / "BOOT" / "grubx64.efi")
     detail = _unpredictable(Reason.SBAT_REVOKED, lab.log(BOOTED), esp, boot)
     assert detail == "the next boot will refuse GRUB on the ESP: SbatLevel revokes grub generation 4 (it requires 5)"
-
-
-def test_a_new_shim_with_the_same_sbat_level_is_predicted(tmp_path: Path) -> None:
-    """The booted shim's digest altered: the real shim on the ESP is "new", and its PCR 4 is predicted."""
-    esp, boot = lab.boot_tree("base", tmp_path)
-    shim = _application(lab.log(BOOTED), 0)
-    log = _altered(BOOTED, {shim.index: (_other(shim.digests), None)})
-    prediction = _predict(log, esp, boot)
-    assert "PCR 4: shim on the ESP changed (same SbatLevel, PCR 7 unchanged)" in prediction.changes
-    actual = lab.pcrs("base-r2")
-    assert all(prediction.values[bank][4] == actual[bank][4] for bank in actual)
 
 
 def test_a_new_shim_signed_under_another_authority_is_refused(tmp_path: Path) -> None:
