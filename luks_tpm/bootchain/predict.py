@@ -118,13 +118,13 @@ def _booted_sbat_level(log: EventLog) -> str | None:
     return value.decode("utf-8", "replace") if value is not None else None
 
 
-def _refuse_unbootable(log: EventLog, image: bytes, what: str, authorities: list[bytes]) -> None:
+def _refuse_unbootable(
+    log: EventLog, image: bytes, digests: Mapping[str, bytes], what: str, authorities: list[bytes]
+) -> None:
     """Unpredictable when the firmware or shim will refuse `image` (the next boot would never happen):
-    a signature that does not verify under `authorities`, a hash in dbx, a revoked SBAT generation."""
-    try:
-        refused = signature.problem(image, authorities, secureboot.forbidden_hashes(log))
-    except PEFormatError as error:
-        raise Unpredictable(Reason.OTHER_AUTHORITY, f"{what}: {error}") from None
+    a signature that does not verify under `authorities`, a hash in dbx, a revoked SBAT generation.
+    `digests` are the image's Authenticode hashes in the log's banks (so it is known to be PE/COFF)."""
+    refused = signature.problem(image, authorities, secureboot.forbidden_hashes(log), digests)
     if refused is not None:
         raise Unpredictable(refused[0], f"the next boot will refuse {what}: {refused[1]}")
     level = _booted_sbat_level(log)
@@ -142,12 +142,12 @@ def _shim_authorities(log: EventLog, layout: _Layout) -> list[bytes]:
 EMULATED_GRUB = "2.06-13"
 
 
-def _check_grub(log: EventLog, layout: _Layout, grub: bytes, changes: list[str]) -> None:
+def _check_grub(log: EventLog, layout: _Layout, loaders: _Loaders, changes: list[str]) -> None:
     """A new GRUB on the ESP is predicted when shim will run it and it is a build the emulation models;
     that its built-in configuration and modules behave as the booted GRUB's did is then proven by the
     validation, which reruns this boot with it."""
-    _refuse_unbootable(log, grub, "GRUB on the ESP", _shim_authorities(log, layout))
-    version = grubimage.debian_version(grub)
+    _refuse_unbootable(log, loaders.grub, loaders.grub_digests, "GRUB on the ESP", _shim_authorities(log, layout))
+    version = grubimage.debian_version(loaders.grub)
     if version is None or not version.startswith(EMULATED_GRUB):
         raise Unpredictable(
             Reason.GRUB_CHANGED,
@@ -157,12 +157,12 @@ def _check_grub(log: EventLog, layout: _Layout, grub: bytes, changes: list[str])
     changes.append(f"PCR 4: GRUB on the ESP changed (Debian {version})")
 
 
-def _check_shim(log: EventLog, layout: _Layout, shim: bytes, changes: list[str]) -> None:
+def _check_shim(log: EventLog, layout: _Layout, loaders: _Loaders, changes: list[str]) -> None:
     # The db certificates the firmware logged before shim ran (each once, the first time it verified an
     # image with it): a new shim verified with one of them adds no PCR 7 event; with another one it would.
     firmware = secureboot.authority_certificates(log, 0, layout.shim.index)
-    _refuse_unbootable(log, shim, "shim on the ESP", firmware)
-    levels = secureboot.sbat_level(shim)
+    _refuse_unbootable(log, loaders.shim, loaders.shim_digests, "shim on the ESP", firmware)
+    levels = secureboot.sbat_level(loaders.shim)
     old_text = _booted_sbat_level(log)
     if levels is None or old_text is None:
         raise Unpredictable(Reason.SHIM_CHANGED, "a new shim whose SbatLevel cannot be derived")
@@ -263,8 +263,12 @@ def _emulate(layout: _Layout, files: BootFiles, grub: bytes, reader: grubemu.Rea
 
 def _kernel_digests(log: EventLog, layout: _Layout, data: bytes, name: str) -> dict[str, bytes]:
     """The kernel's PCR 4 digests, once shim is known to accept it: otherwise the boot would never happen."""
-    _refuse_unbootable(log, data, f"kernel {name}", _shim_authorities(log, layout))
-    return authenticode.digests(data, log.banks)
+    try:
+        digests = authenticode.digests(data, log.banks)
+    except PEFormatError as error:
+        raise Unpredictable(Reason.OTHER_AUTHORITY, f"kernel {name}: {error}") from None
+    _refuse_unbootable(log, data, digests, f"kernel {name}", _shim_authorities(log, layout))
+    return digests
 
 
 def _events(log: EventLog, layout: _Layout, measured: list[Measurement], reader: _DiskReader) -> list[Event]:
@@ -317,9 +321,9 @@ def next_boot(log: EventLog, files: BootFiles) -> Prediction:
     loaders = _loaders(log, layout, files)
     changes: list[str] = []
     if loaders.grub_digests != dict(layout.grub.digests):
-        _check_grub(log, layout, loaders.grub, changes)
+        _check_grub(log, layout, loaders, changes)
     if loaders.shim_digests != dict(layout.shim.digests):
-        _check_shim(log, layout, loaders.shim, changes)
+        _check_shim(log, layout, loaders, changes)
     booted = _emulate(layout, files, loaders.grub, _BootedReader(log, layout, files))
     _validate(log, layout, booted)
     reader = _DiskReader()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+from collections.abc import Mapping
 
 from .. import libcrypto
 from . import authenticode, pecoff
@@ -154,12 +155,12 @@ def _chains_to(certificate: bytes, carried: tuple[bytes, ...], authorities: list
     return False
 
 
-def _problem(image: bytes, der: bytes, authorities: list[bytes]) -> tuple[Reason, str] | None:
+def _problem(image: bytes, digests: _Digests, der: bytes, authorities: list[bytes]) -> tuple[Reason, str] | None:
     try:
         signed = _signed_data(der)
     except (ValueError, IndexError) as error:
         return Reason.BAD_SIGNATURE, f"its signature cannot be read ({error})"
-    if authenticode.digest(image, signed.image_algorithm) != signed.image_digest:
+    if digests.of(signed.image_algorithm) != signed.image_digest:
         return Reason.BAD_SIGNATURE, "it was changed after it was signed (its Authenticode hash is not the signed one)"
     if hashlib.new(signed.attribute_algorithm, signed.content).digest() != signed.message_digest:
         return Reason.BAD_SIGNATURE, "its signature does not cover the hash it carries"
@@ -178,18 +179,35 @@ def _problem(image: bytes, der: bytes, authorities: list[bytes]) -> tuple[Reason
     return None
 
 
+class _Digests:
+    """The image's Authenticode hashes: those the caller already has, the others computed once."""
+
+    def __init__(self, image: bytes, known: Mapping[str, bytes]) -> None:
+        self.image, self.known = image, dict(known)
+
+    def of(self, algorithm: str) -> bytes:
+        if algorithm not in self.known:
+            self.known[algorithm] = authenticode.digest(self.image, algorithm)
+        return self.known[algorithm]
+
+
 def problem(
-    image: bytes, authorities: list[bytes], forbidden: frozenset[bytes] = frozenset()
+    image: bytes,
+    authorities: list[bytes],
+    forbidden: frozenset[bytes] = frozenset(),
+    digests: Mapping[str, bytes] | None = None,
 ) -> tuple[Reason, str] | None:
     """None when one of the image's signatures verifies under one of `authorities` (DER certificates)
-    and its SHA-256 Authenticode hash is not `forbidden` (dbx), else why not. PEFormatError when the
-    image is not PE/COFF."""
-    if authenticode.digest(image) in forbidden:
+    and its SHA-256 Authenticode hash is not `forbidden` (dbx), else why not. `digests` are Authenticode
+    hashes of the image the caller already computed (bank -> digest). PEFormatError when the image is
+    not PE/COFF."""
+    known = _Digests(image, digests or {})
+    if known.of("sha256") in forbidden:
         return Reason.REVOKED, "its hash is in the Secure Boot forbidden database (dbx)"
     signatures = _signatures(image)
     if not signatures:
         return Reason.OTHER_AUTHORITY, "it is not signed"
-    problems = [_problem(image, der, authorities) for der in signatures]
+    problems = [_problem(image, known, der, authorities) for der in signatures]
     return None if None in problems else problems[0]
 
 
